@@ -1,0 +1,36 @@
+# rangerdl: `make demo` sets up and runs the main job; `make test` sets up and runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel this machine carries; plain `torch` would pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.setup-stamp
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+# Rebuilt only when pyproject.toml changes, so a second `make setup` is instant.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check -q $(TORCH_PIN)
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev]"
+	@touch $@
+
+demo: setup
+	$(PY) examples/quickstart.py
+
+lint: setup
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
+	$(PY) -m mypy
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: setup
+	bash benchmarks/run_all.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from rangerdl.cli import main
+
+sys.exit(main())

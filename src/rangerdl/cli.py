@@ -1,0 +1,47 @@
+"""The ``rangerdl`` command line: ``main(argv) -> int``.
+
+Each subcommand lives with the code it drives and registers itself here; heavy imports (torch,
+numpy) happen only when a subcommand runs, so ``rangerdl --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from rangerdl import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rangerdl",
+        description="Ranger optimizer, distributed Lookahead training and memory-mapped datasets.",
+    )
+    parser.add_argument("--version", action="version", version=f"rangerdl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from rangerdl.data import commands as data_commands
+
+    data_commands.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if extra and not getattr(args, "accepts_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.run(args, extra) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"rangerdl {args.command}: error: {exc}", file=sys.stderr)
+        return 1

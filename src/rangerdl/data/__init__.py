@@ -1,0 +1,1 @@
+"""Memory-mapped, segmented datasets (built by issue #3)."""

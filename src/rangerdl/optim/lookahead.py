@@ -1,0 +1,127 @@
+"""Lookahead around any torch optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+
+from rangerdl.optim.ranger import lookahead_
+
+__all__ = ["Lookahead"]
+
+
+class Lookahead(Optimizer):
+    r"""Lookahead (`Zhang et al., 2019 <https://arxiv.org/abs/1907.08610>`_) around any optimizer.
+
+    .. math::
+       \begin{aligned}
+            &\phi \leftarrow \theta_0 \\
+            &\textbf{for}\: t=1 \:\textbf{to}\: \ldots \:\textbf{do} \\
+            &\hspace{5mm}\theta_t \leftarrow \text{inner\_step}(\theta_{t-1}) \\
+            &\hspace{5mm}\textbf{if}\: t \bmod k = 0: \quad
+                \phi \leftarrow \phi + \alpha(\theta_t - \phi);\quad \theta_t \leftarrow \phi
+       \end{aligned}
+
+    The inner optimizer's state (momenta) is kept across syncs. ``param_groups`` is the inner
+    optimizer's list (the same objects), with ``k`` and ``alpha`` added to each group, so LR
+    schedulers built on the wrapper drive the inner optimizer and ``k``/``alpha`` can differ per
+    group. The slow weights live in this wrapper's ``state[p]["slow_buffer"]`` and are saved by
+    ``state_dict()`` (keyed by parameter position, as torch does, never by ``id()``).
+
+    Clock: each parameter counts the steps in which it had a gradient (``state[p]["step"]``) and
+    syncs after its own steps ``k, 2k, ...``; torch optimizers skip parameters whose ``grad`` is
+    ``None``, and so does the clock. ``phi`` starts at the parameter's value before its first step.
+
+    Args:
+        optimizer: the inner optimizer (AdamW, SGD, Adagrad, RAdam, ...).
+        k: synchronisation period in steps.
+        alpha: slow step size in (0, 1].
+    """
+
+    def __init__(self, optimizer: Optimizer, k: int = 6, alpha: float = 0.5) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"Lookahead wraps a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        self.optimizer = optimizer
+        self._wrapping = True
+        super().__init__(optimizer.param_groups, {"k": k, "alpha": alpha})
+        self._wrapping = False
+        # Share the inner list itself: add_param_group and schedulers see one set of groups.
+        self.param_groups = optimizer.param_groups
+        self.defaults = {**optimizer.defaults, "k": k, "alpha": alpha}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self._wrapping:
+            super().add_param_group(param_group)
+            group = param_group
+        else:
+            self.optimizer.add_param_group(param_group)
+            group = self.param_groups[-1]
+            group.setdefault("k", self.defaults["k"])
+            group.setdefault("alpha", self.defaults["alpha"])
+        _validate(group)
+
+    def __repr__(self) -> str:
+        return f"Lookahead({self.optimizer!r})"
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Step the inner optimizer, then the slow weights of parameters at a multiple of k."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:  # phi starts at theta_0, before the inner step moves it
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["slow_buffer"] = p.detach().clone(memory_format=torch.preserve_format)
+        with torch.enable_grad():
+            loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        for group in self.param_groups:
+            due: list[Tensor] = []
+            slow: list[Tensor] = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["step"] += 1
+                if int(state["step"].item()) % group["k"] == 0:
+                    due.append(p)
+                    slow.append(state["slow_buffer"])
+            lookahead_(due, slow, group["alpha"])
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict under ``"inner"``, plus the slow weights."""
+        own = super().state_dict()
+        return {
+            "state": own["state"],
+            "param_groups": own["param_groups"],
+            "inner": self.optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "inner" not in state_dict:
+            raise ValueError(
+                "Lookahead.load_state_dict: no 'inner' entry; this is not a Lookahead state dict"
+            )
+        self.optimizer.load_state_dict(state_dict["inner"])
+        super().load_state_dict(
+            {"state": state_dict["state"], "param_groups": state_dict["param_groups"]}
+        )
+        # Optimizer.load_state_dict rebuilt our group dicts; point back at the inner ones.
+        self.param_groups = self.optimizer.param_groups
+
+
+def _validate(group: dict[str, Any]) -> None:
+    k = group["k"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"Lookahead: invalid k {k!r}; expected an int >= 1")
+    if not 0.0 < group["alpha"] <= 1.0:
+        raise ValueError(f"Lookahead: invalid alpha {group['alpha']}; expected in (0, 1]")
