@@ -294,13 +294,13 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
     lr, (beta1, beta2) = group["lr"], group["betas"]
     if isinstance(lr, Tensor):
         raise ValueError("Ranger: lr must be a Python float, not a Tensor")
-    if not 0.0 <= lr:
+    if not lr >= 0.0:
         raise ValueError(f"Ranger: invalid lr {lr}; expected >= 0")
-    if not 0.0 <= group["eps"]:
+    if not group["eps"] >= 0.0:
         raise ValueError(f"Ranger: invalid eps {group['eps']}; expected >= 0")
     if not 0.0 <= beta1 < 1.0 or not 0.0 <= beta2 < 1.0:
         raise ValueError(f"Ranger: invalid betas {group['betas']}; expected each in [0, 1)")
-    if not 0.0 <= group["weight_decay"]:
+    if not group["weight_decay"] >= 0.0:
         raise ValueError(f"Ranger: invalid weight_decay {group['weight_decay']}; expected >= 0")
     k = group["k"]
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -330,7 +330,7 @@ def _fused_ok(params: list[Tensor]) -> bool:
 
 
 def _foreach_ok(params: list[Tensor]) -> bool:
-    devices = _get_foreach_kernels_supported_devices() + ["cpu"]
+    devices = [*_get_foreach_kernels_supported_devices(), "cpu"]
     return all(p.device.type in devices for p in params)
 
 
@@ -386,6 +386,10 @@ def ranger(
             raise ValueError(
                 "Ranger does not support complex parameters; pass torch.view_as_real(p) instead"
             )
+    if torch.compiler.is_compiling():
+        # Inductor traces the foreach ops but cannot functionalise the fused kernel's in-place
+        # update of tensors made inside the graph; the math is the same.
+        fused, foreach = False, True
     if fused is None:
         fused = foreach is not True and _fused_ok(params)
     elif fused:
