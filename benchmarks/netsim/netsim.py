@@ -20,8 +20,9 @@ and ``tc``; :func:`available` says whether this machine has them. From the comma
     python benchmarks/netsim/netsim.py torchrun --hosts 2 --rate 100mbit -- -m rangerdl train CFG
     python benchmarks/netsim/netsim.py cleanup
 
-The file is over the house limit for length because the launcher (timeouts, killing, capture),
-the namespace life cycle and the CLI belong together and are each short.
+The file is over the house length limit: it is one file so that the command line above runs as a
+plain script (no package on sys.path needed), and the launcher (timeouts, killing, output), the
+namespace life cycle, cleanup and the CLI each stay short.
 """
 
 from __future__ import annotations
@@ -98,18 +99,37 @@ def _cmd(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+def _ip(namespace: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return _cmd("ip", "-n", namespace, *args, check=check)
+
+
+def _tc(namespace: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return _cmd("tc", "-n", namespace, *args, check=check)
+
+
+def _tbf(rate: str, burst: str, latency: str) -> tuple[str, ...]:
+    return ("tbf", "rate", rate, "burst", burst, "latency", latency)
+
+
+def _host_ip(index: int) -> str:
+    return f"{SUBNET}.{HOST_ADDR_OFFSET + index}"
+
+
 def _namespaces() -> list[str]:
     out = _cmd("ip", "netns", "list").stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
-def _kill_namespace(namespace: str) -> None:
-    """SIGKILL every process in ``namespace`` (ours by construction), then delete it."""
-    pids = _cmd("ip", "netns", "pids", namespace, check=False).stdout.split()
-    for pid in map(int, pids):
+def _kill_processes(namespace: str) -> None:
+    """SIGKILL every process in ``namespace`` (one of ours, so all of them are ours)."""
+    for pid in map(int, _cmd("ip", "netns", "pids", namespace, check=False).stdout.split()):
         if pid != os.getpid():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _delete_namespace(namespace: str) -> None:
+    _kill_processes(namespace)
     _cmd("ip", "netns", "del", namespace, check=False)
 
 
@@ -129,30 +149,14 @@ def available() -> tuple[bool, str]:
     except RuntimeError as e:
         return False, f"cannot create a network namespace: {e}"
     try:
-        _cmd("ip", "-n", probe, "link", "add", "rdlbr0", "type", "bridge")
-        _cmd("ip", "-n", probe, "link", "add", "rdla", "type", "veth", "peer", "name", "rdlb")
-        _cmd(
-            "tc",
-            "-n",
-            probe,
-            "qdisc",
-            "replace",
-            "dev",
-            "rdla",
-            "root",
-            "tbf",
-            "rate",
-            "1mbit",
-            "burst",
-            "64kb",
-            "latency",
-            "100ms",
-        )
+        _ip(probe, "link", "add", "rdlbr0", "type", "bridge")
+        _ip(probe, "link", "add", "rdla", "type", "veth", "peer", "name", "rdlb")
+        _tc(probe, "qdisc", "replace", "dev", "rdla", "root", *_tbf("1mbit", "64kb", "100ms"))
         _cmd("ip", "netns", "exec", probe, "true")
     except RuntimeError as e:
         return False, f"bridge/veth/tbf not supported: {e}"
     finally:
-        _kill_namespace(probe)
+        _delete_namespace(probe)
     return True, "root, ip, tc, bridge, veth and tbf available"
 
 
@@ -252,7 +256,7 @@ class Cluster:
     def start(self) -> Cluster:
         """Create the switch and the hosts and apply the rate; undone if any step fails."""
         if self._started:
-            raise RuntimeError("cluster already started")
+            raise RuntimeError("a Cluster can be started once; make a new one")
         ok, reason = available()
         if not ok:
             raise RuntimeError(f"cannot build a netsim cluster: {reason}")
@@ -264,26 +268,10 @@ class Cluster:
         base = _new_name_base()
         try:
             switch = self._add_namespace(f"{base}-s")
-            _cmd("ip", "-n", switch, "link", "add", "rdlbr0", "type", "bridge")
-            _cmd("ip", "-n", switch, "link", "set", "rdlbr0", "up")
+            _ip(switch, "link", "add", "rdlbr0", "type", "bridge")
+            _ip(switch, "link", "set", "rdlbr0", "up")
             for i in range(self.num_hosts):
-                host = Host(i, f"{base}-h{i}", f"rdlh{i}", f"{SUBNET}.{HOST_ADDR_OFFSET + i}")
-                self._add_namespace(host.namespace)
-                # No IPv6: no router solicitations on slow links, one address per interface for gloo.
-                _cmd(
-                    "ip", "netns", "exec", host.namespace, "sysctl", "-q", "-w",
-                    "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1",
-                    check=False,
-                )  # fmt: skip
-                port = f"rdlp{i}"
-                ns = host.namespace
-                _cmd("ip", "-n", ns, "link", "add", host.ifname, "type", "veth", "peer", "name", port, "netns", switch)  # fmt: skip
-                _cmd("ip", "-n", ns, "addr", "add", f"{host.ip}/24", "dev", host.ifname)
-                _cmd("ip", "-n", ns, "link", "set", "lo", "up")
-                _cmd("ip", "-n", ns, "link", "set", host.ifname, "up")
-                _cmd("ip", "-n", switch, "link", "set", port, "master", "rdlbr0")
-                _cmd("ip", "-n", switch, "link", "set", port, "up")
-                self.hosts.append(host)
+                self.hosts.append(self._add_host(i, base, switch))
             self.set_rate(self.rate)
         except BaseException:
             self.close()
@@ -296,26 +284,46 @@ class Cluster:
         self.namespaces.append(name)
         return name
 
+    def _add_host(self, index: int, base: str, switch: str) -> Host:
+        host = Host(index, f"{base}-h{index}", f"rdlh{index}", _host_ip(index))
+        ns, port = self._add_namespace(host.namespace), f"rdlp{index}"
+        # No IPv6: no router solicitations on slow links, one address per interface for gloo.
+        no_ipv6 = ("net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+        _cmd("ip", "netns", "exec", ns, "sysctl", "-q", "-w", *no_ipv6, check=False)
+        _ip(ns, "link", "add", host.ifname, "type", "veth", "peer", "name", port, "netns", switch)
+        _ip(ns, "addr", "add", f"{host.ip}/24", "dev", host.ifname)
+        _ip(ns, "link", "set", "lo", "up")
+        _ip(ns, "link", "set", host.ifname, "up")
+        _ip(switch, "link", "set", port, "master", "rdlbr0")
+        _ip(switch, "link", "set", port, "up")
+        return host
+
     def set_rate(self, rate: str | None) -> None:
-        """Change the limit of every link (both directions); None removes it."""
-        parse_rate(rate)
+        """Change the limit of every link, both directions; None (or ``"none"``) removes it."""
+        unlimited = parse_rate(rate) is None
         switch = self.namespaces[0]
-        for i, host in enumerate(self.hosts):
-            for ns, dev in ((host.namespace, host.ifname), (switch, f"rdlp{i}")):
-                if rate is None or rate.lower() in ("none", "unlimited"):
-                    _cmd("tc", "-n", ns, "qdisc", "del", "dev", dev, "root", check=False)
+        for host in self.hosts:
+            for ns, dev in ((host.namespace, host.ifname), (switch, f"rdlp{host.index}")):
+                if unlimited:
+                    _tc(ns, "qdisc", "del", "dev", dev, "root", check=False)  # absent is fine
                 else:
-                    _cmd(
-                        "tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf",
-                        "rate", rate, "burst", self.burst, "latency", self.latency,
-                    )  # fmt: skip
-        self.rate = rate
+                    assert rate is not None
+                    _tc(
+                        ns,
+                        "qdisc",
+                        "replace",
+                        "dev",
+                        dev,
+                        "root",
+                        *_tbf(rate, self.burst, self.latency),
+                    )
+        self.rate = None if unlimited else rate
 
     def close(self) -> None:
         """Kill every process in our namespaces and delete them; safe to call twice."""
-        for namespace in reversed(self.namespaces):
-            _kill_namespace(namespace)
-        self.namespaces.clear()
+        while self.namespaces:  # one at a time, so a signal in between leaves a consistent list
+            _delete_namespace(self.namespaces[-1])
+            self.namespaces.pop()
         self.hosts.clear()
         if self in _open_clusters:
             _open_clusters.discard(self)
@@ -374,42 +382,17 @@ class Cluster:
             ended: dict[int, float] = {}
             killed: dict[int, str] = {}
             start = time.monotonic()
-            deadline = start + timeout_s if timeout_s is not None else float("inf")
             try:
                 for i, cmd in jobs.items():
-                    host = self.hosts[i]
-                    full_env = {**os.environ, "GLOO_SOCKET_IFNAME": host.ifname}
-                    full_env |= dict(env or {}) | dict((host_env or {}).get(i, {}))
-                    with (
-                        open(out_dir / f"host{i}.stdout", "wb") as out,
-                        open(out_dir / f"host{i}.stderr", "wb") as err,
-                    ):
-                        procs[i] = subprocess.Popen(
-                            ["ip", "netns", "exec", host.namespace, *cmd],
-                            stdin=subprocess.DEVNULL,
-                            stdout=out,
-                            stderr=err,
-                            env=full_env,
-                            cwd=cwd,
-                            start_new_session=True,
-                        )
-                reason = "timeout"
-                while len(ended) < len(procs):
-                    now = time.monotonic()
-                    for i, proc in procs.items():
-                        if i not in ended and proc.poll() is not None:
-                            ended[i] = now
-                            if proc.returncode != 0 and now + peer_failure_grace_s < deadline:
-                                deadline, reason = now + peer_failure_grace_s, "peer failed"
-                    if len(ended) < len(procs) and now >= deadline:
-                        for i in procs.keys() - ended.keys():
-                            killed[i] = reason
-                        break
-                    time.sleep(0.05)
+                    host_vars = {"GLOO_SOCKET_IFNAME": self.hosts[i].ifname, **(env or {})}
+                    host_vars |= (host_env or {}).get(i, {})
+                    procs[i] = self._spawn(i, cmd, host_vars, out_dir, cwd)
+                deadline = start + timeout_s if timeout_s is not None else float("inf")
+                killed = self._wait(procs, ended, deadline, peer_failure_grace_s)
             finally:
-                for i in procs.keys() - ended.keys():
-                    self._kill(i, procs[i])
-                    ended[i] = time.monotonic()
+                running = {i: p for i, p in procs.items() if i not in ended}
+                self._kill(running)  # timed out, peer failed, or we were interrupted
+                ended |= dict.fromkeys(running, time.monotonic())
             return [
                 Result(
                     host=i,
@@ -422,19 +405,64 @@ class Cluster:
                 for i in sorted(procs)
             ]
 
-    def _kill(self, host: int, proc: subprocess.Popen[bytes]) -> None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=5.0)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        ns = self.hosts[host].namespace
-        for pid in map(int, _cmd("ip", "netns", "pids", ns, check=False).stdout.split()):
+    def _spawn(
+        self,
+        host: int,
+        cmd: Sequence[str],
+        env: Mapping[str, str],
+        out_dir: Path,
+        cwd: str | Path | None,
+    ) -> subprocess.Popen[bytes]:
+        with (
+            open(out_dir / f"host{host}.stdout", "wb") as out,
+            open(out_dir / f"host{host}.stderr", "wb") as err,
+        ):
+            return subprocess.Popen(
+                ["ip", "netns", "exec", self.hosts[host].namespace, *cmd],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env={**os.environ, **env},
+                cwd=cwd,
+                start_new_session=True,  # our own process group, apart from the caller's Ctrl-C
+            )
+
+    @staticmethod
+    def _wait(
+        procs: Mapping[int, subprocess.Popen[bytes]],
+        ended: dict[int, float],
+        deadline: float,
+        peer_failure_grace_s: float,
+    ) -> dict[int, str]:
+        """Poll until all exit or the deadline; fills ``ended``; returns who to kill and why."""
+        reason = "timeout"
+        while len(ended) < len(procs):
+            now = time.monotonic()
+            for i, proc in procs.items():
+                if i not in ended and proc.poll() is not None:
+                    ended[i] = now
+                    # A failed host leaves its peers blocked in collectives: give up on them soon.
+                    if proc.returncode != 0 and now + peer_failure_grace_s < deadline:
+                        deadline, reason = now + peer_failure_grace_s, "peer failed"
+            if len(ended) < len(procs) and now >= deadline:
+                return dict.fromkeys(procs.keys() - ended.keys(), reason)
+            time.sleep(0.05)
+        return {}
+
+    def _kill(self, procs: Mapping[int, subprocess.Popen[bytes]], grace_s: float = 5.0) -> None:
+        """SIGTERM the process groups, then SIGKILL all that is left in those hosts' namespaces."""
+        for proc in procs.values():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait()
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for host, proc in procs.items():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            _kill_processes(self.hosts[host].namespace)
+            proc.wait()
 
     def torchrun(
         self,
@@ -498,7 +526,7 @@ def cleanup(dry_run: bool = False) -> list[str]:
         except PermissionError:
             continue  # alive, owned by someone else
         if not dry_run:
-            _kill_namespace(name)
+            _delete_namespace(name)
         removed.append(name)
     return removed
 
