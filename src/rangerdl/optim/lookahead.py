@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from rangerdl.optim.ranger import lookahead_
+from rangerdl.optim._outer import OuterSyncMixin, lookahead_
 
 __all__ = ["Lookahead"]
 
 
-class Lookahead(Optimizer):
+class Lookahead(OuterSyncMixin):
     r"""Lookahead (`Zhang et al., 2019 <https://arxiv.org/abs/1907.08610>`_) around any optimizer.
 
     .. math::
@@ -42,7 +42,16 @@ class Lookahead(Optimizer):
         alpha: slow step size in (0, 1].
     """
 
-    def __init__(self, optimizer: Optimizer, k: int = 6, alpha: float = 0.5) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        k: int = 6,
+        alpha: float = 0.5,
+        *,
+        group: Any = None,
+        buffers: Iterable[Tensor] = (),
+        **sync_options: Any,
+    ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 f"Lookahead wraps a torch.optim.Optimizer, got {type(optimizer).__name__}"
@@ -54,6 +63,7 @@ class Lookahead(Optimizer):
         # Share the inner list itself: add_param_group and schedulers see one set of groups.
         self.param_groups = optimizer.param_groups
         self.defaults = {**optimizer.defaults, "k": k, "alpha": alpha}
+        self._setup_outer(group, buffers, sync_options)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self._wrapping:
@@ -72,6 +82,13 @@ class Lookahead(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Step the inner optimizer, then the slow weights of parameters at a multiple of k."""
+        if self._outer is not None:  # distributed: the OuterSync keeps phi and does the slow step
+            with torch.enable_grad():
+                loss = (
+                    self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+                )
+            self._after_step()
+            return loss
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state[p]
@@ -100,17 +117,17 @@ class Lookahead(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict under ``"inner"``, plus the slow weights."""
         own = super().state_dict()
-        return {
-            "state": own["state"],
-            "param_groups": own["param_groups"],
-            "inner": self.optimizer.state_dict(),
-        }
+        inner = self.optimizer.state_dict()
+        return self._with_outer(
+            {"state": own["state"], "param_groups": own["param_groups"], "inner": inner}
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "inner" not in state_dict:
             raise ValueError(
                 "Lookahead.load_state_dict: no 'inner' entry; this is not a Lookahead state dict"
             )
+        state_dict = self._split_outer(state_dict)
         self.optimizer.load_state_dict(state_dict["inner"])
         super().load_state_dict(
             {"state": state_dict["state"], "param_groups": state_dict["param_groups"]}

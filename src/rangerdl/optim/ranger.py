@@ -20,13 +20,15 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, ParamsT
+from torch.optim.optimizer import ParamsT
 from torch.utils._foreach_utils import (
     _get_foreach_kernels_supported_devices,
     _get_fused_kernels_supported_devices,
 )
 
-__all__ = ["Ranger", "ranger", "rectification"]
+from rangerdl.optim._outer import OuterSyncMixin, lookahead_
+
+__all__ = ["Ranger", "lookahead_", "ranger", "rectification"]
 
 _FUSED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -47,7 +49,7 @@ def rectification(step: int, beta2: float, threshold: float) -> float | None:
     )
 
 
-class Ranger(Optimizer):
+class Ranger(OuterSyncMixin):
     r"""Ranger: RAdam with decoupled weight decay, Lookahead and gradient centralisation.
 
     .. math::
@@ -144,6 +146,9 @@ class Ranger(Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        group: Any = None,
+        buffers: Iterable[Tensor] = (),
+        **sync_options: Any,
     ) -> None:
         defaults: dict[str, Any] = {
             "lr": lr,
@@ -165,6 +170,7 @@ class Ranger(Optimizer):
         super().__init__(params, defaults)
         # Reusable buffers for gradient centralisation on the fused path; not state, never saved.
         self._gc_scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._setup_outer(group, buffers, sync_options)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -212,12 +218,14 @@ class Ranger(Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self._outer is None and "slow_buffer" not in state:
+                # phi starts at theta_0; a distributed optimizer keeps phi in its OuterSync instead
                 state["slow_buffer"] = p.detach().clone(memory_format=torch.preserve_format)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
-            slow_buffers.append(state["slow_buffer"])
+            slow_buffers.append(state.get("slow_buffer", p))
             state_steps.append(state["step"])
 
     @torch.no_grad()
@@ -260,34 +268,22 @@ class Ranger(Optimizer):
                 fused=group["fused"],
                 gc_scratch=self._gc_scratch,
             )
-            if due:
-                self._slow_step(group, [params[i] for i in due], [slow_buffers[i] for i in due])
+            if due and self._outer is None:  # distributed: the OuterSync does the slow step
+                slow = [slow_buffers[i] for i in due]
+                lookahead_(
+                    [params[i] for i in due],
+                    slow,
+                    group["alpha"],
+                    foreach=group["foreach"] is not False,
+                )
+        self._after_step()
         return loss
 
-    def _slow_step(self, group: dict[str, Any], params: list[Tensor], slow: list[Tensor]) -> None:
-        """The Lookahead step for the parameters whose step count reached a multiple of ``k``.
+    def state_dict(self) -> dict[str, Any]:
+        return self._with_outer(super().state_dict())
 
-        Subclasses (the distributed optimizer) replace this with a synchronised outer step.
-        """
-        lookahead_(params, slow, group["alpha"], foreach=group["foreach"] is not False)
-
-
-def lookahead_(
-    params: list[Tensor], slow: list[Tensor], alpha: float, *, foreach: bool = True
-) -> None:
-    """``slow += alpha * (param - slow); param = slow``, in place.
-
-    ``lerp`` makes ``alpha = 1`` copy the fast weights exactly.
-    """
-    if not params:
-        return
-    if foreach and _foreach_ok(params):
-        torch._foreach_lerp_(slow, params, alpha)
-        torch._foreach_copy_(params, slow)
-        return
-    for p, s in zip(params, slow, strict=True):
-        s.lerp_(p, alpha)
-        p.copy_(s)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(self._split_outer(state_dict))
 
 
 def _validate_hyperparameters(group: dict[str, Any]) -> None:

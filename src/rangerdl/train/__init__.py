@@ -1,0 +1,1 @@
+"""The trainer: config, loop, checkpoints, metrics, models (``rangerdl train``)."""

@@ -1,0 +1,120 @@
+"""``rangerdl train``, ``rangerdl eval`` and ``rangerdl plot``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model (no arguments: the digits CNN)",
+        description="Train from a TOML config. Override any value with --table.key=value "
+        "(precedence: command line > TOML > defaults).",
+    )
+    p.add_argument(
+        "config", nargs="?", type=Path, help="TOML config (default: the embedded digits CNN)"
+    )
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue this run from its latest checkpoint",
+    )
+    p.set_defaults(run=_train, accepts_extra=True)
+
+    p = sub.add_parser("eval", help="evaluate a run's (or a checkpoint's) model on the test split")
+    p.add_argument("path", type=Path, metavar="RUN_DIR|CHECKPOINT_DIR")
+    p.add_argument("--split", default="test", help="which split (default: test)")
+    p.set_defaults(run=_eval)
+
+    p = sub.add_parser("plot", help="loss and metric curves of runs against step and wall time")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE.png")
+    p.add_argument(
+        "--tags", nargs="*", help="metric tags (default: train/loss val/loss val/accuracy)"
+    )
+    p.set_defaults(run=_plot)
+
+
+def _train(args: argparse.Namespace, extra: list[str]) -> int:
+    from rangerdl.train.config import load_config
+    from rangerdl.train.loop import TrainingError, train
+
+    if args.resume is not None:
+        if args.config is not None:
+            raise ValueError(
+                "give either a CONFIG or --resume RUN_DIR (a resumed run keeps its config)"
+            )
+        cfg = load_config(None, None)
+        from rangerdl.train.config import Config
+
+        saved = args.resume / "config.json"
+        if not saved.is_file():
+            raise FileNotFoundError(f"{saved} does not exist; is {args.resume} a run folder?")
+        cfg = Config.from_dict(json.loads(saved.read_text()), origin=str(saved))
+        if extra:
+            from rangerdl.train.config import apply_tables, parse_overrides
+
+            apply_tables(cfg, parse_overrides(extra), origin="command line")
+        cfg.validate()
+    else:
+        cfg = load_config(args.config, extra)
+    try:
+        summary = train(cfg, resume=args.resume)
+    except TrainingError as exc:
+        log.error("%s", exc)
+        return 1
+    if summary and _is_main():
+        print(format_summary(summary))
+    return 0
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    keys = [k for k in sorted(summary) if "/" in k] + [
+        "step",
+        "train_time_s",
+        "samples_per_s",
+        "world_size",
+    ]
+    width = max(len(k) for k in keys)
+    lines = ["", "summary", "-" * (width + 16)]
+    for k in keys:
+        v = summary[k]
+        lines.append(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    lines += [
+        "-" * (width + 16),
+        f"run folder:  {summary['run_dir']}",
+        f"checkpoint:  {summary['checkpoint']}",
+    ]
+    lines.append(f"TensorBoard: tensorboard --logdir {Path(summary['run_dir']) / 'tb'}")
+    return "\n".join(lines)
+
+
+def _eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from rangerdl.train.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.path, split=args.split)
+    for k, v in metrics.items():
+        print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")
+    return 0
+
+
+def _plot(args: argparse.Namespace, extra: list[str]) -> int:
+    from rangerdl.train.plot import plot_runs
+
+    tags = plot_runs(args.runs, args.out, args.tags)
+    print(f"wrote {args.out} ({', '.join(tags)})")
+    return 0

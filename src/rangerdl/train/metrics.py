@@ -1,0 +1,99 @@
+"""Run outputs on rank 0: ``metrics.jsonl``, TensorBoard events, a progress bar, the summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLogger:
+    """Writes one JSON object per logged step (``{"step": N, "train/loss": ...}``) and the same
+    tags to TensorBoard. Only rank 0 makes one with ``enabled=True``; the others get a no-op.
+
+    On resume, lines past ``start_step`` (written by the run that stopped) are dropped so the
+    file holds exactly one history.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        tensorboard: bool,
+        progress: bool,
+        total_steps: int,
+        start_step: int,
+    ) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self._tb: Any = None
+        self._bar: Any = None
+        self._last_line = time.monotonic()
+        self.total_steps = total_steps
+        if not enabled:
+            return
+        kept = []
+        if start_step > 0 and self.path.exists():
+            kept = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln and json.loads(ln)["step"] <= start_step
+            ]
+        self.path.write_text("".join(ln + "\n" for ln in kept))
+        self._file = open(self.path, "a")  # noqa: SIM115 - open for the whole run
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(
+                str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None
+            )
+        if progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"step": step, **values}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for tag, value in values.items():
+                self._tb.add_scalar(tag, value, step)
+
+    def progress(self, step: int, loss: float, samples_per_s: float) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix(
+                loss=f"{loss:.4f}", samples_s=f"{samples_per_s:.0f}", refresh=False
+            )
+            self._bar.refresh()
+        elif time.monotonic() - self._last_line > 5.0 or step == self.total_steps:
+            self._last_line = time.monotonic()
+            log.info(
+                "step %d/%d loss %.4f %.0f samples/s", step, self.total_steps, loss, samples_per_s
+            )
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._file.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; is {run_dir} a run folder?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
