@@ -320,19 +320,22 @@ def prepare_text(
             "split": {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed},
             "split_name": split,
         }
-        try:
-            with SegmentWriter(
-                out / split,
-                {"tokens": ("uint8", ())},
-                kind="tokens",
-                seq_len=seq_len,
-                segment_bytes=segment_bytes,
-                metadata=metadata,
-            ) as writer:
-                for data in _read_files(split_files):
-                    writer.append(tokens=np.frombuffer(data, np.uint8))
-        except ValueError as exc:
-            raise ValueError(f"text split {split!r} ({len(split_files)} files): {exc}") from exc
+        num_bytes = sum(p.stat().st_size for p in split_files)
+        if num_bytes < seq_len + 1:
+            raise ValueError(
+                f"text split {split!r}: its {len(split_files)} file(s) hold {num_bytes} bytes, "
+                f"fewer than seq_len + 1 = {seq_len + 1}; use a smaller seq_len or more files"
+            )
+        with SegmentWriter(
+            out / split,
+            {"tokens": ("uint8", ())},
+            kind="tokens",
+            seq_len=seq_len,
+            segment_bytes=segment_bytes,
+            metadata=metadata,
+        ) as writer:
+            for data in _read_files(split_files):
+                writer.append(tokens=np.frombuffer(data, np.uint8))
 
 
 def _read_files(files: Sequence[Path]) -> Iterator[bytes]:
