@@ -462,3 +462,33 @@ def test_open_splits(tmp_path: Path) -> None:
     assert list(splits) == ["train", "val", "test"]
     with pytest.raises(FileNotFoundError, match="single dataset"):
         open_splits(tmp_path / "train")
+
+
+def test_batched_read_collates_like_stacking_single_items(
+    rows_dir: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    from torch.utils.data import default_collate
+
+    with SegmentWriter(
+        tmp_path / "tok", {"tokens": ("uint8", ())}, kind="tokens", seq_len=5, segment_bytes=64
+    ) as w:
+        w.append(tokens=np.arange(200, dtype=np.uint8))
+    for ds, indices, keys in [
+        (SegmentedDataset(rows_dir[0]), [999, 0, None, 120, 119, -2, None], {"x", "y", "z"}),
+        # 64-token segments: windows 12 and 25 span two of them
+        (SegmentedDataset(tmp_path / "tok"), [12, None, 0, 25, 37, 38], {"x", "y"}),
+    ]:
+        fast = collate(ds.__getitems__(indices))
+        slow = collate([ds[i] for i in indices])
+        generic = default_collate(ds.__getitems__(indices))
+        assert (
+            fast.keys()
+            == slow.keys()
+            == generic.keys()
+            == {"x", "y", "mask", *ds.fields} - {"tokens"}
+        )
+        for key in fast:
+            assert fast[key].dtype == slow[key].dtype and torch.equal(fast[key], slow[key]), key
+            assert torch.equal(generic[key], slow[key]), key
+        with pytest.raises(IndexError, match=f"index {len(ds)} out of range"):
+            ds.__getitems__([0, len(ds)])

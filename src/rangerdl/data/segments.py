@@ -20,7 +20,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -49,7 +49,14 @@ from rangerdl.data.manifest import (
     read_npy_header,
 )
 
-__all__ = ["DEFAULT_SEGMENT_BYTES", "SegmentWriter", "SegmentedDataset", "collate", "open_splits"]
+__all__ = [
+    "DEFAULT_SEGMENT_BYTES",
+    "SampleBatch",
+    "SegmentWriter",
+    "SegmentedDataset",
+    "collate",
+    "open_splits",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -400,7 +407,8 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
     def _setup(self, manifest: Manifest) -> None:
         self._manifest = manifest
         self._checksum = manifest.checksum
-        self._starts = np.cumsum([0] + [s.num_rows for s in manifest.segments]).tolist()
+        self._starts_array = np.cumsum([0] + [s.num_rows for s in manifest.segments])
+        self._starts: list[int] = self._starts_array.tolist()
         self._maps: list[dict[str, np.ndarray[Any, Any]] | None] = [None] * len(manifest.segments)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -483,26 +491,45 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
             out[name] = torch.from_numpy(value)
         return out
 
-    def __getitems__(self, indices: Sequence[int | None]) -> list[dict[str, Tensor]]:
-        """A batch of samples (DataLoader calls this): one gather per segment and field."""
-        if any(i is None for i in indices):
-            return [self[i] for i in indices]
-        idx = np.fromiter((self._check_index(i) for i in indices), np.int64, len(indices))
+    def __getitems__(self, indices: Sequence[int | None]) -> SampleBatch:
+        """Samples ``indices`` (None: padding) read together; DataLoader calls this per batch.
+
+        One gather per segment and field straight into the batch's tensors, so ``collate`` has
+        nothing left to copy. The result is a sequence of per-sample dicts for any other collate.
+        """
+        n = len(self)
+        pads = [k for k, i in enumerate(indices) if i is None]
+        idx = np.fromiter((0 if i is None else operator.index(i) for i in indices), np.int64)
+        idx[idx < 0] += n
+        bad = (idx < 0) | (idx >= n)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise IndexError(f"index {indices[k]} out of range for a dataset of {n} samples")
         if self.kind == "tokens":
-            x, y = self._token_windows(idx)
-            return [{"x": a, "y": b} for a, b in zip(x.unbind(0), y.unbind(0), strict=True)]
-        seg_of = np.searchsorted(self._starts, idx, side="right") - 1
-        columns = {}
-        for name, spec in self._manifest.fields.items():
-            out = np.empty((len(idx), *spec.shape), _torch_dtype(spec.dtype))
+            columns = self._token_windows(idx)
+        else:
+            columns = {
+                name: self._gather(name, spec, idx) for name, spec in self._manifest.fields.items()
+            }
+        mask = None
+        if pads:
+            for column in columns.values():
+                column[pads] = 0
+            mask = torch.ones(len(idx), dtype=torch.bool)
+            mask[pads] = False
+        return SampleBatch(columns, mask)
+
+    def _gather(self, name: str, spec: FieldSpec, idx: np.ndarray[Any, Any]) -> Tensor:
+        out = np.empty((len(idx), *spec.shape), spec.dtype)
+        if len(self._starts) == 2:  # one segment: a single gather
+            np.take(self._segment(0)[name], idx, axis=0, out=out)
+        else:
+            seg_of = np.searchsorted(self._starts_array, idx, side="right") - 1
             for s in np.unique(seg_of).tolist():
-                rows = seg_of == s
-                out[rows] = self._segment(s)[name][idx[rows] - self._starts[s]]
-            columns[name] = torch.from_numpy(out).unbind(0)
-        names = list(columns)
-        return [
-            dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)
-        ]
+                rows = np.flatnonzero(seg_of == s)
+                out[rows] = np.take(self._segment(s)[name], idx[rows] - self._starts[s], axis=0)
+        wide = _torch_dtype(spec.dtype)
+        return torch.from_numpy(out if wide == spec.dtype else out.astype(wide))
 
     def _check_index(self, index: Any) -> int:
         n = len(self)
@@ -522,8 +549,12 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
         maps = self._maps[s]
         if maps is None:
             files = self._manifest.segments[s].files
+            # Plain ndarray views of the maps (the memmap subclass adds overhead to every index);
+            # each view keeps its map alive, and nothing closes a map by hand.
             maps = {
-                name: np.load(self.path / info.name, mmap_mode="r", allow_pickle=False)
+                name: np.load(self.path / info.name, mmap_mode="r", allow_pickle=False).view(
+                    np.ndarray
+                )
                 for name, info in files.items()
             }
             self._maps[s] = maps
@@ -544,23 +575,24 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
             s += 1
         return out
 
-    def _token_windows(self, idx: np.ndarray[Any, Any]) -> tuple[Tensor, Tensor]:
+    def _token_windows(self, idx: np.ndarray[Any, Any]) -> dict[str, Tensor]:
         seq_len = self._seq_len()
         starts = idx * seq_len
         windows = np.empty((len(idx), seq_len + 1), np.int64)
-        seg_first = np.searchsorted(self._starts, starts, side="right") - 1
-        seg_last = np.searchsorted(self._starts, starts + seq_len, side="right") - 1
+        seg_first = np.searchsorted(self._starts_array, starts, side="right") - 1
+        seg_last = np.searchsorted(self._starts_array, starts + seq_len, side="right") - 1
         offsets = np.arange(seq_len + 1)
         for s in np.unique(seg_first).tolist():
-            inside = (seg_first == s) & (seg_last == s)
-            if inside.any():
+            inside = np.flatnonzero((seg_first == s) & (seg_last == s))
+            if len(inside):
                 local = starts[inside] - self._starts[s]
                 windows[inside] = self._segment(s)[TOKENS_FIELD][local[:, None] + offsets]
         for k in np.flatnonzero(seg_first != seg_last).tolist():
             windows[k] = self._tokens(int(starts[k]), int(starts[k]) + seq_len + 1)
-        x = np.ascontiguousarray(windows[:, :-1])
-        y = np.ascontiguousarray(windows[:, 1:])
-        return torch.from_numpy(x), torch.from_numpy(y)
+        return {
+            "x": torch.from_numpy(np.ascontiguousarray(windows[:, :-1])),
+            "y": torch.from_numpy(np.ascontiguousarray(windows[:, 1:])),
+        }
 
     def _padding(self) -> dict[str, Tensor]:
         if self.kind == "tokens":
@@ -574,12 +606,47 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
         return out
 
 
+class SampleBatch(Sequence[dict[str, Tensor]]):
+    """Samples read together by ``SegmentedDataset.__getitems__``: batch tensors plus per-sample views.
+
+    ``collate`` returns the columns as they are (no copy); any other collate function sees a
+    sequence of per-sample dicts, like ``[ds[i] for i in indices]``.
+    """
+
+    def __init__(self, columns: dict[str, Tensor], mask: Tensor | None = None) -> None:
+        self.columns = columns
+        self.mask = mask
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    @overload
+    def __getitem__(self, k: int) -> dict[str, Tensor]: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[dict[str, Tensor]]: ...
+
+    def __getitem__(self, k: int | slice) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(len(self))[k]]
+        item = {name: column[k] for name, column in self.columns.items()}
+        if self.mask is not None:  # every sample of a padded batch carries it, for any collate
+            item["mask"] = self.mask[k]
+        return item
+
+
 def collate(items: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
-    """Stack a list of samples into a batch: ``{"x": (B, ...), "y": (B, ...)}``.
+    """Stack samples into a batch: ``{"x": (B, ...), "y": (B, ...)}``.
 
     When any sample is padding (it has ``"mask": False``), the batch also holds ``"mask"``, a bool
-    tensor of shape ``(B,)`` that is True for real samples.
+    tensor of shape ``(B,)`` that is True for real samples. A ``SampleBatch`` (what the dataset's
+    ``__getitems__`` returns) is already stacked and is passed through without a copy.
     """
+    if isinstance(items, SampleBatch):
+        batch = dict(items.columns)
+        if items.mask is not None:
+            batch["mask"] = items.mask
+        return batch
     if not items:
         raise ValueError("collate: empty batch")
     names = [k for k in items[0] if k != "mask"]
