@@ -69,7 +69,7 @@ class OuterSyncMixin(Optimizer):
         (evaluate and save these; between syncs the parameters hold the fast weights). With a
         sharded distributed optimizer this is a collective: call it on every rank."""
         if self._outer is not None:
-            return self._outer.slow_weights()  # type: ignore[no-any-return]
+            return self._outer.slow_weights()
         return [
             (p, self.state[p]["slow_buffer"])
             for group in self.param_groups

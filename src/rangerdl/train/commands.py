@@ -59,6 +59,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         if not saved.is_file():
             raise FileNotFoundError(f"{saved} does not exist; is {args.resume} a run folder?")
         cfg = Config.from_dict(json.loads(saved.read_text()), origin=str(saved))
+        cfg.train.stop_at = 0  # the stop that ended the last session is spent
         if extra:
             from rangerdl.train.config import apply_tables, parse_overrides
 
@@ -71,7 +72,9 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     except TrainingError as exc:
         log.error("%s", exc)
         return 1
-    if summary and _is_main():
+    if summary.get("stopped"):
+        return 0
+    if _is_main():
         print(format_summary(summary))
     return 0
 

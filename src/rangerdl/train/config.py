@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +115,9 @@ class ScheduleConfig:
 class TrainConfig:
     steps: int = 600
     """Optimizer steps to train for (a resumed run continues up to this number)."""
+    stop_at: int = 0
+    """Stop after this step as if interrupted (0: run to ``steps``). The schedule still spans
+    ``steps``; continue with ``rangerdl train --resume RUN_DIR``. For time-boxed jobs."""
     eval_every: int = 120
     """Validate every this many steps (0: only at the end)."""
     eval_batches: int = 0
@@ -221,6 +223,7 @@ class Config:
             ("train", "checkpoint_every"),
             ("train", "keep_checkpoints"),
             ("train", "eval_batches"),
+            ("train", "stop_at"),
             ("data", "num_workers"),
             ("schedule", "warmup_steps"),
         ]:
@@ -276,8 +279,6 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"{where} = {value!r}: expected a table")
         return dict(value)
-    if isinstance(hint, types.UnionType):
-        raise AssertionError(f"unsupported config type {hint}")
     raise AssertionError(f"unsupported config type {hint}")
 
 
@@ -334,12 +335,3 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         apply_tables(cfg, parse_overrides(overrides), origin="command line")
     cfg.validate()
     return cfg
-
-
-def nested_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = (
-            nested_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-        )
-    return out

@@ -111,11 +111,11 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
         collate_fn=collate,
         generator=torch.Generator().manual_seed(cfg.run.seed),  # keep the global RNG untouched
     )
-    last_val: dict[str, float] = {}
     train_time, window_t0, window_samples = 0.0, time.perf_counter(), 0
     model.train()
+    last_step = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
     for batch in loader:
-        if step >= cfg.train.steps:
+        if step >= last_step:
             break
         t0 = time.perf_counter()
         loss = task.loss(
@@ -154,8 +154,7 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
             metrics.progress(step, values["train/loss"], speed)
             window_t0, window_samples = now, 0
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-            last_val = validate(model, optimizer, val_ds, task, rt, cfg, prefix="val")
-            metrics.log(step, last_val)
+            metrics.log(step, validate(model, optimizer, val_ds, task, rt, cfg, prefix="val"))
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             save_checkpoint(
                 run_dir,
@@ -169,15 +168,37 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
                 elapsed_before + train_time,
             )
 
+    if step < cfg.train.steps:  # stop_at: leave as if interrupted, the checkpoint to resume from
+        if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+            save_checkpoint(
+                run_dir,
+                step,
+                rt,
+                model,
+                optimizer,
+                schedule,
+                sampler,
+                cfg,
+                elapsed_before + train_time,
+            )
+        metrics.close()
+        log.info(
+            "stopped at step %d of %d (stop_at); continue with --resume %s",
+            step,
+            cfg.train.steps,
+            run_dir,
+        )
+        return {"run_dir": str(run_dir), "step": step, "stopped": True}
     finish = getattr(optimizer, "finish", None)
     if finish is not None:  # distributed: a final sync so every rank holds the global model
         finish()
-    last_val = validate(model, optimizer, val_ds, task, rt, cfg, prefix="val")
-    test = (
-        validate(model, optimizer, splits["test"], task, rt, cfg, prefix="test")
-        if "test" in splits
-        else {}
-    )
+    # Without a val split, periodic validation used the test split: report it once, as test/.
+    last_val = {}
+    if "val" in splits:
+        last_val = validate(model, optimizer, splits["val"], task, rt, cfg, prefix="val")
+    test = {}
+    if "test" in splits:
+        test = validate(model, optimizer, splits["test"], task, rt, cfg, prefix="test")
     metrics.log(step, last_val | test)
     if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
         save_checkpoint(
@@ -225,8 +246,8 @@ def open_data(cfg: Config, rt: Runtime) -> dict[str, Any]:
     from rangerdl.data import open_splits, prepare
 
     if cfg.data.path:
-        return open_splits(Path(cfg.data.path))  # type: ignore[no-any-return]
-    sources = {
+        return open_splits(Path(cfg.data.path))
+    sources: dict[str, tuple[str, dict[str, Any]]] = {
         "digits": ("digits", {}),
         "text": (f"text-L{cfg.data.seq_len}", {"seq_len": cfg.data.seq_len}),
     }
@@ -253,7 +274,7 @@ def open_data(cfg: Config, rt: Runtime) -> dict[str, Any]:
 
             shutil.rmtree(tmp, ignore_errors=True)
     rt.barrier()
-    return open_splits(folder)  # type: ignore[no-any-return]
+    return open_splits(folder)
 
 
 @dataclass

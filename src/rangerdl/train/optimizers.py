@@ -81,7 +81,7 @@ def build_optimizer(cfg: Config, model: nn.Module, rt: Runtime) -> tuple[Any, nn
     import torch.distributed as dist
 
     d = cfg.distributed
-    sync = {
+    sync: dict[str, Any] = {
         "group": dist.group.WORLD,
         "buffers": list(model.buffers()),
         "sync_every": d.sync_every or cfg.optim.k,

@@ -1,0 +1,199 @@
+"""``rangerdl train / eval / plot`` end to end, in-process, with tiny configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rangerdl.cli import main
+from rangerdl.train.metrics import read_metrics
+
+
+def run_dir(tiny: list[str]) -> Path:
+    return Path(tiny[0].split("=", 1)[1]) / "t"
+
+
+def final_state(run: Path) -> dict[str, torch.Tensor]:
+    step = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+    state = torch.load(run / "checkpoints" / f"step-{step}" / "state-rank0.pt", weights_only=True)
+    return state["model"]  # type: ignore[no-any-return]
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["train/loss"]) for r in read_metrics(run) if "train/loss" in r]
+
+
+def test_train_writes_the_run_folder(tiny: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(
+            ["train", *tiny, "--log.tensorboard=true", "--train.steps=60", "--train.eval_every=20"]
+        )
+        == 0
+    )
+    run = run_dir(tiny)
+    out = capsys.readouterr().out
+    assert "test/accuracy" in out and str(run) in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 60 and summary["test/accuracy"] > 0.6
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["steps"] == 60 and config["model"]["args"] == {"hidden": 32}
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 61))
+    assert {"optim/lr", "perf/samples_per_s", "time/train_s"} <= set(rows[0])
+    assert [r["step"] for r in rows if "val/loss" in r] == [20, 40]
+    assert any("test/accuracy" in r for r in rows)
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    kept = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").iterdir())
+    assert kept == [20, 30, 40, 50, 60]  # every 10 steps, the last 5 kept
+
+
+@pytest.mark.parametrize("cut", [7, 44], ids=["mid-epoch", "epoch-end"])
+def test_resume_is_bitwise_identical(tiny: list[str], tmp_path: Path, cut: int) -> None:
+    # 1438 training digits / 32: 44 full batches per epoch, so step 44 ends epoch 0.
+    common = [
+        *tiny[1:],
+        "--train.steps=60",
+        "--train.checkpoint_every=0",
+    ]
+    straight = tmp_path / "straight"
+    assert main(["train", f"--run.dir={straight}", *common]) == 0
+    cut_dir = tmp_path / "cut"
+    assert main(["train", f"--run.dir={cut_dir}", *common, f"--train.stop_at={cut}"]) == 0
+    assert not (cut_dir / "t" / "summary.json").exists()
+    assert main(["train", "--resume", str(cut_dir / "t")]) == 0
+    assert losses(cut_dir / "t") == losses(straight / "t")
+    a, b = final_state(straight / "t"), final_state(cut_dir / "t")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_config_and_seed_give_identical_runs(tiny: list[str], tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        assert main(["train", *tiny, f"--run.name={name}", "--train.steps=12"]) == 0
+    base = run_dir(tiny).parent
+    assert losses(base / "a") == losses(base / "b")
+    other = [*tiny, "--run.name=c", "--train.steps=12", "--run.seed=1"]
+    assert main(["train", *other]) == 0
+    assert losses(base / "c") != losses(base / "a")
+
+
+def test_eval_and_plot(tiny: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", *tiny]) == 0
+    run = run_dir(tiny)
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    accuracy = float(
+        next(line for line in out.splitlines() if line.startswith("test/accuracy")).split()[-1]
+    )
+    assert accuracy == pytest.approx(summary["test/accuracy"], abs=1e-6)
+    assert main(["eval", str(run / "checkpoints" / "step-10")]) == 0
+    assert main(["train", *tiny, "--run.name=other", "--optim.name=adamw", "--optim.lr=1e-3"]) == 0
+    png = tmp_path / "cmp.png"
+    assert main(["plot", str(run), str(run.parent / "other"), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_saved_model_is_the_lookahead_slow_weights(tiny: list[str]) -> None:
+    # stop at step 8: Ranger (k=6) synced at step 6, so the fast weights have moved past phi.
+    # (The MLP has no BatchNorm: the model's state is exactly its parameters.)
+    assert main(["train", *tiny, "--train.stop_at=8", "--train.checkpoint_every=0"]) == 0
+    folder = run_dir(tiny) / "checkpoints" / "step-8"
+    model = torch.load(folder / "model.pt", weights_only=True)
+    state = torch.load(folder / "state-rank0.pt", weights_only=True)
+    slow = [s["slow_buffer"] for _, s in sorted(state["optimizer"]["state"].items())]
+    weights = [
+        v for k, v in state["model"].items() if "running" not in k and "num_batches" not in k
+    ]
+    assert len(slow) == len(weights)
+    saved = [v for k, v in model.items() if "running" not in k and "num_batches" not in k]
+    assert all(torch.equal(a, b) for a, b in zip(saved, slow, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(weights, slow, strict=True))
+
+
+def test_damaged_checkpoint_is_skipped_for_the_previous_one(
+    tiny: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    assert main(["train", *tiny, "--train.stop_at=20"]) == 0
+    run = run_dir(tiny)
+    state = run / "checkpoints" / "step-20" / "state-rank0.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "skipping checkpoint" in caplog.text and "checksum" in caplog.text
+    assert [r["step"] for r in read_metrics(run) if "train/loss" in r] == list(range(1, 31))
+
+
+def test_all_checkpoints_damaged_is_a_clear_error(
+    tiny: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", *tiny, "--train.stop_at=10"]) == 0
+    (run_dir(tiny) / "checkpoints" / "step-10" / "MANIFEST.json").unlink()
+    assert main(["train", "--resume", str(run_dir(tiny))]) == 1
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_naming_the_step(tiny: list[str], caplog: pytest.LogCaptureFixture) -> None:
+    args = [*tiny, "--model.name=user_models:nan_after", "--model.args.after=13"]
+    assert main(["train", *args]) == 1
+    assert "step 13: the loss is nan" in caplog.text
+    ckpts = sorted(p.name for p in (run_dir(tiny) / "checkpoints").iterdir())
+    assert ckpts == ["step-10"]  # written before the NaN; nothing after it
+
+
+def test_nan_loss_can_be_skipped(tiny: list[str], caplog: pytest.LogCaptureFixture) -> None:
+    args = [
+        *tiny,
+        "--model.name=user_models:nan_after",
+        "--model.args.after=25",
+        "--train.on_nan=skip",
+    ]
+    assert main(["train", *args]) == 0
+    assert caplog.text.count("skipping the update") == 6
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--optim.nme=adamw"], "unknown key 'nme' in [optim]; valid keys: name, lr"),
+        (["--optimizer.name=adamw"], "unknown table [optimizer]; valid tables: run, data"),
+        (["--train.steps=ten"], "[train] steps = 'ten': expected int"),
+        (["--optim.name=adam"], "[optim] name = 'adam': expected one of ranger, adamw"),
+        (["--data.path=/nonexistent/data"], "/nonexistent/data"),
+        (["--model.args.width=3"], "unknown argument(s) width for model 'mlp'"),
+    ],
+)
+def test_config_errors_name_the_key(
+    tiny: list[str], args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", *tiny, *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err
+    assert not (run_dir(tiny) / "checkpoints").exists()
+
+
+def test_toml_config_with_command_line_precedence(tiny: list[str], tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[optim]\nname = "sgd"\nlr = 0.05\n[train]\nsteps = 4\n')
+    assert main(["train", str(config), *tiny[:2], "--train.steps=6", "--log.progress=false"]) == 0
+    saved = json.loads((run_dir(tiny) / "config.json").read_text())
+    assert (
+        saved["optim"]["name"] == "sgd"
+        and saved["optim"]["lr"] == 0.05
+        and saved["train"]["steps"] == 6
+    )
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nsteps = 4\nbogus = 1\n")
+    assert main(["train", str(bad), *tiny[:2]]) == 1
+
+
+def test_existing_run_folder_is_not_overwritten(
+    tiny: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", *tiny, "--train.steps=2"]) == 0
+    assert main(["train", *tiny, "--train.steps=2"]) == 1
+    assert "--resume" in capsys.readouterr().err
