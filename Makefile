@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: setup
-	$(PY) examples/quickstart.py
+	$(PY) -m rangerdl train
 
 lint: setup
 	$(PY) -m ruff check src tests benchmarks examples

@@ -16,7 +16,7 @@ y_train, y_test = (torch.tensor(a) for a in (y_train, y_test))
 
 model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
 optimizer = Ranger(model.parameters(), lr=3e-3)
-for epoch in range(30):
+for _epoch in range(30):
     for idx in torch.randperm(len(x_train)).split(64):
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x_train[idx]), y_train[idx]).backward()

@@ -197,3 +197,13 @@ def test_existing_run_folder_is_not_overwritten(
     assert main(["train", *tiny, "--train.steps=2"]) == 0
     assert main(["train", *tiny, "--train.steps=2"]) == 1
     assert "--resume" in capsys.readouterr().err
+
+
+def test_examples_parse_and_digits_cnn_is_the_default() -> None:
+    from rangerdl.train.config import Config, load_config
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    configs = {p.stem: load_config(p) for p in sorted(examples.glob("*.toml"))}
+    assert set(configs) >= {"digits_cnn", "charlm", "tabular_mlp"}
+    assert configs["digits_cnn"].to_dict() == Config().to_dict()
+    assert configs["charlm"].model.name == "gpt" and configs["charlm"].data.source == "text"

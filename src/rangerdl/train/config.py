@@ -31,8 +31,9 @@ __all__ = [
 
 @dataclass
 class RunConfig:
-    name: str = "digits-cnn"
-    """Run name; the run folder is ``dir/name``."""
+    name: str = ""
+    """Run name; the run folder is ``dir/name``. Empty: ``MODEL-YYYYmmdd-HHMMSS`` (under torchrun:
+    ``MODEL-RUN_ID``, so that an elastic restart finds its own folder)."""
     dir: str = "runs"
     """Parent folder of run folders."""
     seed: int = 0

@@ -229,7 +229,11 @@ def choose_run_dir(cfg: Config, resume: Path | None) -> Path:
         if not (resume / "config.json").is_file():
             raise FileNotFoundError(f"{resume} is not a run folder (no config.json)")
         return resume
-    name = cfg.run.name or datetime.now().strftime(f"{cfg.model.name}-%Y%m%d-%H%M%S")
+    model = cfg.model.name.replace(":", "-").replace(".", "-")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    name = cfg.run.name or (
+        f"{model}-{run_id}" if run_id else datetime.now().strftime(f"{model}-%Y%m%d-%H%M%S")
+    )
     run_dir = Path(cfg.run.dir) / name
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if run_dir.exists() and any(run_dir.iterdir()) and not restarted:
