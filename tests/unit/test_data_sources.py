@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rangerdl.data import SegmentedDataset, open_splits, prepare
-from rangerdl.data.sources import default_text_sources
+from rangerdl.data.text import default_text_sources
 
 
 def rows_of(ds: SegmentedDataset) -> list[tuple[bytes, object]]:

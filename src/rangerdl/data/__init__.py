@@ -1,10 +1,12 @@
 """Memory-mapped, segmented datasets: larger than RAM, exactly once per epoch, resumable, per rank.
 
-- ``SegmentWriter`` / ``SegmentedDataset``: the on-disk format (``manifest.json`` + ``.npy``
-  segments) and its map-style torch reader; ``open_splits`` opens ``DIR/train``, ``DIR/test``, ...
-- ``GlobalBatchSampler``: the order (a seeded permutation per epoch) cut into global batches,
-  sliced per rank, with a ``state_dict`` for exact resume; ``collate`` stacks its batches.
-- ``prepare``: built-in sources (``digits``, ``text``, ``arrays``, ``synthetic``).
+- ``manifest.py``: the on-disk format (``manifest.json`` + one ``.npy`` per segment and field).
+- ``writer.py``: ``SegmentWriter``; ``dataset.py``: ``SegmentedDataset`` (a map-style torch
+  Dataset), ``collate`` and ``open_splits`` (``DIR/train``, ``DIR/val``, ``DIR/test``).
+- ``order.py``: ``GlobalBatchSampler``, the order (a seeded permutation per epoch) cut into global
+  batches and sliced per rank, with a ``state_dict`` for exact resume.
+- ``sources.py`` (+ ``text.py``, ``arrays.py``, ``splits.py``): ``prepare`` for the built-in
+  sources ``digits``, ``text``, ``arrays`` and ``synthetic``; ``commands.py``: the CLI.
 
 Importing this package is cheap: numpy and torch load on first use of a name.
 """
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "GlobalBatchSampler",
+    "SampleBatch",
     "SegmentWriter",
     "SegmentedDataset",
     "collate",
@@ -25,17 +28,19 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from rangerdl.data.dataset import SampleBatch, SegmentedDataset, collate, open_splits
     from rangerdl.data.order import GlobalBatchSampler, epoch_order
-    from rangerdl.data.segments import SegmentedDataset, SegmentWriter, collate, open_splits
     from rangerdl.data.sources import prepare
+    from rangerdl.data.writer import SegmentWriter
 
 _HOMES = {
     "GlobalBatchSampler": "order",
     "epoch_order": "order",
-    "SegmentWriter": "segments",
-    "SegmentedDataset": "segments",
-    "collate": "segments",
-    "open_splits": "segments",
+    "SampleBatch": "dataset",
+    "SegmentWriter": "writer",
+    "SegmentedDataset": "dataset",
+    "collate": "dataset",
+    "open_splits": "dataset",
     "prepare": "sources",
 }
 

@@ -155,7 +155,7 @@ def prepare_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_prepare(args: argparse.Namespace, extra: list[str]) -> int:
-    from rangerdl.data.segments import open_splits
+    from rangerdl.data.dataset import open_splits
     from rangerdl.data.sources import prepare
 
     out = prepare(
@@ -173,8 +173,8 @@ def _run_prepare(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _run_inspect(args: argparse.Namespace, extra: list[str]) -> int:
+    from rangerdl.data.dataset import SegmentedDataset
     from rangerdl.data.manifest import MANIFEST_NAME
-    from rangerdl.data.segments import SegmentedDataset
 
     root: Path = args.dir
     if (root / MANIFEST_NAME).is_file() or not root.is_dir():

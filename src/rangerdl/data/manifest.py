@@ -23,7 +23,7 @@ A dataset is a directory::
 
 The middle part of a segment's file name is a random token per write, so a rewrite of a directory
 never touches the files the old manifest names: a crash leaves the old dataset (or none) intact.
-This module reads and checks manifests; the writer and reader live in ``segments.py``.
+This module reads and checks manifests; the writer is ``writer.py``, the reader ``dataset.py``.
 """
 
 from __future__ import annotations
