@@ -283,6 +283,9 @@ def test_unreadable_or_missing_manifest_is_refused(tmp_path: Path) -> None:
         SegmentedDataset(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         SegmentedDataset(tmp_path / "nowhere")
+    write_rows(tmp_path / "train", reference_rows(10), 4096)
+    with pytest.raises(FileNotFoundError, match=r"holds the splits \['train'\]: open one of them"):
+        SegmentedDataset(tmp_path)
 
 
 # ---- crashes: the manifest is the commit marker ----

@@ -179,9 +179,15 @@ class Manifest:
         if not directory.is_dir():
             raise FileNotFoundError(f"dataset directory {directory} does not exist")
         if not path.is_file():
+            splits = sorted(p.name for p in directory.iterdir() if (p / MANIFEST_NAME).is_file())
+            hint = (
+                f"; it holds the splits {splits}: open one of them, or all with open_splits"
+                if splits
+                else ""
+            )
             raise FileNotFoundError(
                 f"{path} not found: {directory} is not a rangerdl dataset, or its write did not "
-                "finish (the manifest is written last)"
+                f"finish (the manifest is written last){hint}"
             )
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
