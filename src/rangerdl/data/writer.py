@@ -151,10 +151,14 @@ class SegmentWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()  # a no-op once the manifest is committed
+            raise
 
     def append(self, **arrays: Any) -> None:
         """Append one batch: every field, as arrays of equal length along axis 0.

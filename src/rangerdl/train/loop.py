@@ -45,10 +45,9 @@ def train(cfg: Config, *, resume: Path | None = None) -> dict[str, Any]:
     rt = init_runtime(
         cfg.train.device, cfg.distributed.backend, cfg.train.threads, cfg.distributed.timeout_s
     )
-    try:
-        return _train(cfg, rt, resume)
-    finally:
-        rt.shutdown()
+    summary = _train(cfg, rt, resume)  # on an error the process exits and torchrun cleans up
+    rt.shutdown()
+    return summary
 
 
 def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
@@ -64,7 +63,7 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg.model.name, cfg.model.args, task.model_kwargs).to(rt.device)
-    optimizer, forward = build_optimizer(cfg, model, rt)
+    optimizer, forward, comm_stats = build_optimizer(cfg, model, rt)
     schedule = make_schedule(
         optimizer,
         cfg.schedule.name,
@@ -149,7 +148,7 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
             speed = window_samples / max(now - window_t0, 1e-9)
             values = {"train/loss": loss.item(), "optim/lr": optimizer.param_groups[0]["lr"]}
             values |= {"perf/samples_per_s": speed, "time/train_s": elapsed_before + train_time}
-            values |= comm_stats(optimizer)
+            values |= comm_stats() if comm_stats else {}
             metrics.log(step, values)
             metrics.progress(step, values["train/loss"], speed)
             window_t0, window_samples = now, 0
@@ -215,7 +214,7 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
         "checkpoint": str(run_dir / "checkpoints" / f"step-{step}"),
         **last_val,
         **test,
-        **comm_stats(optimizer),
+        **(comm_stats() if comm_stats else {}),
     }
     if rt.is_main:
         ckpt.atomic_write_text(run_dir / "summary.json", _json(summary))
@@ -376,11 +375,6 @@ def global_weights(model: nn.Module, optimizer: Any) -> Iterator[None]:
         with torch.no_grad():
             for (p, _), b in zip(slow, backup, strict=True):
                 p.copy_(b)
-
-
-def comm_stats(optimizer: Any) -> dict[str, float]:
-    stats = getattr(optimizer, "comm_stats", None)
-    return dict(stats()) if stats is not None else {}
 
 
 def save_checkpoint(

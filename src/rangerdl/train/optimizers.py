@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -56,27 +57,73 @@ def make_local_optimizer(cfg: Config, params: Any, **ranger_sync: Any) -> torch.
     return Lookahead(inner, k=o.k, alpha=o.alpha) if o.lookahead else inner
 
 
-def build_optimizer(cfg: Config, model: nn.Module, rt: Runtime) -> tuple[Any, nn.Module]:
-    """``(optimizer, forward_module)``. Single process: the ``[optim]`` optimizer and the model.
-    Several processes: per ``[distributed] strategy``."""
+class CommCounter:
+    """Bytes and syncs for the torch baselines, counted like ``OuterSync`` counts its own: a ring
+    all-reduce sends 2 (W-1)/W x values x bytes per rank. ``comm/time_s`` is measured only where
+    the collective blocks (PostLocalSGD's averaging); DDP overlaps its all-reduce with backward."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.bytes, self.syncs, self.time_s = 0, 0, 0.0
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        w = self.world_size
+        self.bytes += int(2 * (w - 1) / w * tensor.numel() * tensor.element_size())
+
+    def stats(self) -> dict[str, float]:
+        out = {"comm/bytes": float(self.bytes), "comm/syncs": float(self.syncs)}
+        if self.time_s:
+            out["comm/time_s"] = self.time_s
+        return out
+
+
+def build_optimizer(cfg: Config, model: nn.Module, rt: Runtime) -> tuple[Any, nn.Module, Any]:
+    """``(optimizer, forward_module, comm_stats)``. Single process: the ``[optim]`` optimizer, the
+    model, no stats. Several processes: per ``[distributed] strategy``."""
     if not rt.distributed:
-        return make_local_optimizer(cfg, model.parameters()), model
+        return make_local_optimizer(cfg, model.parameters()), model, None
     strategy = cfg.distributed.strategy
+    counter = CommCounter(rt.world_size)
     if strategy == "ddp":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device] if rt.device.type == "cuda" else None
         )
-        return make_local_optimizer(cfg, ddp.parameters()), ddp
+
+        def counting_allreduce(state: Any, bucket: Any) -> Any:
+            counter.all_reduce(bucket.buffer())
+            if bucket.is_last():
+                counter.syncs += 1
+            return default_hooks.allreduce_hook(state, bucket)
+
+        ddp.register_comm_hook(None, counting_allreduce)
+        return make_local_optimizer(cfg, ddp.parameters()), ddp, counter.stats
     if strategy == "post_local_sgd":
         from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
         from torch.distributed.optim import PostLocalSGDOptimizer
 
+        class CountingAverager(PeriodicModelAverager):
+            def average_parameters(self, params: Any) -> None:
+                due = (
+                    self.step >= self.warmup_steps
+                    and (self.step - self.warmup_steps) % self.period == 0
+                )
+                t0 = time.perf_counter()
+                super().average_parameters(params)
+                if due:
+                    counter.time_s += time.perf_counter() - t0
+                    counter.syncs += 1
+                    counter.all_reduce(torch.empty(sum(p.numel() for p in model.parameters())))
+
         _broadcast_module(model)
         period = cfg.distributed.sync_every or cfg.optim.k
-        averager = PeriodicModelAverager(period=period, warmup_steps=0)
-        return PostLocalSGDOptimizer(
+        # warmup_steps = period - 1: averages after steps k, 2k, ... as the Lookahead strategy syncs
+        averager = CountingAverager(period=period, warmup_steps=period - 1)
+        optimizer = PostLocalSGDOptimizer(
             optim=make_local_optimizer(cfg, model.parameters()), averager=averager
-        ), model
+        )
+        return optimizer, model, counter.stats
     # lookahead: the user-facing API itself, Ranger(..., group=) or Lookahead(any, group=)
     import torch.distributed as dist
 
@@ -95,9 +142,11 @@ def build_optimizer(cfg: Config, model: nn.Module, rt: Runtime) -> tuple[Any, nn
     }
     local = make_local_optimizer(cfg, model.parameters())
     if isinstance(local, Ranger):
-        return make_local_optimizer(cfg, model.parameters(), **sync), model
+        ranger = make_local_optimizer(cfg, model.parameters(), **sync)
+        return ranger, model, ranger.comm_stats  # type: ignore[attr-defined]
     inner = local.optimizer if isinstance(local, Lookahead) else local
-    return Lookahead(inner, k=cfg.optim.k, alpha=cfg.optim.alpha, **sync), model
+    wrapped = Lookahead(inner, k=cfg.optim.k, alpha=cfg.optim.alpha, **sync)
+    return wrapped, model, wrapped.comm_stats
 
 
 def _broadcast_module(model: nn.Module) -> None:

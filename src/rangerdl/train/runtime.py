@@ -55,6 +55,7 @@ class Runtime:
 
     def shutdown(self) -> None:
         if self.distributed and dist.is_initialized():
+            dist.barrier()  # no rank tears down while another still talks to it
             dist.destroy_process_group()
 
 
