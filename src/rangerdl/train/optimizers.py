@@ -91,7 +91,8 @@ def build_optimizer(cfg: Config, model: nn.Module, rt: Runtime) -> tuple[Any, nn
             model, device_ids=[rt.device] if rt.device.type == "cuda" else None
         )
 
-        def counting_allreduce(state: Any, bucket: Any) -> Any:
+        def counting_allreduce(state, bucket):
+            # (unannotated: DDP checks the annotations at runtime, and ours would be strings)
             counter.all_reduce(bucket.buffer())
             if bucket.is_last():
                 counter.syncs += 1
