@@ -208,7 +208,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    command = "python benchmarks/data_loader.py " + shlex.join(sys.argv[1:])
+    command = f"python benchmarks/data_loader.py {shlex.join(sys.argv[1:])}".strip()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rangerdl-bench-", dir="/var/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     memory: list[dict[str, Any]] = []
