@@ -64,7 +64,8 @@ class GlobalBatchSampler:
     Use it as a DataLoader ``batch_sampler``. Iterating yields this rank's index lists forever,
     epoch after epoch, from the current position; the training loop calls ``advance(1)`` after it
     has consumed one global batch, and ``state_dict()`` records that progress. A new iterator (or
-    DataLoader) made after ``load_state_dict`` continues exactly where the loop stopped.
+    DataLoader) made after ``load_state_dict`` continues exactly where the loop stopped. As the
+    iteration never ends there is no ``__len__``: use ``batches_per_epoch``.
 
     With ``drop_last=True`` the last ``num_samples % global_batch_size`` positions of each epoch's
     order are skipped (``num_dropped``; a different random set each epoch). With ``drop_last=False``
