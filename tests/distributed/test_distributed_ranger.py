@@ -1,0 +1,237 @@
+"""Distributed Ranger / Lookahead on real processes (torchrun, gloo): the exact identities.
+
+Each test launches ``worker.py`` under ``torchrun --standalone`` with a scenario and compares the
+ranks' recorded trajectories with a reference computed here in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from problem import batch, flat, loss, make_model
+
+from rangerdl import Ranger
+
+pytestmark = pytest.mark.distributed
+
+HERE = Path(__file__).resolve().parent
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def launch(tmp_path: Path, spec: dict[str, Any], nproc: int = 2, ok: bool = True) -> Any:
+    """Run the scenario; the per-rank records (or, with ``ok=False``, the failed process)."""
+    out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+    out.mkdir()
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        str(TORCHRUN),
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(HERE / "worker.py"),
+        str(out),
+        json.dumps(spec),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if not ok:
+        return proc
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
+
+
+def single_process_ranger(steps: int, **kwargs: Any) -> list[torch.Tensor]:
+    model = make_model(0)
+    opt = Ranger(model.parameters(), **kwargs)
+    traj = []
+    for step in range(steps):
+        x, y = batch(0, step)
+        opt.zero_grad()
+        loss(model, x, y).backward()
+        opt.step()
+        traj.append(flat(model))
+    return traj
+
+
+def test_one_worker_equals_single_process_ranger_bitwise(tmp_path: Path) -> None:
+    (rec,) = launch(tmp_path, {"kind": "ranger", "steps": 20, "lr": 0.05}, nproc=1)
+    ref = single_process_ranger(20, lr=0.05)
+    assert all(torch.equal(a, b) for a, b in zip(rec["traj"], ref, strict=True))
+    assert rec["synced_equal"] == [True, True, True]
+
+
+def test_parameters_start_identical_from_rank_zero(tmp_path: Path) -> None:
+    recs = launch(tmp_path, {"kind": "ranger", "steps": 1, "different_init": True})
+    assert not torch.equal(flat(make_model(0)), flat(make_model(1)))
+    assert torch.equal(recs[0]["init"], flat(make_model(0)))
+    assert torch.equal(recs[1]["init"], flat(make_model(0)))
+
+
+def test_sgd_k1_alpha1_equals_ddp(tmp_path: Path) -> None:
+    ours = launch(tmp_path, {"kind": "sgd_lookahead", "k": 1, "alpha": 1.0, "steps": 12})
+    ddp = launch(tmp_path, {"kind": "ddp", "steps": 12})
+    for r in range(2):
+        for a, b in zip(ours[r]["traj"], ddp[r]["traj"], strict=True):
+            assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    assert all(ours[0]["synced_equal"])
+    assert (ours[0]["traj"][-1] - ours[0]["init"]).abs().max() > 1e-2
+
+
+def test_alpha1_without_momentum_equals_periodic_model_averager(tmp_path: Path) -> None:
+    spec = {"k": 4, "steps": 16, "momentum": 0.9}
+    ours = launch(tmp_path, {"kind": "sgd_lookahead", "alpha": 1.0, **spec})
+    torch_avg = launch(tmp_path, {"kind": "averager", **spec})
+    for r in range(2):
+        for a, b in zip(ours[r]["traj"], torch_avg[r]["traj"], strict=True):
+            assert torch.allclose(a, b, atol=1e-7, rtol=0)
+    # between syncs the ranks differ (local steps), right after them they agree
+    assert not torch.equal(ours[0]["traj"][4], ours[1]["traj"][4])
+    assert ours[0]["synced_equal"] == [True] * 4
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_shard_slow_equals_unsharded(tmp_path: Path, nproc: int) -> None:
+    base = {"kind": "ranger", "steps": 14, "sync": {"outer_momentum": 0.5, "sync_every": 3}}
+    plain = launch(tmp_path, base, nproc=nproc)
+    sharded = launch(tmp_path, {**base, "sync": {**base["sync"], "shard_slow": True}}, nproc=nproc)
+    for r in range(nproc):
+        for a, b in zip(plain[r]["traj"], sharded[r]["traj"], strict=True):
+            if nproc == 2:  # two-term sums are the same in any order: bitwise
+                assert torch.equal(a, b)
+            else:
+                assert torch.allclose(a, b, atol=1e-6, rtol=0)
+        assert all(sharded[r]["synced_equal"])
+    full = plain[0]["comm"]["mem/outer_state_bytes"]
+    assert sharded[0]["comm"]["mem/outer_state_bytes"] <= full / nproc + 64
+
+
+def test_overlap_equals_delayed_merge_simulation(tmp_path: Path) -> None:
+    world, k, alpha, steps, lr = 2, 4, 0.5, 18, 0.05
+    recs = launch(
+        tmp_path,
+        {"kind": "ranger", "steps": steps, "lr": lr, "sync": {"overlap": True, "sync_every": k}},
+    )
+
+    # The simulation: W replicas in one process. At a sync step s each replica's weights are
+    # snapshotted and averaged; after step s+1 phi moves toward that mean and each replica
+    # becomes phi plus its own progress since the snapshot.
+    replicas = [make_model(0) for _ in range(world)]
+    opts = [Ranger(m.parameters(), lr=lr, k=10**9) for m in replicas]  # no local Lookahead
+    phi, pending = flat(replicas[0]), None
+    for step in range(steps):
+        for r, (m, opt) in enumerate(zip(replicas, opts, strict=True)):
+            x, y = batch(r, step)
+            opt.zero_grad()
+            loss(m, x, y).backward()
+            opt.step()
+        count = step + 1
+        if pending is not None:
+            mean, snapshots = pending
+            phi = phi.lerp(mean, alpha)
+            for m, snap in zip(replicas, snapshots, strict=True):
+                _set_flat(m, phi + (flat(m) - snap))
+            pending = None
+        if count % k == 0:
+            snapshots = [flat(m) for m in replicas]
+            pending = (torch.stack(snapshots).sum(0) / world, snapshots)
+        for r in range(world):
+            assert torch.allclose(recs[r]["traj"][step], flat(replicas[r]), atol=1e-6, rtol=0), (
+                step,
+                r,
+            )
+    assert not torch.equal(recs[0]["traj"][-1], recs[1]["traj"][-1])
+
+
+def _set_flat(model: torch.nn.Module, values: torch.Tensor) -> None:
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(values[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def test_finish_leaves_every_rank_on_the_global_weights(tmp_path: Path) -> None:
+    for sync in ({"sync_every": 4}, {"sync_every": 4, "overlap": True}):
+        recs = launch(tmp_path, {"kind": "ranger", "steps": 10, "finish": True, "sync": sync})
+        assert torch.equal(recs[0]["final"], recs[1]["final"]), sync
+
+
+def test_bf16_pseudo_gradients_halve_the_bytes_and_track_fp32(tmp_path: Path) -> None:
+    fp32 = launch(tmp_path, {"kind": "ranger", "steps": 12})
+    bf16 = launch(tmp_path, {"kind": "ranger", "steps": 12, "sync": {"comm_dtype": "bf16"}})
+    assert all(bf16[0]["synced_equal"]) and all(bf16[1]["synced_equal"])
+    assert (bf16[0]["traj"][-1] - fp32[0]["traj"][-1]).abs().max() < 2e-3
+    assert not torch.equal(bf16[0]["traj"][-1], fp32[0]["traj"][-1])
+    init_bytes = sum(
+        p.numel() * 4 for p in make_model(0).parameters()
+    )  # rank 0's initial broadcast
+    sync_fp32 = fp32[0]["comm"]["comm/bytes"] - init_bytes
+    sync_bf16 = bf16[0]["comm"]["comm/bytes"] - init_bytes
+    assert sync_bf16 == pytest.approx(sync_fp32 / 2, rel=0.1)
+
+
+def test_bytes_follow_the_ring_formula(tmp_path: Path) -> None:
+    recs = launch(tmp_path, {"kind": "ranger", "steps": 12, "sync": {"sync_every": 4}}, nproc=4)
+    numel = sum(p.numel() for p in make_model(0).parameters())
+    per_sync = 2 * 3 / 4 * numel * 4
+    assert recs[1]["comm"]["comm/syncs"] == 3
+    assert recs[1]["comm"]["comm/bytes"] == pytest.approx(3 * per_sync)  # rank 1 sends no broadcast
+    assert recs[0]["comm"]["comm/bytes"] == pytest.approx(3 * per_sync + numel * 4)
+
+
+@pytest.mark.parametrize("policy", ["average", "broadcast", "local"])
+def test_buffer_policies(tmp_path: Path, policy: str) -> None:
+    recs = launch(
+        tmp_path,
+        {
+            "kind": "ranger",
+            "steps": 8,
+            "batch_norm": True,
+            "sync": {"sync_every": 4, "buffer_policy": policy},
+        },
+    )
+    at_sync = [
+        [r["buffers"][3][i] for r in recs] for i in range(3)
+    ]  # mean, var, num_batches_tracked
+    between = [[r["buffers"][5][i] for r in recs] for i in range(2)]
+    for values in at_sync[:2]:
+        assert torch.equal(values[0], values[1]) == (policy != "local")
+    assert torch.equal(at_sync[2][0], at_sync[2][1])  # equal step counts: equal num_batches_tracked
+    assert not torch.equal(between[0][0], between[0][1])  # local batches in between
+
+
+def test_mismatched_parameter_shapes_are_a_clear_error(tmp_path: Path) -> None:
+    proc = launch(tmp_path, {"kind": "ranger", "steps": 2, "mismatch_shapes": True}, ok=False)
+    assert proc.returncode != 0
+    assert "disagree on parameter shapes" in proc.stderr
+
+
+def test_unequal_step_counts_are_a_clear_error_not_a_hang(tmp_path: Path) -> None:
+    spec = {
+        "kind": "ranger",
+        "steps": 6,
+        "extra_steps_per_rank": 2,
+        "finish": True,
+        "sync": {"sync_every": 4},
+    }
+    proc = launch(tmp_path, spec, ok=False)
+    assert proc.returncode != 0
+    assert "ranks disagree on the number of optimizer steps" in proc.stderr
+
+
+def test_options_that_cannot_combine_are_refused() -> None:
+    from rangerdl.distributed.sync import OuterSync
+
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        OuterSync([{"params": [torch.zeros(1)]}], None, sync_every=2, outer_lr=0.5)
+    with pytest.raises(ValueError, match="need group="):
+        Ranger(make_model(0).parameters(), overlap=True)

@@ -1,0 +1,81 @@
+"""Run by ``torchrun`` from the tests: one scenario, given as JSON, results saved per rank.
+
+torchrun --standalone --nproc-per-node=W worker.py OUT_DIR '{"kind": "ranger", ...}'
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from problem import batch, flat, loss, make_model
+from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+from torch.distributed.optim import PostLocalSGDOptimizer
+
+from rangerdl import Lookahead, Ranger
+
+
+def main() -> None:
+    out, spec = Path(sys.argv[1]), json.loads(sys.argv[2])
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    model = make_model(
+        seed=rank if spec.get("different_init") else 0,
+        batch_norm=spec.get("batch_norm", False),
+        hidden=8 + (rank if spec.get("mismatch_shapes") else 0),
+    )
+    kind, sync = spec["kind"], spec.get("sync", {})
+    lr, steps = spec.get("lr", 0.05), spec["steps"] + (rank * spec.get("extra_steps_per_rank", 0))
+    forward = model
+    if kind == "ranger":
+        opt = Ranger(
+            model.parameters(), lr=lr, group=dist.group.WORLD, buffers=list(model.buffers()), **sync
+        )
+    elif kind == "sgd_lookahead":
+        inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=spec.get("momentum", 0.0))
+        opt = Lookahead(inner, k=spec["k"], alpha=spec["alpha"], group=dist.group.WORLD, **sync)
+    elif kind == "ddp":
+        forward = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(forward.parameters(), lr=lr)
+    elif kind == "averager":
+        averager = PeriodicModelAverager(period=spec["k"], warmup_steps=spec["k"] - 1)
+        inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=spec.get("momentum", 0.0))
+        opt = PostLocalSGDOptimizer(optim=inner, averager=averager)
+    else:
+        raise ValueError(kind)
+    record: dict = {"init": flat(model), "traj": [], "synced_equal": [], "buffers": []}
+    period = sync.get("sync_every", spec.get("k", 6))
+    for step in range(steps):
+        x, y = batch(rank, step, spec.get("per_rank", 8))
+        opt.zero_grad()
+        loss(forward, x, y).backward()
+        opt.step()
+        record["traj"].append(flat(model))
+        record["buffers"].append([b.clone() for b in model.buffers()])
+        if (
+            kind in ("ranger", "sgd_lookahead")
+            and not sync.get("overlap")
+            and (step + 1) % period == 0
+        ):
+            # All ranks must hold identical weights right after a sync: compare a checksum.
+            checksum = flat(model).double().sum().reshape(1)
+            high, low = checksum.clone(), checksum.clone()
+            dist.all_reduce(high, op=dist.ReduceOp.MAX)
+            dist.all_reduce(low, op=dist.ReduceOp.MIN)
+            record["synced_equal"].append(bool(high == low))
+    if spec.get("finish"):
+        opt.finish()
+        record["final"] = flat(model)
+    if hasattr(opt, "comm_stats"):
+        record["comm"] = opt.comm_stats()
+    torch.save(record, out / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
