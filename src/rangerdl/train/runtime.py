@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Runtime", "init_runtime", "rng_state", "set_rng_state"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,6 +84,16 @@ def init_runtime(device: str, backend: str, threads: int, timeout_s: float) -> R
     if backend == "nccl" and dev.type != "cuda":
         raise ValueError("[distributed] backend = 'nccl' needs CUDA devices; use gloo on CPU")
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if (
+        dist.get_rank() == 0
+        and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+        and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1"
+    ):
+        log.warning(
+            "torchrun --max-restarts: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun, or a "
+            "restarted job may read the last attempt's addresses and fail to connect "
+            "(pytorch/pytorch#135712)"
+        )
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
 
 
