@@ -207,3 +207,63 @@ def test_examples_parse_and_digits_cnn_is_the_default() -> None:
     assert set(configs) >= {"digits_cnn", "charlm", "tabular_mlp"}
     assert configs["digits_cnn"].to_dict() == Config().to_dict()
     assert configs["charlm"].model.name == "gpt" and configs["charlm"].data.source == "text"
+
+
+def test_tabular_arrays_classification_and_regression(
+    tiny: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 5)).astype(np.float32)
+    w = rng.normal(size=5).astype(np.float32)
+    csv = tmp_path / "table.csv"
+    rows = [",".join([*(f"{v:.5f}" for v in r), "yes" if r @ w > 0 else "no"]) for r in x]
+    csv.write_text("a,b,c,d,e,label\n" + "\n".join(rows) + "\n")
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "arrays",
+                "--x",
+                str(csv),
+                "--label-column",
+                "label",
+                "--out",
+                str(tmp_path / "cls"),
+            ]
+        )
+        == 0
+    )
+    args = [*tiny, "--train.steps=60", "--model.args.hidden=16"]
+    assert main(["train", *args, f"--data.path={tmp_path / 'cls'}", "--run.name=cls"]) == 0
+    summary = json.loads((run_dir(tiny).parent / "cls" / "summary.json").read_text())
+    assert summary["test/accuracy"] > 0.8
+
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", (x @ w).astype(np.float32))
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "arrays",
+                "--x",
+                str(tmp_path / "x.npy"),
+                "--y",
+                str(tmp_path / "y.npy"),
+                "--out",
+                str(tmp_path / "reg"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            ["train", *args, f"--data.path={tmp_path / 'reg'}", "--run.name=reg", "--train.steps=150"]
+        )
+        == 0
+    )
+    summary = json.loads((run_dir(tiny).parent / "reg" / "summary.json").read_text())
+    assert summary["test/rmse"] < 0.5 * float(np.std(x @ w))

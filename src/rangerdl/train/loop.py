@@ -282,8 +282,9 @@ def open_data(cfg: Config, rt: Runtime) -> dict[str, Any]:
 
 @dataclass
 class Task:
-    """What the dataset asks for: classification (cross entropy, accuracy) or language
-    modelling (cross entropy per token, accuracy of the next token, bits per byte)."""
+    """What the dataset asks for: classification (cross entropy, accuracy), regression (mean
+    squared error, RMSE) or language modelling (cross entropy per token, next-token accuracy,
+    bits per byte)."""
 
     kind: str
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -297,9 +298,17 @@ class Task:
             )
         if kind == "lm":
             return cls(kind, {"vocab_size": meta["vocab_size"], "seq_len": meta["seq_len"]})
-        raise ValueError(f"dataset metadata 'task' = {kind!r}: expected 'classification' or 'lm'")
+        if kind == "regression":  # models get num_classes = the number of regression targets
+            outputs = math.prod(meta.get("target_shape") or [])
+            return cls(kind, {"input_shape": list(meta["input_shape"]), "num_classes": outputs})
+        raise ValueError(
+            f"dataset metadata 'task' = {kind!r}: expected 'classification', 'regression' or 'lm'"
+        )
 
     def per_sample_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.kind == "regression":
+            err = (logits.reshape(y.shape[0], -1) - y.reshape(y.shape[0], -1).to(logits.dtype)) ** 2
+            return err.mean(dim=1)
         if self.kind == "lm":
             return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(
                 y.shape
@@ -332,12 +341,16 @@ def evaluate(
     for batch in loader:
         x, y = batch["x"].to(rt.device), batch["y"].to(rt.device)
         logits = model(x)
-        loss_sum += task.per_sample_losses(logits, y).double().sum().item()
-        correct += (logits.argmax(-1) == y).double().sum().item()
-        count += y.numel()
+        losses = task.per_sample_losses(logits, y)
+        loss_sum += losses.double().sum().item()
+        if task.kind != "regression":
+            correct += (logits.argmax(-1) == y).double().sum().item()
+        count += losses.numel()
     model.train(was_training)
     loss_sum, correct, count = rt.all_sum([loss_sum, correct, count])
     mean = loss_sum / max(count, 1)
+    if task.kind == "regression":
+        return {"loss": mean, "rmse": math.sqrt(mean)}
     out = {"loss": mean, "accuracy": correct / max(count, 1)}
     if task.kind == "lm":
         out["bits_per_byte"] = mean / math.log(2)
