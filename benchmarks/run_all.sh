@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Every benchmark, sized to finish in well under an hour on a 2-core machine (about 45 min):
+# optimizer step, data loader (if present), convergence, time to quality; then EVIDENCE.md.
+# Results: benchmarks/results/*.json and *.png. `make bench` runs this.
+# The time-to-quality benchmark needs root for its simulated network (benchmarks/netsim); without
+# it, it says so and runs its distributed contenders over loopback, with no rate limit.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+failed=()
+timings=()
+
+run() {
+    local name=$1
+    shift
+    echo "=== $name: $*"
+    local t0=$SECONDS
+    if "$@"; then
+        timings+=("$name=$((SECONDS - t0))")
+        echo "=== $name: done in $((SECONDS - t0)) s"
+    else
+        failed+=("$name")
+        echo "=== $name: FAILED after $((SECONDS - t0)) s"
+    fi
+}
+
+cleanup() {
+    # namespaces of a time-to-quality run that was killed (only dead netsim processes' ones)
+    if [ "$(id -u)" = 0 ]; then "$PY" benchmarks/netsim/netsim.py cleanup >/dev/null 2>&1; fi
+}
+trap cleanup EXIT
+
+start=$SECONDS
+run optimizer_step "$PY" benchmarks/optimizer_step.py --threads 2 --repeats 15
+if [ -f benchmarks/data_loader.py ]; then
+    run data_loader "$PY" benchmarks/data_loader.py --sizes-mib 256 1024 --repeats 3
+fi
+run convergence "$PY" benchmarks/convergence.py
+run time_to_quality "$PY" benchmarks/time_to_quality.py
+timings+=("total=$((SECONDS - start))")
+"$PY" benchmarks/report.py --timings "${timings[@]}"
+
+echo "timings (s): ${timings[*]}"
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "FAILED: ${failed[*]}"
+    exit 1
+fi

@@ -1,0 +1,128 @@
+"""Smoke tests of the evidence benchmarks (benchmarks/time_to_quality.py, convergence.py, report.py).
+
+The tiny modes run end to end (time to quality through netsim when root is available, plain
+torchrun otherwise) and must write every field the report promises. Checked against exact
+identities, not against the scripts' own numbers: DDP sends one all-reduce of the parameters per
+step and distributed Ranger one per k steps, so the byte ratio is exactly steps / syncs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH = REPO / "benchmarks"
+sys.path.append(str(BENCH))  # after everything else: shadows nothing
+ttq = importlib.import_module("time_to_quality")
+
+
+def _run(args: list[str], timeout_s: float) -> None:
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout_s, cwd=REPO
+    )
+    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+
+
+def test_time_to_target_interpolates_between_evaluations() -> None:
+    curve = [[32, 10.0, 3.0], [64, 20.0, 2.0], [96, 30.0, 1.5]]
+    assert ttq.time_to_target(curve, 2.5) == pytest.approx(15.0)
+    assert ttq.time_to_target(curve, 2.0) == pytest.approx(20.0)
+    assert ttq.time_to_target(curve, 3.5) == 10.0  # first evaluation already below: its time
+    assert ttq.time_to_target(curve, 1.0) is None
+
+
+def test_contender_overrides_reach_the_trainer() -> None:
+    from rangerdl.train.config import load_config
+
+    for name, c in ttq.CONTENDERS.items():
+        cfg = load_config(ttq.WORKLOADS["gpt"].config, c.overrides(1e-3))
+        assert cfg.optim.name == c.optimizer, name
+        if c.strategy == "lookahead":
+            assert cfg.optim.k == c.sync_every and cfg.distributed.sync_every == 0
+            assert cfg.distributed.overlap == c.overlap
+            assert cfg.distributed.comm_dtype == c.comm_dtype
+        elif c.strategy is not None:
+            assert cfg.distributed.strategy == c.strategy
+
+
+@pytest.mark.slow
+def test_quick_modes_write_the_promised_fields(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    _run(
+        [
+            str(BENCH / "time_to_quality.py"),
+            "--quick",
+            f"--out={results / 'time_to_quality.json'}",
+            f"--workdir={tmp_path / 'ttq'}",
+        ],
+        timeout_s=300,
+    )
+    _run(
+        [
+            str(BENCH / "convergence.py"),
+            "--quick",
+            "--tasks",
+            "digits",
+            "--optimizers",
+            "ranger",
+            "adamw",
+            "--seeds",
+            "0",
+            "1",
+            f"--out={results / 'convergence.json'}",
+            f"--workdir={tmp_path / 'conv'}",
+        ],
+        timeout_s=300,
+    )
+    _run([str(BENCH / "report.py"), f"--results={results}"], timeout_s=60)
+
+    data = json.loads((results / "time_to_quality.json").read_text())
+    assert {"command", "definitions", "workloads", "headline", "cells"} <= data.keys()
+    (cell,) = data["cells"]
+    rows = {r["contender"]: r for r in cell["rows"]}
+    assert set(rows) == {"ddp_adamw", "post_local_sgd_k16", "ranger_k8"}
+    for name, row in rows.items():
+        assert row["ok"], (name, row.get("error"))
+        assert "rangerdl train" in row["command"]
+        assert math.isfinite(row["final_val_loss"]) and row["train_time_s"] > 0
+        times = [t for _, t, _ in row["curve"]]
+        assert times == sorted(times) and times[-1] == pytest.approx(row["train_time_s"])
+        for key in ("time_to_target_s", "time_to_target_2pct_s", "comm_share", "bytes_per_rank"):
+            assert key in row, (name, key)
+    ddp = rows["ddp_adamw"]
+    assert cell["target_val_loss"] == ddp["final_val_loss"]
+    assert ddp["time_to_target_s"] <= ddp["train_time_s"] + 1e-9
+    steps = ddp["steps"]
+    assert ddp["syncs"] == steps
+    # one all-reduce of all parameters per step against one per k steps: exactly steps / syncs
+    assert rows["ranger_k8"]["syncs"] == steps // 8
+    assert rows["ranger_k8"]["bytes_reduction_vs_ddp"] == pytest.approx(8.0)
+    assert rows["post_local_sgd_k16"]["bytes_reduction_vs_ddp"] == pytest.approx(16.0)
+    assert 0 <= rows["ranger_k8"]["comm_share"] < 1
+    assert cell["single_reference"]["ok"] and cell["single_reference"]["bytes_per_rank"] is None
+    if data["netsim"]:
+        assert data["headline"]["evaluated"]
+        # the interface counters see at least what the ring model says was sent
+        assert ddp["wire_tx_bytes_per_host"] >= ddp["bytes_per_rank"]
+    assert (results / "time_to_quality.png").stat().st_size > 0
+
+    conv = json.loads((results / "convergence.json").read_text())
+    assert {"command", "rows", "runs", "seeds", "lr_factors", "optimizers"} <= conv.keys()
+    assert len(conv["runs"]) == 4 and all("rangerdl train" in r["command"] for r in conv["runs"])
+    for row in conv["rows"]:
+        loss = row["final_loss"]
+        assert row["seeds"] == [0, 1] and not row["diverged_seeds"]
+        assert loss["min"] <= loss["mean"] <= loss["max"] and loss["std"] is not None
+        assert row["is_best_lr"]  # one lr per optimizer in quick mode: it is the best
+    assert (results / "convergence.png").stat().st_size > 0
+
+    evidence = (results / "EVIDENCE.md").read_text()
+    assert data["command"] in evidence and conv["command"] in evidence
+    assert "| ranger_k8 |" in evidence and "| adamw |" in evidence
