@@ -396,48 +396,31 @@ def ranger(
     torch._foreach_add_(state_steps, 1)
     steps = [int(s) for s in torch.stack(state_steps).tolist()]
 
+    hyper: dict[str, Any] = {
+        "beta1": beta1,
+        "beta2": beta2,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "eps": eps,
+        "threshold": threshold,
+        "use_gc": use_gc,
+        "gc_conv_only": gc_conv_only,
+        "maximize": maximize,
+    }
     if fused or foreach:
         # One bucket per (device, dtype, step): the scalars of a kernel call must be shared.
         buckets: dict[tuple[torch.device, torch.dtype, int], list[int]] = defaultdict(list)
         for i, (p, s) in enumerate(zip(params, steps, strict=True)):
             buckets[(p.device, p.dtype, s)].append(i)
         for (_, _, step), idx in buckets.items():
+            ps, gs, ms, vs, ts = _pick(idx, params, grads, exp_avgs, exp_avg_sqs, state_steps)
             _multi_tensor_ranger(
-                [params[i] for i in idx],
-                [grads[i] for i in idx],
-                [exp_avgs[i] for i in idx],
-                [exp_avg_sqs[i] for i in idx],
-                [state_steps[i] for i in idx],
-                step,
-                beta1=beta1,
-                beta2=beta2,
-                lr=lr,
-                weight_decay=weight_decay,
-                eps=eps,
-                threshold=threshold,
-                use_gc=use_gc,
-                gc_conv_only=gc_conv_only,
-                maximize=maximize,
-                fused=fused,
-                gc_scratch=gc_scratch,
+                ps, gs, ms, vs, ts, step, fused=fused, gc_scratch=gc_scratch, **hyper
             )
     else:
         for i in range(len(params)):
             _single_tensor_ranger(
-                params[i],
-                grads[i],
-                exp_avgs[i],
-                exp_avg_sqs[i],
-                steps[i],
-                beta1=beta1,
-                beta2=beta2,
-                lr=lr,
-                weight_decay=weight_decay,
-                eps=eps,
-                threshold=threshold,
-                use_gc=use_gc,
-                gc_conv_only=gc_conv_only,
-                maximize=maximize,
+                params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], **hyper
             )
     return [i for i, s in enumerate(steps) if s % k == 0]
 

@@ -111,6 +111,11 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
         generator=torch.Generator().manual_seed(cfg.run.seed),  # keep the global RNG untouched
     )
     train_time, window_t0, window_samples = 0.0, time.perf_counter(), 0
+
+    def checkpoint() -> None:
+        parts = (model, optimizer, schedule, sampler)
+        save_checkpoint(run_dir, step, rt, *parts, cfg, elapsed_before + train_time)
+
     model.train()
     last_step = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
     for batch in loader:
@@ -155,31 +160,11 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             metrics.log(step, validate(model, optimizer, val_ds, task, rt, cfg, prefix="val"))
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-            save_checkpoint(
-                run_dir,
-                step,
-                rt,
-                model,
-                optimizer,
-                schedule,
-                sampler,
-                cfg,
-                elapsed_before + train_time,
-            )
+            checkpoint()
 
     if step < cfg.train.steps:  # stop_at: leave as if interrupted, the checkpoint to resume from
         if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
-            save_checkpoint(
-                run_dir,
-                step,
-                rt,
-                model,
-                optimizer,
-                schedule,
-                sampler,
-                cfg,
-                elapsed_before + train_time,
-            )
+            checkpoint()
         metrics.close()
         log.info(
             "stopped at step %d of %d (stop_at); continue with --resume %s",
@@ -200,9 +185,7 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
         test = validate(model, optimizer, splits["test"], task, rt, cfg, prefix="test")
     metrics.log(step, last_val | test)
     if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
-        save_checkpoint(
-            run_dir, step, rt, model, optimizer, schedule, sampler, cfg, elapsed_before + train_time
-        )
+        checkpoint()
     metrics.close()
     total_time = elapsed_before + train_time
     summary = {
