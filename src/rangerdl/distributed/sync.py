@@ -368,10 +368,7 @@ class OuterSync:
 
     def _sync_bf16(self) -> None:
         delta = torch.zeros(self.padded, dtype=torch.float32, device=self.device)
-        self._flatten_params(delta[: self.numel]) if self.dtype == torch.float32 else delta[
-            : self.numel
-        ].copy_(self._flatten_params())
-        delta[: self.numel].sub_(self.slow)
+        delta[: self.numel].copy_(self._flatten_params()).sub_(self.slow)  # theta - phi, in fp32
         sent = self._to_comm(delta.to(torch.bfloat16))
         received = torch.empty_like(sent)
         self._timed(dist.all_to_all_single, received, sent)  # shard j of every rank -> rank j
