@@ -17,6 +17,8 @@ def register(sub: Any) -> None:
         help="train a model (no arguments: the digits CNN)",
         description="Train from a TOML config. Override any value with --table.key=value "
         "(precedence: command line > TOML > defaults).",
+        epilog=_config_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "config", nargs="?", type=Path, help="TOML config (default: the embedded digits CNN)"
@@ -41,6 +43,21 @@ def register(sub: Any) -> None:
         "--tags", nargs="*", help="metric tags (default: train/loss val/loss val/accuracy)"
     )
     p.set_defaults(run=_plot)
+
+
+def _config_keys() -> str:
+    import dataclasses
+
+    from rangerdl.train.config import Config
+
+    lines = ["config tables and keys (defaults; docs in rangerdl/train/config.py):"]
+    for table in dataclasses.fields(Config):
+        values = getattr(Config(), table.name)
+        keys = ", ".join(
+            f"{f.name}={getattr(values, f.name)!r}" for f in dataclasses.fields(values)
+        )
+        lines.append(f"  [{table.name}] {keys}")
+    return "\n".join(lines)
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
