@@ -231,7 +231,7 @@ def test_unequal_step_counts_are_a_clear_error_not_a_hang(tmp_path: Path) -> Non
 def test_options_that_cannot_combine_are_refused() -> None:
     from rangerdl.distributed.sync import OuterSync
 
-    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+    with pytest.raises(ValueError, match=r"torch\.distributed is not initialised"):
         OuterSync([{"params": [torch.zeros(1)]}], None, sync_every=2, outer_lr=0.5)
     with pytest.raises(ValueError, match="need group="):
         Ranger(make_model(0).parameters(), overlap=True)

@@ -21,7 +21,7 @@ from rangerdl import Lookahead, Ranger
 def main() -> None:
     out, spec = Path(sys.argv[1]), json.loads(sys.argv[2])
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     torch.set_num_threads(1)
     model = make_model(
         seed=rank if spec.get("different_init") else 0,

@@ -261,7 +261,13 @@ def test_tabular_arrays_classification_and_regression(
     )
     assert (
         main(
-            ["train", *args, f"--data.path={tmp_path / 'reg'}", "--run.name=reg", "--train.steps=150"]
+            [
+                "train",
+                *args,
+                f"--data.path={tmp_path / 'reg'}",
+                "--run.name=reg",
+                "--train.steps=150",
+            ]
         )
         == 0
     )
