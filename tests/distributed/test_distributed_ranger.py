@@ -42,7 +42,7 @@ def launch(tmp_path: Path, spec: dict[str, Any], nproc: int = 2, ok: bool = True
         str(out),
         json.dumps(spec),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     if not ok:
         return proc
     assert proc.returncode == 0, proc.stderr[-3000:]

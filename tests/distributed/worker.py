@@ -5,6 +5,7 @@ torchrun --standalone --nproc-per-node=W worker.py OUT_DIR '{"kind": "ranger", .
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -20,6 +21,8 @@ from rangerdl import Lookahead, Ranger
 
 def main() -> None:
     out, spec = Path(sys.argv[1]), json.loads(sys.argv[2])
+    # A hang shows where every thread was, then exits, well before the test's own timeout.
+    faulthandler.dump_traceback_later(150, exit=True)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_num_threads(1)
