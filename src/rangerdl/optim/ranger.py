@@ -9,6 +9,10 @@ dispatches to one of three implementations that compute the same update:
   (unrectified) steps use the foreach path.
 * ``foreach``: torch ``_foreach_*`` kernels over all tensors of a device/dtype/step bucket.
 * single-tensor: a plain loop; the reference the others are tested against.
+
+The file is longer than the house limit because it holds, as torch's radam.py does, the class (with
+the algorithm in its docstring), the functional entry point and the three implementations, which
+must stay side by side to stay identical.
 """
 
 from __future__ import annotations
