@@ -46,15 +46,15 @@ def _rate(rate: str | None) -> str:
 # ------------------------------------------------------------------------- time to quality
 TTQ_HEADER = (
     "| contender | final val loss | vs target | time to target (s) | time to target +2% (s) "
-    "| / DDP time | train time (s) | MB sent per rank | bytes / DDP's | wire MB per host "
-    "| comm share | others' CPU |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| / DDP time | speedup at own final | train time (s) | MB sent per rank | bytes / DDP's "
+    "| wire MB per host | comm share | others' CPU |\n" + "|---" * 13 + "|"
 )
 
 
 def _ttq_row(row: dict[str, Any], label: str | None = None) -> str:
     name = label or row["contender"]
     if not row.get("ok"):
-        return f"| {name} | failed: {row.get('error', '?')[:80]} |" + " |" * 10
+        return f"| {name} | failed: {row.get('error', '?')[:80]} |" + " |" * 11
     reduction = row.get("bytes_reduction_vs_ddp")
     cells = [
         name,
@@ -64,6 +64,9 @@ def _ttq_row(row: dict[str, Any], label: str | None = None) -> str:
         _num(row.get("time_to_target_2pct_s"), ".1f", "not reached"),
         _num(row.get("time_to_target_2pct_vs_ddp"), ".2f") + "x"
         if row.get("time_to_target_2pct_vs_ddp") is not None
+        else "-",
+        _num(row.get("speedup_at_final"), ".2f") + "x"
+        if row.get("speedup_at_final") is not None
         else "-",
         _num(row["train_time_s"], ".1f"),
         _mb(row.get("bytes_per_rank")),
@@ -85,13 +88,19 @@ def ttq_tables(payload: dict[str, Any]) -> str:
             f"({cell['launcher']}); target = DDP AdamW's final val loss = {_num(target, '.4f')}"
         )
         lines = [title, "", TTQ_HEADER]
-        lines += [_ttq_row(r) for r in cell["rows"]]
+        lines += [
+            _ttq_row(r, r["contender"] + " (repeat)" if r.get("repeat") else None)
+            for r in cell["rows"]
+        ]
         ref = cell.get("single_reference")
         if ref:
             lines.append(_ttq_row(ref, "single_ranger (1 process, reference)"))
-        for rep in cell.get("repeats", []):
-            times = ", ".join(_num(t, ".1f") for t in rep["train_time_s"])
-            lines.append(f"\nrepeat of {rep['contender']}: train time {times} s")
+        if cell.get("repeats"):
+            spread = "; ".join(
+                f"{rep['contender']} {' vs '.join(_num(t, '.1f') for t in rep['train_time_s'])} s"
+                for rep in cell["repeats"]
+            )
+            lines.append(f"\nTiming noise, the same run twice (first, repeat): {spread}.")
         out.append("\n".join(lines))
     head = payload.get("headline", {})
     if head.get("evaluated"):
