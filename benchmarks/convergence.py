@@ -239,7 +239,10 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
             if best is not None:
                 steps, losses = zip(*best["mean_curve"], strict=True)
                 axes[1][j].plot(steps, losses, marker="o", ms=3, label=f"{opt} @ {best['lr']:.3g}")
+        factors = sorted({r["lr"] / OPTIMIZERS[r["optimizer"]]["lr"] for r in rows})
         axes[0][j].set_xscale("log")
+        axes[0][j].set_xticks(factors, [f"{f:.3g}x" for f in factors])
+        axes[0][j].minorticks_off()
         axes[0][j].set_xlabel("lr / optimizer's default lr")
         axes[0][j].set_ylabel("final loss (mean, min..max over seeds)")
         axes[0][j].set_title(task)

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Every benchmark, sized to finish in well under an hour on a 2-core machine (about 45 min):
 # optimizer step, data loader (if present), convergence, time to quality; then EVIDENCE.md.
-# Results: benchmarks/results/*.json and *.png. `make bench` runs this.
+# Results: benchmarks/results/*.json and *.png (or $RESULTS_DIR). `make bench` runs this.
 # The time-to-quality benchmark needs root for its simulated network (benchmarks/netsim); without
 # it, it says so and runs its distributed contenders over loopback, with no rate limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+OUT=${RESULTS_DIR:-benchmarks/results}
+mkdir -p "$OUT"
+
+# --out only when RESULTS_DIR is set, so that the commands recorded with the default results
+# are the plain ones
+out() { if [ -n "${RESULTS_DIR:-}" ]; then echo "--out=$OUT/$1"; fi; }
 failed=()
 timings=()
 
@@ -31,14 +37,15 @@ cleanup() {
 trap cleanup EXIT
 
 start=$SECONDS
-run optimizer_step "$PY" benchmarks/optimizer_step.py --threads 2 --repeats 15
+# shellcheck disable=SC2046  # $(out X) is one word or none
+run optimizer_step "$PY" benchmarks/optimizer_step.py --threads 2 --repeats 15 $(out optimizer_step.json)
 if [ -f benchmarks/data_loader.py ]; then
-    run data_loader "$PY" benchmarks/data_loader.py --sizes-mib 256 1024 --repeats 3
+    run data_loader "$PY" benchmarks/data_loader.py $(out data_loader.json)
 fi
-run convergence "$PY" benchmarks/convergence.py
-run time_to_quality "$PY" benchmarks/time_to_quality.py
+run convergence "$PY" benchmarks/convergence.py $(out convergence.json)
+run time_to_quality "$PY" benchmarks/time_to_quality.py $(out time_to_quality.json)
 timings+=("total=$((SECONDS - start))")
-"$PY" benchmarks/report.py --timings "${timings[@]}"
+"$PY" benchmarks/report.py --results "$OUT" --timings "${timings[@]}"
 
 echo "timings (s): ${timings[*]}"
 if [ ${#failed[@]} -gt 0 ]; then
