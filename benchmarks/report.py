@@ -121,6 +121,9 @@ def ttq_tables(payload: dict[str, Any]) -> str:
                 f"| {_num(100 * c['final_vs_target'] if c['final_vs_target'] is not None else None, '+.1f')}% |"
             )
         out.append("\n".join(lines))
+    definitions = payload.get("definitions", {}).get("text")
+    if definitions:
+        out.append("How the columns are measured (from the script's docstring):\n\n" + definitions)
     return "\n\n".join(out)
 
 

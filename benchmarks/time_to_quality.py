@@ -595,6 +595,20 @@ def prepare_data(workdir: Path, quick: bool, workloads: set[str]) -> None:
         open_data(cfg, Runtime(0, 1, 0, __import__("torch").device("cpu"), None))
 
 
+def _line_style(name: str) -> dict[str, Any]:
+    """Colour by family (and k), line style by variant (fp32 solid, overlap dashed, bf16 dotted)."""
+    c = CONTENDERS[name]
+    if c.strategy == "ddp":
+        return {"color": "black" if c.optimizer == "adamw" else "grey", "lw": 2.0, "marker": "s"}
+    if c.strategy == "post_local_sgd":
+        return {"color": "tab:purple", "lw": 1.5, "marker": "^"}
+    if c.strategy is None:
+        return {"color": "tab:red", "lw": 1.5, "marker": "D"}
+    colour = {8: "tab:blue", 16: "tab:orange", 32: "tab:green"}.get(c.sync_every, "tab:brown")
+    ls = "--" if c.overlap else (":" if c.comm_dtype != "fp32" else "-")
+    return {"color": colour, "ls": ls, "lw": 1.3, "marker": "o"}
+
+
 def plot(cells: list[dict[str, Any]], out: Path, only: str | None = None) -> None:
     """Validation loss vs training wall time, one line per contender; one panel per cell."""
     import matplotlib
@@ -615,18 +629,18 @@ def plot(cells: list[dict[str, Any]], out: Path, only: str | None = None) -> Non
             rows.append(cell["single_reference"])
         for row in rows:
             _, t, loss = zip(*row["curve"], strict=True)
-            style = "--" if row["contender"].startswith(("ddp", "post", "single")) else "-"
-            ax.plot(t, loss, style, marker="o", ms=2.5, lw=1.2, label=row["contender"])
+            ax.plot(t, loss, ms=2.5, label=row["contender"], **_line_style(row["contender"]))
         if cell.get("target_val_loss"):
             tgt = cell["target_val_loss"]
-            ax.axhline(tgt, color="k", lw=0.8, ls=":", label="target (DDP AdamW final)")
-            ax.axhline(tgt * (1 + TARGET_TOLERANCE), color="grey", lw=0.8, ls=":", label="+2%")
+            ax.axhline(tgt, color="k", lw=0.7, ls="-.", label="target (DDP AdamW final)")
+            ax.axhline(tgt * (1 + TARGET_TOLERANCE), color="grey", lw=0.7, ls="-.", label="+2%")
         ax.set_title(f"{cell['key']} ({cell['launcher'].split()[0]})")
         ax.set_xlabel("training wall time (s), rank 0")
         ax.set_ylabel("validation loss")
         losses = [p[2] for r in rows for p in r["curve"]]
         if losses and cell.get("target_val_loss"):  # the approach to the target, not the start
-            top = min(max(losses), 1.6 * cell["target_val_loss"])
+            finals = [r["curve"][-1][2] for r in rows]
+            top = min(max(losses), max(1.6 * cell["target_val_loss"], 1.3 * max(finals)))
             ax.set_ylim(0.97 * min(losses), top + 0.03 * (top - min(losses)))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6.5, ncol=2)
