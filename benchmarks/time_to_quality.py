@@ -27,10 +27,10 @@ Definitions (also written into the JSON):
   ``speedup_at_final``: the other way round, DDP AdamW's time to reach this contender's final loss
   divided by this contender's time to reach it (None if DDP never gets there).
 - ``bytes_per_rank``: rangerdl's ring-model count of training traffic (2 (W-1)/W x values x
-  bytes per all-reduce, rank 0, including the final sync of ``finish()``). Distributed Ranger also
-  counts its initial broadcast of the weights from rank 0 (``bytes_per_rank_counted``); DDP's hook
-  does not see DDP's identical broadcast, so for comparability ``bytes_per_rank`` leaves it out
-  (it is the count logged at step 1, before the first sync).
+  bytes per all-reduce, rank 0, including the final sync of ``finish()``): ``comm/bytes``, which
+  for every strategy leaves out the one-time broadcast of rank 0's weights (logged apart as
+  ``comm/broadcast_bytes``). The committed results were made while distributed Ranger still
+  counted that broadcast in ``comm/bytes`` and this script subtracted it: the same numbers.
   ``wire_tx_bytes_per_host``: the mean over hosts of the tx byte counter of each host's interface
   (everything: TCP/IP headers, rendezvous, evaluation, checkpoint and teardown traffic).
 - ``comm_share``: the share of training wall time spent communicating. Where communication blocks
@@ -391,9 +391,9 @@ def analyse(cells: list[dict[str, Any]], references: dict[str, dict[str, Any]]) 
         if r.get("ok") and not r.get("repeat")
     }
     for row in [r for c in cells for r in c["rows"]] + list(references.values()):
+        # comm/bytes is training traffic for every strategy; rangerdl logs the one-time broadcast
+        # of rank 0's weights apart, as comm/broadcast_bytes
         row["bytes_per_rank"] = row.get("bytes_per_rank_counted")
-        if CONTENDERS[row["contender"]].strategy == "lookahead" and row.get("bytes_at_step_1"):
-            row["bytes_per_rank"] -= row["bytes_at_step_1"]  # k > 1: only the broadcast so far
     for cell in cells:
         base = next(
             (

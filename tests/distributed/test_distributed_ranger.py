@@ -159,10 +159,19 @@ def _set_flat(model: torch.nn.Module, values: torch.Tensor) -> None:
             offset += p.numel()
 
 
-def test_finish_leaves_every_rank_on_the_global_weights(tmp_path: Path) -> None:
-    for sync in ({"sync_every": 4}, {"sync_every": 4, "overlap": True}):
-        recs = launch(tmp_path, {"kind": "ranger", "steps": 10, "finish": True, "sync": sync})
-        assert torch.equal(recs[0]["final"], recs[1]["final"]), sync
+@pytest.mark.parametrize(
+    ("steps", "overlap", "syncs"),
+    [(10, False, 3), (10, True, 3), (8, True, 2)],
+    ids=["partial-window", "overlap-partial-window", "overlap-launched-at-the-last-step"],
+)
+def test_finish_leaves_every_rank_on_the_global_weights(
+    tmp_path: Path, steps: int, overlap: bool, syncs: int
+) -> None:
+    sync = {"sync_every": 4, "overlap": overlap}
+    recs = launch(tmp_path, {"kind": "ranger", "steps": steps, "finish": True, "sync": sync})
+    assert torch.equal(recs[0]["final"], recs[1]["final"])
+    # 8 steps with overlap: the sync launched at step 8 is merged by finish(), and no more is needed
+    assert recs[0]["comm"]["comm/syncs"] == syncs
 
 
 def test_bf16_pseudo_gradients_halve_the_bytes_and_track_fp32(tmp_path: Path) -> None:
@@ -171,11 +180,7 @@ def test_bf16_pseudo_gradients_halve_the_bytes_and_track_fp32(tmp_path: Path) ->
     assert all(bf16[0]["synced_equal"]) and all(bf16[1]["synced_equal"])
     assert (bf16[0]["traj"][-1] - fp32[0]["traj"][-1]).abs().max() < 2e-3
     assert not torch.equal(bf16[0]["traj"][-1], fp32[0]["traj"][-1])
-    init_bytes = sum(
-        p.numel() * 4 for p in make_model(0).parameters()
-    )  # rank 0's initial broadcast
-    sync_fp32 = fp32[0]["comm"]["comm/bytes"] - init_bytes
-    sync_bf16 = bf16[0]["comm"]["comm/bytes"] - init_bytes
+    sync_fp32, sync_bf16 = fp32[0]["comm"]["comm/bytes"], bf16[0]["comm"]["comm/bytes"]
     assert sync_bf16 == pytest.approx(sync_fp32 / 2, rel=0.1)
 
 
@@ -184,8 +189,10 @@ def test_bytes_follow_the_ring_formula(tmp_path: Path) -> None:
     numel = sum(p.numel() for p in make_model(0).parameters())
     per_sync = 2 * 3 / 4 * numel * 4
     assert recs[1]["comm"]["comm/syncs"] == 3
-    assert recs[1]["comm"]["comm/bytes"] == pytest.approx(3 * per_sync)  # rank 1 sends no broadcast
-    assert recs[0]["comm"]["comm/bytes"] == pytest.approx(3 * per_sync + numel * 4)
+    for rank in range(4):
+        assert recs[rank]["comm"]["comm/bytes"] == pytest.approx(3 * per_sync)
+    assert recs[0]["comm"]["comm/broadcast_bytes"] == numel * 4  # rank 0's weights, once
+    assert recs[1]["comm"]["comm/broadcast_bytes"] == 0
 
 
 @pytest.mark.parametrize("policy", ["average", "broadcast", "local"])

@@ -135,7 +135,7 @@ class OuterSync:
         self.shard = -(-self.numel // self.world_size)  # ceil
         self.padded = self.shard * self.world_size
         self.count = 0  # optimizer steps taken (all ranks equal)
-        self.stats = {"bytes": 0, "syncs": 0, "time_s": 0.0}
+        self.stats = {"bytes": 0, "syncs": 0, "time_s": 0.0, "broadcast_bytes": 0}
         self._pending: Any = None  # overlap: (work handle or None, reduced buffer, snapshot)
         self._check_same_shapes()
         self._broadcast_initial()
@@ -162,8 +162,10 @@ class OuterSync:
     def finish(self) -> None:
         """Complete a pending sync and sync any local progress: every rank ends on phi."""
         if self._pending is not None:
+            # Launched at the last step: nothing moved since the snapshot, so after the merge
+            # every rank holds phi. Launched earlier: the steps since then are synced below.
             self._merge_pending()
-        if self.count % self.sync_every != 0 or self.overlap:
+        if self.count % self.sync_every != 0:
             self._sync(blocking=True)
 
     def slow_weights(self) -> list[tuple[Tensor, Tensor]]:
@@ -172,11 +174,14 @@ class OuterSync:
         return list(zip(self.params, self._views(full), strict=True))
 
     def comm_stats(self) -> dict[str, float]:
+        """``comm/bytes``: bytes this rank sent for syncs (ring model, see the module docstring);
+        ``comm/broadcast_bytes``: the one-time broadcast of rank 0's weights and buffers."""
         state_bytes = self.slow.numel() * self.slow.element_size()
         if self.outer_buf is not None:
             state_bytes *= 2
         return {
             "comm/bytes": float(self.stats["bytes"]),
+            "comm/broadcast_bytes": float(self.stats.get("broadcast_bytes", 0)),
             "comm/syncs": float(self.stats["syncs"]),
             "comm/time_s": float(self.stats["time_s"]),
             "mem/outer_state_bytes": float(state_bytes),
@@ -295,7 +300,7 @@ class OuterSync:
             self._timed(dist.broadcast, comm, src=dist.get_global_rank(self.group, 0))
             if comm is not t:
                 t.copy_(comm)
-            self.stats["bytes"] += t.numel() * t.element_size() if self.rank == 0 else 0
+            self.stats["broadcast_bytes"] += t.numel() * t.element_size() if self.rank == 0 else 0
 
     @torch.no_grad()
     def _check_step_counts(self) -> None:

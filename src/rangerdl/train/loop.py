@@ -175,7 +175,9 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
         return {"run_dir": str(run_dir), "step": step, "stopped": True}
     finish = getattr(optimizer, "finish", None)
     if finish is not None:  # distributed: a final sync so every rank holds the global model
+        t0 = time.perf_counter()
         finish()
+        train_time += time.perf_counter() - t0
     # Without a val split, periodic validation used the test split: report it once, as test/.
     last_val = {}
     if "val" in splits:
@@ -183,7 +185,7 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
     test = {}
     if "test" in splits:
         test = validate(model, optimizer, splits["test"], task, rt, cfg, prefix="test")
-    metrics.log(step, last_val | test)
+    metrics.log(step, last_val | test | {"time/train_s": elapsed_before + train_time})
     if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
         checkpoint()
     metrics.close()

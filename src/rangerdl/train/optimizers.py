@@ -64,14 +64,18 @@ class CommCounter:
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
-        self.bytes, self.syncs, self.time_s = 0, 0, 0.0
+        self.bytes, self.syncs, self.time_s, self.broadcast_bytes = 0, 0, 0.0, 0
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         w = self.world_size
         self.bytes += int(2 * (w - 1) / w * tensor.numel() * tensor.element_size())
 
     def stats(self) -> dict[str, float]:
-        out = {"comm/bytes": float(self.bytes), "comm/syncs": float(self.syncs)}
+        out = {
+            "comm/bytes": float(self.bytes),
+            "comm/broadcast_bytes": float(self.broadcast_bytes),
+            "comm/syncs": float(self.syncs),
+        }
         if self.time_s:
             out["comm/time_s"] = self.time_s
         return out
@@ -84,6 +88,9 @@ def build_optimizer(cfg: Config, model: nn.Module, rt: Runtime) -> tuple[Any, nn
         return make_local_optimizer(cfg, model.parameters()), model, None
     strategy = cfg.distributed.strategy
     counter = CommCounter(rt.world_size)
+    if rt.is_main:  # DDP and PostLocalSGD broadcast rank 0's weights and buffers once, as OuterSync
+        tensors = [*model.parameters(), *model.buffers()]
+        counter.broadcast_bytes = sum(t.numel() * t.element_size() for t in tensors)
     if strategy == "ddp":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
