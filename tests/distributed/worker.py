@@ -6,6 +6,7 @@ torchrun --standalone --nproc-per-node=W worker.py OUT_DIR '{"kind": "ranger", .
 from __future__ import annotations
 
 import faulthandler
+import gc
 import json
 import sys
 from pathlib import Path
@@ -76,6 +77,10 @@ def main() -> None:
     if hasattr(opt, "comm_stats"):
         record["comm"] = opt.comm_stats()
     torch.save(record, out / f"rank{rank}.pt")
+    # Free DDP (its reducer holds the group) before the group: destroyed the other way round,
+    # its teardown can wait forever on a thread of the dead group.
+    del forward, opt
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 

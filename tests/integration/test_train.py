@@ -220,20 +220,12 @@ def test_tabular_arrays_classification_and_regression(
     csv = tmp_path / "table.csv"
     rows = [",".join([*(f"{v:.5f}" for v in r), "yes" if r @ w > 0 else "no"]) for r in x]
     csv.write_text("a,b,c,d,e,label\n" + "\n".join(rows) + "\n")
+
+    def prepare_arrays(*args: str) -> int:
+        return main(["data", "prepare", "arrays", *args])
+
     assert (
-        main(
-            [
-                "data",
-                "prepare",
-                "arrays",
-                "--x",
-                str(csv),
-                "--label-column",
-                "label",
-                "--out",
-                str(tmp_path / "cls"),
-            ]
-        )
+        prepare_arrays("--x", str(csv), "--label-column", "label", "--out", str(tmp_path / "cls"))
         == 0
     )
     args = [*tiny, "--train.steps=60", "--model.args.hidden=16"]
@@ -243,22 +235,8 @@ def test_tabular_arrays_classification_and_regression(
 
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", (x @ w).astype(np.float32))
-    assert (
-        main(
-            [
-                "data",
-                "prepare",
-                "arrays",
-                "--x",
-                str(tmp_path / "x.npy"),
-                "--y",
-                str(tmp_path / "y.npy"),
-                "--out",
-                str(tmp_path / "reg"),
-            ]
-        )
-        == 0
-    )
+    xy = ["--x", str(tmp_path / "x.npy"), "--y", str(tmp_path / "y.npy")]
+    assert prepare_arrays(*xy, "--out", str(tmp_path / "reg")) == 0
     assert (
         main(
             [

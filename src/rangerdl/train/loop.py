@@ -8,6 +8,7 @@ needs the fast weights too: they go into the per-rank training state.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -46,6 +47,7 @@ def train(cfg: Config, *, resume: Path | None = None) -> dict[str, Any]:
         cfg.train.device, cfg.distributed.backend, cfg.train.threads, cfg.distributed.timeout_s
     )
     summary = _train(cfg, rt, resume)  # on an error the process exits and torchrun cleans up
+    gc.collect()  # DDP's reducer (often in a reference cycle) must go before its process group
     rt.shutdown()
     return summary
 
