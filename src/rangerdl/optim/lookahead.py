@@ -40,6 +40,11 @@ class Lookahead(OuterSyncMixin):
         optimizer: the inner optimizer (AdamW, SGD, Adagrad, RAdam, ...).
         k: synchronisation period in steps.
         alpha: slow step size in (0, 1].
+        group: a ``torch.distributed`` process group: distributed Lookahead around ``optimizer``
+            (see ``Ranger``'s ``group``; the slow weights then live in an ``OuterSync``).
+        buffers: module buffers to keep in step across ranks.
+        **sync_options: ``sync_every``, ``outer_lr``, ``outer_momentum``, ``nesterov``,
+            ``overlap``, ``shard_slow``, ``comm_dtype``, ``buffer_policy`` (need ``group``).
     """
 
     def __init__(

@@ -132,6 +132,16 @@ class Ranger(OuterSyncMixin):
         foreach: use the ``torch._foreach_*`` implementation. ``None`` picks the fastest available.
         fused: use PyTorch's fused AdamW kernel for rectified steps. ``None`` picks it when every
             parameter is on a device and dtype the kernel supports.
+        group: a ``torch.distributed`` process group: distributed Ranger. The workers take local
+            steps and every ``sync_every`` (default ``k``) calls of ``step()`` the slow weights,
+            kept by a ``rangerdl.distributed.OuterSync`` and shared by all ranks, move toward the
+            workers' mean (outer step size ``outer_lr``, default ``alpha``). Parameters and
+            ``buffers`` are broadcast from rank 0 here; call ``finish()`` when training ends.
+            The sync clock is the count of ``step()`` calls, the same on every rank.
+        buffers: module buffers to keep in step across ranks (``list(model.buffers())``).
+        **sync_options: ``sync_every``, ``outer_lr``, ``outer_momentum``, ``nesterov``,
+            ``overlap``, ``shard_slow``, ``comm_dtype``, ``buffer_policy``; see ``OuterSync``.
+            Given without ``group`` they are an error.
     """
 
     def __init__(
