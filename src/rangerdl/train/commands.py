@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -69,19 +68,10 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
             raise ValueError(
                 "give either a CONFIG or --resume RUN_DIR (a resumed run keeps its config)"
             )
-        cfg = load_config(None, None)
-        from rangerdl.train.config import Config
-
         saved = args.resume / "config.json"
         if not saved.is_file():
             raise FileNotFoundError(f"{saved} does not exist; is {args.resume} a run folder?")
-        cfg = Config.from_dict(json.loads(saved.read_text()), origin=str(saved))
-        cfg.train.stop_at = 0  # the stop that ended the last session is spent
-        if extra:
-            from rangerdl.train.config import apply_tables, parse_overrides
-
-            apply_tables(cfg, parse_overrides(extra), origin="command line")
-        cfg.validate()
+        cfg = load_config(saved, extra, resumed=True)
     else:
         cfg = load_config(args.config, extra)
     try:

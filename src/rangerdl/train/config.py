@@ -320,18 +320,25 @@ def _literal(text: str) -> Any:
         return text
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the TOML file (if any), then command-line overrides; validated."""
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, *, resumed: bool = False
+) -> Config:
+    """Defaults, then the file (a TOML config, or a run's saved ``config.json``), then
+    command-line overrides; validated. ``resumed``: the file is a run being continued, so its
+    ``stop_at`` (the stop that ended the last session) is cleared before the overrides."""
     cfg = Config()
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+            text = path.read_text()
+            raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a valid config file: {exc}") from exc
         apply_tables(cfg, raw, origin=str(path))
+    if resumed:
+        cfg.train.stop_at = 0
     if overrides:
         apply_tables(cfg, parse_overrides(overrides), origin="command line")
     cfg.validate()

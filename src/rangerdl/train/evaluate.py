@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from rangerdl.train import checkpoint as ckpt
-from rangerdl.train.config import Config
+from rangerdl.train.config import load_config
 from rangerdl.train.loop import Task, evaluate, open_data
 from rangerdl.train.models import build_model
 from rangerdl.train.runtime import Runtime, init_runtime
@@ -21,7 +20,7 @@ def evaluate_checkpoint(path: Path, split: str = "test") -> dict[str, Any]:
         raise FileNotFoundError(
             f"{saved} does not exist; the checkpoint must sit in RUN_DIR/checkpoints/"
         )
-    cfg = Config.from_dict(json.loads(saved.read_text()), origin=str(saved))
+    cfg = load_config(saved)
     rt: Runtime = init_runtime(
         cfg.train.device, "gloo", cfg.train.threads, cfg.distributed.timeout_s
     )

@@ -9,6 +9,7 @@ needs the fast weights too: they go into the per-rank training state.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import math
 import os
@@ -161,12 +162,16 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
             window_t0, window_samples = now, 0
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             metrics.log(step, validate(model, optimizer, val_ds, task, rt, cfg, prefix="val"))
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+        # The last step's checkpoint is written once, below (after the final sync, if any).
+        if (
+            cfg.train.checkpoint_every
+            and step % cfg.train.checkpoint_every == 0
+            and step < last_step
+        ):
             checkpoint()
 
     if step < cfg.train.steps:  # stop_at: leave as if interrupted, the checkpoint to resume from
-        if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
-            checkpoint()
+        checkpoint()
         metrics.close()
         log.info(
             "stopped at step %d of %d (stop_at); continue with --resume %s",
@@ -188,8 +193,7 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
     if "test" in splits:
         test = validate(model, optimizer, splits["test"], task, rt, cfg, prefix="test")
     metrics.log(step, last_val | test | {"time/train_s": elapsed_before + train_time})
-    if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
-        checkpoint()
+    checkpoint()
     metrics.close()
     total_time = elapsed_before + train_time
     summary = {
@@ -204,7 +208,9 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
         **(comm_stats() if comm_stats else {}),
     }
     if rt.is_main:
-        ckpt.atomic_write_text(run_dir / "summary.json", _json(summary))
+        ckpt.atomic_write_text(
+            run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n"
+        )
     return summary
 
 
@@ -438,9 +444,3 @@ def restore(
     sampler.load_state_dict(state["sampler"])
     set_rng_state(state["rng"])
     return int(state["step"]), float(state["elapsed_s"])
-
-
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
