@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from rangerdl._fileio import fsync_dir
 from rangerdl.data.arrays import prepare_arrays
-from rangerdl.data.manifest import MANIFEST_NAME, fsync_dir, parse_shape
+from rangerdl.data.manifest import MANIFEST_NAME, parse_shape
 from rangerdl.data.splits import (
     CHUNK_BYTES,
     check_fraction,

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from rangerdl._fileio import atomic_write_text, fsync_dir
 from rangerdl.data.manifest import (
     CHECKSUM_ALGORITHM,
     FORMAT,
@@ -31,10 +32,8 @@ from rangerdl.data.manifest import (
     FileInfo,
     Manifest,
     SegmentInfo,
-    atomic_write_text,
     check_field_name,
     check_token_fields,
-    fsync_dir,
     num_samples_for,
     parse_dtype,
     parse_shape,

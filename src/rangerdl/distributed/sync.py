@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from rangerdl.distributed.cost import ring_bytes
+
 log = logging.getLogger(__name__)
 
 __all__ = ["OuterSync"]
@@ -254,8 +256,7 @@ class OuterSync:
         torch._foreach_copy_([p.detach() for p in self.params], self._views(flat))
 
     def _ring_bytes(self, numel: int, element_size: int, factor: float) -> int:
-        """Bytes a rank sends: ``factor`` (W-1)/W x values x bytes (factor 2 for all-reduce)."""
-        return int(factor * (self.world_size - 1) / self.world_size * numel * element_size)
+        return ring_bytes(numel, element_size, self.world_size, factor=factor)
 
     def _timed(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()

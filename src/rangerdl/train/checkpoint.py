@@ -22,32 +22,12 @@ from typing import Any
 
 import torch
 
+from rangerdl._fileio import atomic_write_bytes, atomic_write_text, fsync_dir
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """tmp -> fsync -> os.replace: readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def tensor_bytes(obj: Any) -> bytes:
@@ -76,12 +56,12 @@ def commit(checkpoints: Path, step: int, digests: dict[str, str], keep: int) -> 
     """Write the manifest (the completion marker), rename into place, prune to ``keep``."""
     tmp = checkpoints / f".tmp-step-{step}"
     atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": digests}, indent=2) + "\n")
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     final = checkpoints / f"step-{step}"
     if final.exists():  # re-written after a resume from an earlier step
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(checkpoints)
+    fsync_dir(checkpoints)
     if keep > 0:
         for old in list_checkpoints(checkpoints)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -190,7 +190,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        from rangerdl.train.checkpoint import atomic_write_text
+        from rangerdl._fileio import atomic_write_text
 
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rangerdl.distributed.cost import ring_bytes
 from rangerdl.optim import Lookahead, Ranger
 from rangerdl.train.config import Config
 from rangerdl.train.runtime import Runtime
@@ -67,8 +68,7 @@ class CommCounter:
         self.bytes, self.syncs, self.time_s, self.broadcast_bytes = 0, 0, 0.0, 0
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
-        w = self.world_size
-        self.bytes += int(2 * (w - 1) / w * tensor.numel() * tensor.element_size())
+        self.bytes += ring_bytes(tensor.numel(), tensor.element_size(), self.world_size)
 
     def stats(self) -> dict[str, float]:
         out = {
