@@ -588,13 +588,13 @@ def prepare_data(workdir: Path, quick: bool, workloads: set[str]) -> None:
     """Prepare the built-in datasets once, before any host starts (not inside timed runs)."""
     os.environ["RANGERDL_CACHE"] = str(workdir / "cache")
     from rangerdl.train.config import load_config
-    from rangerdl.train.loop import open_data
+    from rangerdl.train.data import open_data
     from rangerdl.train.runtime import Runtime
 
     for name in sorted(workloads):
         w = WORKLOADS[name]
         cfg = load_config(w.config, list(w.quick) if quick else None)
-        open_data(cfg, Runtime(0, 1, 0, __import__("torch").device("cpu"), None))
+        open_data(cfg.data, Runtime(0, 1, 0, __import__("torch").device("cpu"), None))
 
 
 def _line_style(name: str) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -27,3 +29,21 @@ def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+def make_inner(name: str, params: Any, lr: float) -> torch.optim.Optimizer:
+    """An inner optimizer for OuterSync: rangerdl's, torch's, and one rangerdl neither wrote nor
+    special-cases (pytorch_optimizer's Lion)."""
+    from rangerdl import Ranger
+
+    if name == "ranger":
+        return Ranger(params, lr=lr, lookahead=False)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "lion":
+        from pytorch_optimizer import Lion
+
+        return Lion(params, lr=lr)
+    raise ValueError(name)

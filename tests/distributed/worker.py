@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from problem import batch, flat, loss, make_model
+from problem import batch, flat, loss, make_inner, make_model
 from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
 from torch.distributed.optim import PostLocalSGDOptimizer
 
-from rangerdl import Lookahead, Ranger
+from rangerdl.distributed import OuterSync, SyncOptions, distributed_ranger
 
 
 def main() -> None:
@@ -35,13 +35,23 @@ def main() -> None:
     kind, sync = spec["kind"], spec.get("sync", {})
     lr, steps = spec.get("lr", 0.05), spec["steps"] + (rank * spec.get("extra_steps_per_rank", 0))
     forward = model
-    if kind == "ranger":
-        opt = Ranger(
-            model.parameters(), lr=lr, group=dist.group.WORLD, buffers=list(model.buffers()), **sync
+    outer = None
+    if kind == "ranger":  # the README's one line
+        opt, outer = distributed_ranger(
+            model.parameters(),
+            dist.group.WORLD,
+            SyncOptions(**sync),
+            lr=lr,
+            buffers=model.buffers(),
         )
     elif kind == "sgd_lookahead":
         inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=spec.get("momentum", 0.0))
-        opt = Lookahead(inner, k=spec["k"], alpha=spec["alpha"], group=dist.group.WORLD, **sync)
+        options = SyncOptions(sync_every=spec["k"], outer_lr=spec["alpha"], **sync)
+        opt, outer = inner, OuterSync(inner, dist.group.WORLD, options)
+    elif kind == "attach":  # OuterSync around any optimizer
+        inner = make_inner(spec["optimizer"], model.parameters(), lr)
+        options = SyncOptions(sync_every=spec["k"], outer_lr=spec["alpha"], **sync)
+        opt, outer = inner, OuterSync(inner, dist.group.WORLD, options)
     elif kind == "ddp":
         forward = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(forward.parameters(), lr=lr)
@@ -61,7 +71,7 @@ def main() -> None:
         record["traj"].append(flat(model))
         record["buffers"].append([b.clone() for b in model.buffers()])
         if (
-            kind in ("ranger", "sgd_lookahead")
+            kind in ("ranger", "sgd_lookahead", "attach")
             and not sync.get("overlap")
             and (step + 1) % period == 0
         ):
@@ -72,14 +82,14 @@ def main() -> None:
             dist.all_reduce(low, op=dist.ReduceOp.MIN)
             record["synced_equal"].append(bool(high == low))
     if spec.get("finish"):
-        opt.finish()
+        outer.finish()
         record["final"] = flat(model)
-    if hasattr(opt, "comm_stats"):
-        record["comm"] = opt.comm_stats()
+    if outer is not None:
+        record["comm"] = outer.comm_stats()
     torch.save(record, out / f"rank{rank}.pt")
     # Free DDP (its reducer holds the group) before the group: destroyed the other way round,
     # its teardown can wait forever on a thread of the dead group.
-    del forward, opt
+    del forward, opt, outer
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()

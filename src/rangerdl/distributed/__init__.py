@@ -1,6 +1,26 @@
-"""Distributed Lookahead: workers step locally; the slow weights, synchronised every k steps, are
-the shared global model. Use it through ``Ranger(..., group=...)`` or ``Lookahead(..., group=...)``."""
+"""Distributed Lookahead: workers step locally; the slow weights, synchronised every
+``sync_every`` steps by an :class:`OuterSync` attached to any optimizer, are the shared global model.
 
-from rangerdl.distributed.sync import OuterSync
+``SyncOptions`` and the byte model (``cost``) import no torch; ``OuterSync`` and
+``distributed_ranger`` (which need ``torch.distributed``) load on first use. This package is the
+only part of rangerdl's library that imports ``torch.distributed``.
+"""
 
-__all__ = ["OuterSync"]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rangerdl.distributed.options import SyncOptions
+
+__all__ = ["OuterSync", "SyncOptions", "distributed_ranger"]
+
+if TYPE_CHECKING:
+    from rangerdl.distributed.sync import OuterSync, distributed_ranger
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("OuterSync", "distributed_ranger"):
+        from rangerdl.distributed import sync
+
+        return getattr(sync, name)
+    raise AttributeError(f"module 'rangerdl.distributed' has no attribute {name!r}")

@@ -1,120 +1,114 @@
-"""The outer step of distributed Lookahead: the slow weights are the shared global model.
+"""The outer optimizer of distributed Lookahead: the slow weights are the shared global model.
 
-Every ``sync_every`` optimizer steps, with W workers holding fast weights theta_i and all holding the
-same slow weights phi:
-
-    phi <- phi + lr * (mean_i(theta_i) - phi)      (outer_momentum = 0: Lookahead; lr = 1: local SGD)
-    theta_i <- phi
-
-With outer momentum mu (SlowMo; with Nesterov: DiLoCo), on the averaged pseudo-gradient
-d = mean_i(theta_i) - phi:  m <- mu m + d;  phi <- phi + lr (d + mu m if nesterov else m).
+``OuterSync`` attaches to any ``torch.optim.Optimizer`` (the inner optimizer) the way torchft's
+``LocalSGD`` does: a step post-hook counts optimizer steps and syncs every ``sync_every`` of them,
+and state-dict hooks put the outer state (slow weights, outer momentum, the step clock) into the
+optimizer's own ``state_dict()``. The inner optimizer never knows. The math is in
+:class:`~rangerdl.distributed.options.SyncOptions`.
 
 Communication per sync: one all-reduce of the parameters (ring: 2 (W-1)/W x values x bytes sent per
-rank), or the same bytes as reduce-scatter + all-gather with ``shard_slow`` (each rank keeps 1/W of
-phi and m), or half of them with ``comm_dtype="bf16"`` (the pseudo-gradient in bf16 via all-to-all,
-summed in fp32, the mean all-gathered in bf16). ``overlap`` launches the all-reduce asynchronously
-and merges it one step later, keeping the local progress made meanwhile:
+rank, :func:`rangerdl.distributed.cost.ring_bytes`), or the same bytes as reduce-scatter +
+all-gather with ``shard_slow`` (each rank keeps 1/W of the slow weights and outer momentum), or
+half of them with ``comm_dtype="bf16"`` (the pseudo-gradient in bf16 via all-to-all, summed in
+fp32, the mean all-gathered in bf16). ``overlap`` launches the all-reduce asynchronously and merges
+it one step later, keeping the local progress made meanwhile:
 theta_i <- phi_new + (theta_i(now) - theta_i(at launch)).
 
-The fp32 paths reduce the weights themselves and apply ``phi.lerp_(mean, lr)``, so a single worker
-reproduces single-process Lookahead/Ranger bit for bit.
+The fp32 paths reduce the weights themselves and apply ``phi.lerp_(mean, outer_lr)``, the same
+operation as single-process Lookahead, so one worker reproduces ``Ranger``/``Lookahead`` bit for
+bit.
 
-This file is long because the four communication paths share one state layout and one checkpoint
-format; each path is a short method.
+Why ``rangerdl.optim.Lookahead`` and this class are two things, although both keep slow weights:
+single-process Lookahead keeps a clock per parameter (a parameter without a gradient does not
+advance, as torch optimizers skip it) inside the optimizer's state, with no dependency beyond
+torch, so ``from rangerdl import Lookahead`` is a drop-in for anyone. The outer sync needs one
+clock shared by all ranks (the count of ``step()`` calls), flat buffers for collectives, and
+``torch.distributed``. Making Lookahead an ``OuterSync`` over a group of one would bring
+``torch.distributed`` into ``optim`` and change its clock; keeping the two apart costs one
+``lerp`` written twice, and the W = 1 identity test ties them together.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
+from types import TracebackType
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.optim import Optimizer
 
 from rangerdl.distributed.cost import ring_bytes
+from rangerdl.distributed.options import SyncOptions
+from rangerdl.optim import Lookahead, Ranger
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OuterSync"]
-
-BUFFER_POLICIES = ("average", "local", "broadcast")
-COMM_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+__all__ = ["OuterSync", "distributed_ranger"]
 
 
 class OuterSync:
-    """Synchronises the parameters of ``param_groups`` across ``group`` every ``sync_every`` steps.
+    """Synchronises the parameters of ``optimizer`` across ``process_group`` every
+    ``options.sync_every`` calls of ``optimizer.step()``, keeping the slow weights.
 
-    Built by ``Ranger(..., group=...)`` and ``Lookahead(..., group=...)``; call :meth:`after_step`
-    after every local optimizer step and :meth:`finish` once when training ends.
-
-    At construction, parameters and buffers are broadcast from rank 0 (identical start) after a
-    check that every rank has the same parameter and buffer shapes. The inner optimizer state
-    (moments) stays local to each rank; only parameters (and floating buffers) travel.
+    At construction, parameters and ``buffers`` are broadcast from rank 0 (identical start) after a
+    check that every rank has the same parameter and buffer shapes and the same options. The inner
+    optimizer's state (moments) stays local to each rank; only parameters (and floating buffers)
+    travel. Call :meth:`finish` once when training ends (or use the object as a context manager,
+    which finishes on a clean exit), so every rank holds the slow weights.
 
     Args:
-        param_groups: the optimizer's parameter groups (all parameters must share dtype and device).
-        group: the ``torch.distributed`` process group.
+        optimizer: the inner optimizer (AdamW, SGD, ``Ranger(lookahead=False)``, any
+            ``torch.optim.Optimizer``). Its parameters must share one dtype and device. An
+            optimizer that keeps its own slow weights (``Lookahead``, ``Ranger(lookahead=True)``)
+            is refused: this object holds them.
+        process_group: the ``torch.distributed`` process group (``dist.group.WORLD`` after
+            ``init_process_group``).
+        options: sync period, outer step and communication; ``sync_every = 0`` and
+            ``outer_lr = 0`` take the optimizer's param-group ``k`` and ``alpha`` when it has them
+            (``Ranger``), else are an error.
         buffers: module buffers (e.g. BatchNorm running statistics) to keep in step.
-        sync_every: steps between syncs.
-        outer_lr: the outer step size (the Lookahead alpha).
-        outer_momentum: outer momentum (0: plain Lookahead).
-        nesterov: Nesterov outer momentum.
-        overlap: all-reduce asynchronously, merge one step late.
-        shard_slow: each rank keeps 1/W of the slow weights and outer momentum.
-        comm_dtype: ``"fp32"`` or ``"bf16"`` (the pseudo-gradient on the wire).
-        buffer_policy: ``"average"`` floating buffers at each sync (integer buffers such as
-            ``num_batches_tracked`` are taken from rank 0), ``"broadcast"`` all from rank 0, or
-            ``"local"``.
+
+    Raises:
+        ValueError: ``process_group`` is None or torch.distributed is not initialised; bad or
+            conflicting options; parameters of several dtypes/devices; ranks that disagree on
+            shapes or options (on every rank).
     """
 
     def __init__(
         self,
-        param_groups: list[dict[str, Any]],
-        group: Any,
+        optimizer: Optimizer,
+        process_group: dist.ProcessGroup | None,
+        options: SyncOptions | None = None,
         *,
         buffers: Iterable[Tensor] = (),
-        sync_every: int,
-        outer_lr: float,
-        outer_momentum: float = 0.0,
-        nesterov: bool = False,
-        overlap: bool = False,
-        shard_slow: bool = False,
-        comm_dtype: str = "fp32",
-        buffer_policy: str = "average",
     ) -> None:
-        if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("a process group was given but torch.distributed is not initialised")
-        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
-            raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
-        if not 0.0 < outer_lr <= 2.0:
-            raise ValueError(f"outer_lr must be in (0, 2], got {outer_lr}")
-        if not 0.0 <= outer_momentum < 1.0:
-            raise ValueError(f"outer_momentum must be in [0, 1), got {outer_momentum}")
-        if nesterov and outer_momentum == 0.0:
-            raise ValueError("nesterov = true needs outer_momentum > 0")
-        if comm_dtype not in COMM_DTYPES:
+        if process_group is None or not dist.is_available() or not dist.is_initialized():
             raise ValueError(
-                f"comm_dtype must be one of {', '.join(COMM_DTYPES)}, got {comm_dtype!r}"
+                "OuterSync needs an initialised process group: call "
+                "torch.distributed.init_process_group(...) first and pass dist.group.WORLD (or a "
+                "subgroup); before that dist.group.WORLD is None"
             )
-        if buffer_policy not in BUFFER_POLICIES:
+        if isinstance(optimizer, Lookahead) or (
+            isinstance(optimizer, Ranger) and any(g["lookahead"] for g in optimizer.param_groups)
+        ):
             raise ValueError(
-                f"buffers must be one of {', '.join(BUFFER_POLICIES)}, got {buffer_policy!r}"
+                f"{type(optimizer).__name__} keeps its own Lookahead slow weights; OuterSync holds "
+                "them across ranks: pass the inner optimizer (Ranger(..., lookahead=False), or the "
+                "optimizer Lookahead wraps), or use rangerdl.distributed.distributed_ranger"
             )
-        if shard_slow and comm_dtype == "bf16":
-            raise ValueError(
-                "shard_slow and comm_dtype = 'bf16' cannot combine: a rank that keeps 1/W of the slow "
-                "weights cannot form the pseudo-gradient (theta - phi) of the rest, so the weights "
-                "themselves would travel in bf16; use one or the other"
-            )
-        if overlap and (shard_slow or comm_dtype != "fp32"):
-            raise ValueError(
-                "overlap combines only with the plain fp32 all-reduce (not with shard_slow or bf16): "
-                "those need a second collective that depends on the first"
-            )
-        self.params = [p for g in param_groups for p in g["params"]]
+        options = options or SyncOptions()
+        groups = optimizer.param_groups
+        self.options = options.resolved(
+            k=_group_value(groups, "k", "sync_every", options.sync_every),
+            alpha=_group_value(groups, "alpha", "outer_lr", options.outer_lr),
+        )
+        self.optimizer = optimizer
+        self.params = [p for g in groups for p in g["params"]]
         if not self.params:
             raise ValueError("no parameters to synchronise")
         dtypes = {p.dtype for p in self.params}
@@ -125,61 +119,97 @@ class OuterSync:
                 f"{sorted(map(str, dtypes))} on {sorted(map(str, devices))}"
             )
         self.buffers = list(buffers)
-        self.group = group
-        self.world_size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        self.sync_every, self.outer_lr, self.momentum = sync_every, outer_lr, outer_momentum
-        self.nesterov, self.overlap, self.shard_slow = nesterov, overlap, shard_slow
-        self.comm_dtype, self.buffer_policy = comm_dtype, buffer_policy
+        self.process_group = process_group
+        self.world_size = dist.get_world_size(process_group)
+        self.rank = dist.get_rank(process_group)
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
-        self.comm_device = torch.device("cpu") if dist.get_backend(group) == "gloo" else self.device
+        backend = dist.get_backend(process_group)
+        self.comm_device = torch.device("cpu") if backend == "gloo" else self.device
         self.numel = sum(p.numel() for p in self.params)
         self.shard = -(-self.numel // self.world_size)  # ceil
         self.padded = self.shard * self.world_size
-        self.count = 0  # optimizer steps taken (all ranks equal)
+        self.step = 0  # optimizer steps taken (all ranks equal)
         self.stats = {"bytes": 0, "syncs": 0, "time_s": 0.0, "broadcast_bytes": 0}
         self._pending: Any = None  # overlap: (work handle or None, reduced buffer, snapshot)
-        self._check_same_shapes()
+        self._check_ranks_agree()
         self._broadcast_initial()
         flat = self._flatten_params()
-        if shard_slow:
+        if self.options.shard_slow:
             lo = self.rank * self.shard
-            self.slow = torch.zeros(self.shard, dtype=self.dtype, device=self.device)
+            self._slow = torch.zeros(self.shard, dtype=self.dtype, device=self.device)
             hi = min(lo + self.shard, self.numel)
             if hi > lo:
-                self.slow[: hi - lo] = flat[lo:hi]
+                self._slow[: hi - lo] = flat[lo:hi]
         else:
-            self.slow = flat.clone()
-        self.outer_buf = torch.zeros_like(self.slow) if outer_momentum > 0 else None
+            self._slow = flat.clone()
+        self._momentum_buffer = (
+            torch.zeros_like(self._slow) if self.options.outer_momentum > 0 else None
+        )
+        self._hooks = [
+            optimizer.register_step_post_hook(lambda *_: self.after_step()),
+            optimizer.register_state_dict_post_hook(self._state_dict_hook),
+            optimizer.register_load_state_dict_pre_hook(self._load_state_dict_hook),
+        ]
 
     # ------------------------------------------------------------------ public
     def after_step(self) -> None:
-        """Count one optimizer step; merge a pending overlapped sync; sync when due."""
-        self.count += 1
+        """Count one optimizer step; merge a pending overlapped sync; sync when due. Called by the
+        optimizer's step post-hook: do not call it yourself."""
+        if sum(len(g["params"]) for g in self.optimizer.param_groups) != len(self.params):
+            raise RuntimeError(
+                "the optimizer's parameters changed after OuterSync was attached "
+                "(add_param_group?): new parameters would never be synchronised and ranks would "
+                "diverge. Add every param group before creating OuterSync"
+            )
+        self.step += 1
         if self._pending is not None:
             self._merge_pending()
-        if self.count % self.sync_every == 0:
+        if self.step % self.options.sync_every == 0:
             self._sync()
 
     def finish(self) -> None:
-        """Complete a pending sync and sync any local progress: every rank ends on phi."""
+        """Complete a pending sync and sync any local progress: every rank ends on the slow
+        weights. A collective: call it on every rank. Ranks at different step counts get a
+        ``RuntimeError`` (on every rank, at once) instead of a hang."""
+        self._check_step_counts()
         if self._pending is not None:
             # Launched at the last step: nothing moved since the snapshot, so after the merge
-            # every rank holds phi. Launched earlier: the steps since then are synced below.
+            # every rank holds the slow weights. Launched earlier: the steps since then are synced.
             self._merge_pending()
-        if self.count % self.sync_every != 0:
-            self._sync(blocking=True)
+        if self.step % self.options.sync_every != 0:
+            self._sync(blocking=True, checked=True)
+
+    def close(self) -> None:
+        """Detach from the optimizer (remove the hooks); the optimizer goes on as a local one."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def __enter__(self) -> OuterSync:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:  # after an error other ranks may be gone: no collective then
+            self.finish()
 
     def slow_weights(self) -> list[tuple[Tensor, Tensor]]:
-        """``(parameter, slow weights)``. With ``shard_slow`` this all-gathers (a collective)."""
-        full = self._gather_slow() if self.shard_slow else self.slow
+        """``(parameter, slow weights)`` for every parameter, the model worth evaluating and
+        saving (between syncs the parameters hold this rank's fast weights). With ``shard_slow``
+        this all-gathers: call it on every rank."""
+        full = self._gather_slow() if self.options.shard_slow else self._slow
         return list(zip(self.params, self._views(full), strict=True))
 
     def comm_stats(self) -> dict[str, float]:
         """``comm/bytes``: bytes this rank sent for syncs (ring model, see the module docstring);
-        ``comm/broadcast_bytes``: the one-time broadcast of rank 0's weights and buffers."""
-        state_bytes = self.slow.numel() * self.slow.element_size()
-        if self.outer_buf is not None:
+        ``comm/broadcast_bytes``: the one-time broadcast of rank 0's weights and buffers;
+        ``comm/syncs``; ``comm/time_s`` (seconds in collectives); ``mem/outer_state_bytes``."""
+        state_bytes = self._slow.numel() * self._slow.element_size()
+        if self._momentum_buffer is not None:
             state_bytes *= 2
         return {
             "comm/bytes": float(self.stats["bytes"]),
@@ -190,17 +220,18 @@ class OuterSync:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Slow weights (this rank's shard with ``shard_slow``), outer momentum, counters, and an
-        overlapped sync still in flight (waited for, so the merge resumes identically)."""
+        """Slow weights (this rank's shard with ``shard_slow``), outer momentum buffer, the step
+        clock, and an overlapped sync still in flight (waited for, so the merge resumes
+        identically). Also saved inside ``optimizer.state_dict()["outer"]`` by a hook."""
         state: dict[str, Any] = {
-            "slow": self.slow.clone(),
-            "count": self.count,
+            "slow_weights": self._slow.clone(),
+            "step": self.step,
             "world_size": self.world_size,
-            "shard_slow": self.shard_slow,
+            "shard_slow": self.options.shard_slow,
             "stats": dict(self.stats),
         }
-        if self.outer_buf is not None:
-            state["outer_momentum"] = self.outer_buf.clone()
+        if self._momentum_buffer is not None:
+            state["momentum_buffer"] = self._momentum_buffer.clone()
         if self._pending is not None:
             work, reduced, snapshot = self._pending
             if work is not None:
@@ -210,23 +241,28 @@ class OuterSync:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["world_size"] != self.world_size or state["shard_slow"] != self.shard_slow:
+        """Restore what :meth:`state_dict` saved. Raises ``ValueError`` when it was saved with
+        another world size, sharding or shape, or lacks the outer momentum this job needs."""
+        shard_slow = self.options.shard_slow
+        if state["world_size"] != self.world_size or state["shard_slow"] != shard_slow:
             raise ValueError(
-                f"outer state saved with world_size={state['world_size']}, shard_slow={state['shard_slow']}; "
-                f"this job has world_size={self.world_size}, shard_slow={self.shard_slow}"
+                f"outer state saved with world_size={state['world_size']}, "
+                f"shard_slow={state['shard_slow']}; this job has world_size={self.world_size}, "
+                f"shard_slow={shard_slow}"
             )
-        if state["slow"].shape != self.slow.shape:
+        if state["slow_weights"].shape != self._slow.shape:
             raise ValueError(
-                f"saved slow weights have shape {tuple(state['slow'].shape)}, expected {tuple(self.slow.shape)}"
+                f"saved slow weights have shape {tuple(state['slow_weights'].shape)}, "
+                f"expected {tuple(self._slow.shape)}"
             )
-        self.slow.copy_(state["slow"])
-        if self.outer_buf is not None:
-            if "outer_momentum" not in state:
+        self._slow.copy_(state["slow_weights"])
+        if self._momentum_buffer is not None:
+            if "momentum_buffer" not in state:
                 raise ValueError(
-                    "the saved outer state has no outer momentum, but outer_momentum > 0"
+                    "the saved outer state has no outer momentum buffer, but outer_momentum > 0"
                 )
-            self.outer_buf.copy_(state["outer_momentum"])
-        self.count = int(state["count"])
+            self._momentum_buffer.copy_(state["momentum_buffer"])
+        self.step = int(state["step"])
         self.stats = dict(state["stats"])
         self._pending = None
         if "pending_reduced" in state:
@@ -258,9 +294,24 @@ class OuterSync:
     def _ring_bytes(self, numel: int, element_size: int, factor: float) -> int:
         return ring_bytes(numel, element_size, self.world_size, factor=factor)
 
+    def _state_dict_hook(self, optimizer: Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+        state["outer"] = self.state_dict()
+        return state
+
+    def _load_state_dict_hook(self, optimizer: Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+        state = dict(state)
+        outer = state.pop("outer", None)
+        if outer is None:
+            raise ValueError(
+                f"{type(optimizer).__name__}.load_state_dict: no 'outer' entry; this state dict was "
+                "not saved by an optimizer with an OuterSync attached"
+            )
+        self.load_state_dict(outer)
+        return state
+
     def _timed(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
-        out = fn(*args, group=self.group, **kwargs)
+        out = fn(*args, group=self.process_group, **kwargs)
         self.stats["time_s"] += time.perf_counter() - t0
         return out
 
@@ -273,58 +324,71 @@ class OuterSync:
         return t if t.device == self.comm_device else t.to(self.comm_device)
 
     @torch.no_grad()
-    def _check_same_shapes(self) -> None:
-        mine = [(tuple(p.shape), str(p.dtype)) for p in self.params]
-        mine_buffers = [(tuple(b.shape), str(b.dtype)) for b in self.buffers]
+    def _check_ranks_agree(self) -> None:
+        """Every rank must have the same parameter and buffer shapes and the same options; a
+        difference is the same ``ValueError`` on every rank, naming it, instead of a hang."""
+        mine = {
+            "parameter": [(tuple(p.shape), str(p.dtype)) for p in self.params],
+            "buffer": [(tuple(b.shape), str(b.dtype)) for b in self.buffers],
+            "option": sorted(dataclasses.asdict(self.options).items()),
+        }
         everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, (mine, mine_buffers), group=self.group)
-        for rank, (params, buffers) in enumerate(everyone):
-            for what, theirs, ours in (
-                ("parameter", params, mine),
-                ("buffer", buffers, mine_buffers),
-            ):
-                if theirs != ours:
-                    diff = next(
-                        (i for i, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b),
-                        min(len(theirs), len(ours)),
-                    )
+        dist.all_gather_object(everyone, mine, group=self.process_group)
+        for what in mine:
+            reference = everyone[0][what]
+            for rank, theirs in enumerate(everyone):
+                if theirs[what] == reference:
+                    continue
+                ours = theirs[what]
+                if what == "option":
+                    keys = [a[0] for a, b in zip(reference, ours, strict=True) if a != b]
                     raise ValueError(
-                        f"rank {rank} and rank {self.rank} disagree on {what} shapes: {len(theirs)} vs "
-                        f"{len(ours)} {what}s, first difference at index {diff}: "
-                        f"{theirs[diff] if diff < len(theirs) else None} vs {ours[diff] if diff < len(ours) else None}"
+                        f"rank {rank} and rank 0 disagree on sync options {', '.join(keys)}: "
+                        f"{dict(ours)} vs {dict(reference)}; every rank must use the same"
                     )
+                diff = next(
+                    (i for i, (a, b) in enumerate(zip(reference, ours, strict=False)) if a != b),
+                    min(len(reference), len(ours)),
+                )
+                raise ValueError(
+                    f"rank {rank} and rank 0 disagree on {what} shapes: {len(ours)} vs "
+                    f"{len(reference)} {what}s, first difference at index {diff}: "
+                    f"{ours[diff] if diff < len(ours) else None} vs "
+                    f"{reference[diff] if diff < len(reference) else None}"
+                )
 
     @torch.no_grad()
     def _broadcast_initial(self) -> None:
         for t in [p.detach() for p in self.params] + self.buffers:
             comm = self._to_comm(t)
-            self._timed(dist.broadcast, comm, src=dist.get_global_rank(self.group, 0))
+            self._timed(dist.broadcast, comm, src=dist.get_global_rank(self.process_group, 0))
             if comm is not t:
                 t.copy_(comm)
             self.stats["broadcast_bytes"] += t.numel() * t.element_size() if self.rank == 0 else 0
 
     @torch.no_grad()
     def _check_step_counts(self) -> None:
-        counts = torch.tensor([self.count, -self.count], dtype=torch.int64)
+        counts = torch.tensor([self.step, -self.step], dtype=torch.int64)
         self._timed(dist.all_reduce, counts, op=dist.ReduceOp.MAX)
         high, low = int(counts[0]), -int(counts[1])
         if high != low:
             raise RuntimeError(
                 f"ranks disagree on the number of optimizer steps at a sync (rank {self.rank} is at "
-                f"step {self.count}; the ranks range from {low} to {high}). Every rank must take the same "
+                f"step {self.step}; the ranks range from {low} to {high}). Every rank must take the same "
                 "number of steps: give each the same number of batches"
             )
 
     @torch.no_grad()
-    def _sync(self, blocking: bool = False) -> None:
-        self._check_step_counts()
+    def _sync(self, blocking: bool = False, checked: bool = False) -> None:
+        if not checked:
+            self._check_step_counts()
         self._sync_buffers()
         self.stats["syncs"] += 1
-        if self.comm_dtype == "bf16":
+        if self.options.comm_dtype == "bf16":
             self._sync_bf16()
-        elif self.shard_slow:
+        elif self.options.shard_slow:
             self._sync_sharded()
-        elif self.overlap and not blocking:
+        elif self.options.overlap and not blocking:
             self._launch_overlapped()
         else:
             self._sync_allreduce()
@@ -334,8 +398,8 @@ class OuterSync:
         self._timed(dist.all_reduce, mean)
         self.stats["bytes"] += self._ring_bytes(self.numel, mean.element_size(), 2)
         mean = mean.to(self.device).div_(self.world_size)
-        self._outer_update(self.slow, mean)
-        self._set_params(self.slow)
+        self._outer_update(self._slow, mean)
+        self._set_params(self._slow)
 
     def _launch_overlapped(self) -> None:
         snapshot = self._flatten_params()
@@ -350,10 +414,10 @@ class OuterSync:
         if work is not None:
             self._timed_wait(work)
         mean = reduced.to(self.device).div_(self.world_size)
-        self._outer_update(self.slow, mean)
+        self._outer_update(self._slow, mean)
         with torch.no_grad():
             now = self._flatten_params()
-            now.sub_(snapshot).add_(self.slow)  # phi_new + local progress since the launch
+            now.sub_(snapshot).add_(self._slow)  # phi_new + local progress since the launch
             self._set_params(now)
 
     def _sync_sharded(self) -> None:
@@ -363,18 +427,18 @@ class OuterSync:
         mean = self._to_comm(torch.empty(self.shard, dtype=self.dtype, device=self.device))
         self._timed(dist.reduce_scatter_tensor, mean, flat)
         mean = mean.to(self.device).div_(self.world_size)
-        self._outer_update(self.slow, mean)
+        self._outer_update(self._slow, mean)
         self._set_params(self._gather_slow())
         self.stats["bytes"] += self._ring_bytes(self.padded, flat.element_size(), 2)
 
     def _gather_slow(self) -> Tensor:
         full = self._to_comm(torch.empty(self.padded, dtype=self.dtype, device=self.device))
-        self._timed(dist.all_gather_into_tensor, full, self._to_comm(self.slow))
+        self._timed(dist.all_gather_into_tensor, full, self._to_comm(self._slow))
         return full.to(self.device)[: self.numel]
 
     def _sync_bf16(self) -> None:
         delta = torch.zeros(self.padded, dtype=torch.float32, device=self.device)
-        delta[: self.numel].copy_(self._flatten_params()).sub_(self.slow)  # theta - phi, in fp32
+        delta[: self.numel].copy_(self._flatten_params()).sub_(self._slow)  # theta - phi, in fp32
         sent = self._to_comm(delta.to(torch.bfloat16))
         received = torch.empty_like(sent)
         self._timed(dist.all_to_all_single, received, sent)  # shard j of every rank -> rank j
@@ -383,29 +447,33 @@ class OuterSync:
         self._timed(dist.all_gather_into_tensor, gathered, mean_shard.to(torch.bfloat16))
         self.stats["bytes"] += 2 * self._ring_bytes(self.padded, 2, 1)
         mean_delta = gathered.to(self.device)[: self.numel].to(self.dtype)
-        self._outer_update(self.slow, mean_delta, is_delta=True)
-        self._set_params(self.slow)
+        self._outer_update(self._slow, mean_delta, is_delta=True)
+        self._set_params(self._slow)
 
     def _outer_update(self, slow: Tensor, target: Tensor, is_delta: bool = False) -> None:
         """``slow`` moves toward the mean weights ``target`` (or by the mean ``delta``)."""
-        if self.outer_buf is None:
+        if self._momentum_buffer is None:
             if is_delta:
-                slow.add_(target, alpha=self.outer_lr)
+                slow.add_(target, alpha=self.options.outer_lr)
             else:
-                slow.lerp_(target, self.outer_lr)  # lerp: lr = 1 copies the mean exactly
+                slow.lerp_(target, self.options.outer_lr)  # lerp: lr = 1 copies the mean exactly
             return
         delta = target if is_delta else target.sub_(slow)
-        self.outer_buf.mul_(self.momentum).add_(delta)
-        step = delta.add_(self.outer_buf, alpha=self.momentum) if self.nesterov else self.outer_buf
-        slow.add_(step, alpha=self.outer_lr)
+        self._momentum_buffer.mul_(self.options.outer_momentum).add_(delta)
+        step = (
+            delta.add_(self._momentum_buffer, alpha=self.options.outer_momentum)
+            if self.options.nesterov
+            else self._momentum_buffer
+        )
+        slow.add_(step, alpha=self.options.outer_lr)
 
     @torch.no_grad()
     def _sync_buffers(self) -> None:
-        if self.buffer_policy == "local" or not self.buffers:
+        if self.options.buffer_policy == "local" or not self.buffers:
             return
         floats = [b for b in self.buffers if b.is_floating_point()]
         others = [b for b in self.buffers if not b.is_floating_point()]
-        if self.buffer_policy == "broadcast":
+        if self.options.buffer_policy == "broadcast":
             others, floats = self.buffers, []
         if floats:
             flat = self._to_comm(torch.cat([b.reshape(-1).float() for b in floats]))
@@ -418,7 +486,46 @@ class OuterSync:
                 offset += b.numel()
         for b in others:
             comm = self._to_comm(b)
-            self._timed(dist.broadcast, comm, src=dist.get_global_rank(self.group, 0))
+            self._timed(dist.broadcast, comm, src=dist.get_global_rank(self.process_group, 0))
             if comm is not b:
                 b.copy_(comm)
             self.stats["bytes"] += b.numel() * b.element_size() if self.rank == 0 else 0
+
+
+def _group_value(groups: list[dict[str, Any]], key: str, option: str, given: float) -> Any:
+    """The optimizer's ``k``/``alpha`` for an option left at 0 (all groups must agree)."""
+    if given:
+        return given
+    values = {g[key] for g in groups if key in g}
+    if not values:
+        raise ValueError(
+            f"{option} = 0 means the optimizer's Lookahead {key!r}, but its param groups have "
+            f"none: give {option}"
+        )
+    if len(values) > 1:
+        raise ValueError(
+            f"the param groups have different {key} {sorted(values)} but sync together: "
+            f"give {option} explicitly"
+        )
+    return values.pop()
+
+
+def distributed_ranger(
+    params: Any,
+    process_group: dist.ProcessGroup | None,
+    options: SyncOptions | None = None,
+    *,
+    buffers: Iterable[Tensor] = (),
+    **ranger_kwargs: Any,
+) -> tuple[Ranger, OuterSync]:
+    """Distributed Ranger in one line: ``Ranger(params, lookahead=False, **ranger_kwargs)`` (RAdam
+    + gradient centralisation, the inner step) with an :class:`OuterSync` holding its Lookahead
+    (``sync_every`` defaults to ``k``, ``outer_lr`` to ``alpha``). Returns ``(optimizer, sync)``:
+    step the optimizer as usual; ``sync.finish()`` at the end; ``sync.slow_weights()`` to
+    evaluate. One worker equals single-process ``Ranger`` bit for bit.
+
+    Raises:
+        ValueError: as :class:`OuterSync` and :class:`~rangerdl.optim.Ranger`.
+    """
+    optimizer = Ranger(params, lookahead=False, **ranger_kwargs)
+    return optimizer, OuterSync(optimizer, process_group, options, buffers=buffers)

@@ -1,20 +1,84 @@
-"""Lookahead around any torch optimizer."""
+"""Lookahead around any torch optimizer; the Lookahead step itself; swapping slow weights in.
+
+Distributed Lookahead (slow weights shared across workers) is ``rangerdl.distributed.OuterSync``,
+which attaches to the inner optimizer instead of wrapping it; its module docstring says why the two
+are kept apart.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from rangerdl.optim._outer import OuterSyncMixin, lookahead_
-
-__all__ = ["Lookahead"]
+__all__ = ["Lookahead", "SlowWeightsHolder", "lookahead_", "use_slow_weights"]
 
 
-class Lookahead(OuterSyncMixin):
+def lookahead_(
+    params: list[Tensor], slow: list[Tensor], alpha: float, *, foreach: bool = True
+) -> None:
+    """The Lookahead step, in place: ``slow += alpha * (param - slow); param = slow``.
+
+    ``lerp`` makes ``alpha = 1`` copy the fast weights exactly. Zhang et al., "Lookahead
+    Optimizer: k steps forward, 1 step back" (2019), Algorithm 1.
+    """
+    if not params:
+        return
+    if foreach and all(p.device.type in ("cpu", "cuda") for p in params):
+        torch._foreach_lerp_(slow, params, alpha)
+        torch._foreach_copy_(params, slow)
+        return
+    for p, s in zip(params, slow, strict=True):
+        s.lerp_(p, alpha)
+        p.copy_(s)
+
+
+def slow_buffers(optimizer: Optimizer) -> list[tuple[Tensor, Tensor]]:
+    """``(parameter, state["slow_buffer"])`` for every parameter of ``optimizer`` that has one."""
+    return [
+        (p, optimizer.state[p]["slow_buffer"])
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if "slow_buffer" in optimizer.state.get(p, {})
+    ]
+
+
+class SlowWeightsHolder(Protocol):
+    """Anything that keeps slow weights: ``Ranger``, ``Lookahead``, ``OuterSync``."""
+
+    def slow_weights(self) -> list[tuple[Tensor, Tensor]]: ...
+
+
+@contextmanager
+def use_slow_weights(holder: SlowWeightsHolder | Optimizer) -> Iterator[None]:
+    """Copy the slow weights into the model's parameters for the ``with`` block (evaluate or save
+    them), then put the fast weights back, so training continues undisturbed::
+
+        with use_slow_weights(optimizer):   # Ranger, Lookahead, or a distributed OuterSync
+            accuracy = evaluate(model)
+
+    An optimizer without slow weights (plain AdamW) leaves the parameters as they are. Costs one
+    copy of the parameters. With ``OuterSync(shard_slow=True)`` it is a collective.
+    """
+    method = getattr(holder, "slow_weights", None)
+    slow = list(method()) if method is not None else []
+    backup = [p.detach().clone() for p, _ in slow]
+    with torch.no_grad():
+        for p, s in slow:
+            p.copy_(s)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (p, _), b in zip(slow, backup, strict=True):
+                p.copy_(b)
+
+
+class Lookahead(Optimizer):
     r"""Lookahead (`Zhang et al., 2019 <https://arxiv.org/abs/1907.08610>`_) around any optimizer.
 
     .. math::
@@ -40,11 +104,10 @@ class Lookahead(OuterSyncMixin):
         optimizer: the inner optimizer (AdamW, SGD, Adagrad, RAdam, ...).
         k: synchronisation period in steps.
         alpha: slow step size in (0, 1].
-        group: a ``torch.distributed`` process group: distributed Lookahead around ``optimizer``
-            (see ``Ranger``'s ``group``; the slow weights then live in an ``OuterSync``).
-        buffers: module buffers to keep in step across ranks.
-        **sync_options: ``sync_every``, ``outer_lr``, ``outer_momentum``, ``nesterov``,
-            ``overlap``, ``shard_slow``, ``comm_dtype``, ``buffer_policy`` (need ``group``).
+
+    Raises:
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+        ValueError: ``k`` not an int >= 1 or ``alpha`` outside (0, 1].
     """
 
     def __init__(
@@ -52,10 +115,6 @@ class Lookahead(OuterSyncMixin):
         optimizer: Optimizer,
         k: int = 6,
         alpha: float = 0.5,
-        *,
-        group: Any = None,
-        buffers: Iterable[Tensor] = (),
-        **sync_options: Any,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -68,7 +127,6 @@ class Lookahead(OuterSyncMixin):
         # Share the inner list itself: add_param_group and schedulers see one set of groups.
         self.param_groups = optimizer.param_groups
         self.defaults = {**optimizer.defaults, "k": k, "alpha": alpha}
-        self._setup_outer(group, buffers, sync_options)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self._wrapping:
@@ -87,17 +145,10 @@ class Lookahead(OuterSyncMixin):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Step the inner optimizer, then the slow weights of parameters at a multiple of k."""
-        if self._outer is not None:  # distributed: the OuterSync keeps phi and does the slow step
-            with torch.enable_grad():
-                loss = (
-                    self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-                )
-            self._after_step()
-            return loss
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state[p]
-                if not state:  # phi starts at theta_0, before the inner step moves it
+                if not state:  # the slow weights start at theta_0, before the inner step
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["slow_buffer"] = p.detach().clone(memory_format=torch.preserve_format)
         with torch.enable_grad():
@@ -119,20 +170,22 @@ class Lookahead(OuterSyncMixin):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def slow_weights(self) -> list[tuple[Tensor, Tensor]]:
+        """``(parameter, slow weights)`` for every parameter that has them (stepped at least
+        once): the model worth evaluating and keeping. See :func:`use_slow_weights`."""
+        return slow_buffers(self)
+
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict under ``"inner"``, plus the slow weights."""
         own = super().state_dict()
         inner = self.optimizer.state_dict()
-        return self._with_outer(
-            {"state": own["state"], "param_groups": own["param_groups"], "inner": inner}
-        )
+        return {"state": own["state"], "param_groups": own["param_groups"], "inner": inner}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "inner" not in state_dict:
             raise ValueError(
                 "Lookahead.load_state_dict: no 'inner' entry; this is not a Lookahead state dict"
             )
-        state_dict = self._split_outer(state_dict)
         self.optimizer.load_state_dict(state_dict["inner"])
         super().load_state_dict(
             {"state": state_dict["state"], "param_groups": state_dict["param_groups"]}

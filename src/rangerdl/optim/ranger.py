@@ -10,9 +10,8 @@ dispatches to one of three implementations that compute the same update:
 * ``foreach``: torch ``_foreach_*`` kernels over all tensors of a device/dtype/step bucket.
 * single-tensor: a plain loop; the reference the others are tested against.
 
-The file is longer than the house limit because it holds, as torch's radam.py does, the class (with
-the algorithm in its docstring), the functional entry point and the three implementations, which
-must stay side by side to stay identical.
+The class (with the algorithm in its docstring), the functional entry point and the three
+implementations sit side by side, as in torch's radam.py, so that they stay identical.
 """
 
 from __future__ import annotations
@@ -24,15 +23,15 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import ParamsT
+from torch.optim.optimizer import Optimizer, ParamsT
 from torch.utils._foreach_utils import (
     _get_foreach_kernels_supported_devices,
     _get_fused_kernels_supported_devices,
 )
 
-from rangerdl.optim._outer import OuterSyncMixin, lookahead_
+from rangerdl.optim.lookahead import lookahead_, slow_buffers
 
-__all__ = ["Ranger", "lookahead_", "ranger", "rectification"]
+__all__ = ["Ranger", "ranger", "rectification"]
 
 _FUSED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -53,7 +52,7 @@ def rectification(step: int, beta2: float, threshold: float) -> float | None:
     )
 
 
-class Ranger(OuterSyncMixin):
+class Ranger(Optimizer):
     r"""Ranger: RAdam with decoupled weight decay, Lookahead and gradient centralisation.
 
     .. math::
@@ -80,7 +79,7 @@ class Ranger(OuterSyncMixin):
                 \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\, \frac{m_t}{\sqrt{v_t} + \epsilon} \\
             &\hspace{5mm}\textbf{else}: \\
             &\hspace{10mm}\theta_t \leftarrow \theta_t - \gamma\, m_t / (1-\beta_1^t) \\
-            &\hspace{5mm}\textbf{if}\: t \bmod k = 0: \\
+            &\hspace{5mm}\textbf{if}\: \text{lookahead and } t \bmod k = 0: \\
             &\hspace{10mm}\phi \leftarrow \phi + \alpha(\theta_t - \phi);\quad \theta_t \leftarrow \phi \\
             &\rule{110mm}{0.4pt} \\[-1.ex]
             &\bf{return}\: \theta_t
@@ -132,16 +131,14 @@ class Ranger(OuterSyncMixin):
         foreach: use the ``torch._foreach_*`` implementation. ``None`` picks the fastest available.
         fused: use PyTorch's fused AdamW kernel for rectified steps. ``None`` picks it when every
             parameter is on a device and dtype the kernel supports.
-        group: a ``torch.distributed`` process group: distributed Ranger. The workers take local
-            steps and every ``sync_every`` (default ``k``) calls of ``step()`` the slow weights,
-            kept by a ``rangerdl.distributed.OuterSync`` and shared by all ranks, move toward the
-            workers' mean (outer step size ``outer_lr``, default ``alpha``). Parameters and
-            ``buffers`` are broadcast from rank 0 here; call ``finish()`` when training ends.
-            The sync clock is the count of ``step()`` calls, the same on every rank.
-        buffers: module buffers to keep in step across ranks (``list(model.buffers())``).
-        **sync_options: ``sync_every``, ``outer_lr``, ``outer_momentum``, ``nesterov``,
-            ``overlap``, ``shard_slow``, ``comm_dtype``, ``buffer_policy``; see ``OuterSync``.
-            Given without ``group`` they are an error.
+        lookahead: keep slow weights and take the Lookahead step. ``False`` leaves RAdam with
+            gradient centralisation (no ``slow_buffer``): the inner step of distributed Ranger,
+            whose ``rangerdl.distributed.OuterSync`` holds the slow weights across workers
+            (``rangerdl.distributed.distributed_ranger`` builds both).
+
+    Raises:
+        ValueError: a hyperparameter out of range (named), complex parameters, ``fused=True`` on
+            an unsupported device or dtype.
     """
 
     def __init__(
@@ -160,9 +157,7 @@ class Ranger(OuterSyncMixin):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
-        group: Any = None,
-        buffers: Iterable[Tensor] = (),
-        **sync_options: Any,
+        lookahead: bool = True,
     ) -> None:
         defaults: dict[str, Any] = {
             "lr": lr,
@@ -177,6 +172,7 @@ class Ranger(OuterSyncMixin):
             "maximize": maximize,
             "foreach": foreach,
             "fused": fused,
+            "lookahead": lookahead,
         }
         _validate_hyperparameters(defaults)
         if fused and foreach:
@@ -184,7 +180,6 @@ class Ranger(OuterSyncMixin):
         super().__init__(params, defaults)
         # Reusable buffers for gradient centralisation on the fused path; not state, never saved.
         self._gc_scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-        self._setup_outer(group, buffers, sync_options)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -207,6 +202,7 @@ class Ranger(OuterSyncMixin):
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+            group.setdefault("lookahead", True)
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if p_state and not torch.is_tensor(p_state["step"]):
@@ -232,14 +228,14 @@ class Ranger(OuterSyncMixin):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if self._outer is None and "slow_buffer" not in state:
-                # phi starts at theta_0; a distributed optimizer keeps phi in its OuterSync instead
-                state["slow_buffer"] = p.detach().clone(memory_format=torch.preserve_format)
+            if group["lookahead"]:
+                if "slow_buffer" not in state:  # the slow weights start at theta_0
+                    state["slow_buffer"] = p.detach().clone(memory_format=torch.preserve_format)
+                slow_buffers.append(state["slow_buffer"])
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
-            slow_buffers.append(state.get("slow_buffer", p))
             state_steps.append(state["step"])
 
     @torch.no_grad()
@@ -262,12 +258,13 @@ class Ranger(OuterSyncMixin):
             slow_buffers: list[Tensor] = []
             state_steps: list[Tensor] = []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, slow_buffers, state_steps)
-            due = ranger(
+            ranger(
                 params,
                 grads,
                 exp_avgs,
                 exp_avg_sqs,
                 state_steps,
+                slow_buffers=slow_buffers if group["lookahead"] else None,
                 beta1=group["betas"][0],
                 beta2=group["betas"][1],
                 lr=group["lr"],
@@ -278,26 +275,18 @@ class Ranger(OuterSyncMixin):
                 gc_conv_only=group["gc_conv_only"],
                 maximize=group["maximize"],
                 k=group["k"],
+                alpha=group["alpha"],
                 foreach=group["foreach"],
                 fused=group["fused"],
                 gc_scratch=self._gc_scratch,
             )
-            if due and self._outer is None:  # distributed: the OuterSync does the slow step
-                slow = [slow_buffers[i] for i in due]
-                lookahead_(
-                    [params[i] for i in due],
-                    slow,
-                    group["alpha"],
-                    foreach=group["foreach"] is not False,
-                )
-        self._after_step()
         return loss
 
-    def state_dict(self) -> dict[str, Any]:
-        return self._with_outer(super().state_dict())
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(self._split_outer(state_dict))
+    def slow_weights(self) -> list[tuple[Tensor, Tensor]]:
+        """``(parameter, slow weights)`` for every parameter that has them (stepped at least once,
+        ``lookahead=True``): the model worth evaluating and keeping; between syncs the parameters
+        hold the fast weights. See :func:`rangerdl.optim.use_slow_weights`."""
+        return slow_buffers(self)
 
 
 def _validate_hyperparameters(group: dict[str, Any]) -> None:
@@ -379,18 +368,26 @@ def ranger(
     gc_conv_only: bool,
     maximize: bool,
     k: int,
+    alpha: float,
+    slow_buffers: list[Tensor] | None = None,
     foreach: bool | None = None,
     fused: bool | None = None,
     gc_scratch: dict[tuple[torch.device, torch.dtype], Tensor] | None = None,
-) -> list[int]:
-    """Functional Ranger fast step (RAdam + gradient centralisation), in place.
+) -> None:
+    """Functional Ranger (see :class:`Ranger` for the math), in place: the RAdam step with
+    gradient centralisation on every parameter, then the Lookahead step on those whose new step
+    count is a multiple of ``k``.
 
-    Advances every ``state_steps`` entry by one and returns the indices of the parameters whose new
-    step is a multiple of ``k``: the caller does their Lookahead step. ``gc_scratch`` is a cache of
-    reusable buffers for the fused path's gradient centralisation (filled on first use).
+    Every list holds one tensor per parameter, shaped like it; ``state_steps`` are float32 scalar
+    tensors, each advanced by one. ``slow_buffers=None`` skips Lookahead (RAdam + GC only).
+    ``gc_scratch`` is a cache of reusable buffers for the fused path's gradient centralisation
+    (filled on first use).
+
+    Raises:
+        ValueError: complex parameters; ``fused=True`` on an unsupported device or dtype.
     """
     if not params:
-        return []
+        return
     for p in params:
         if torch.is_complex(p):
             raise ValueError(
@@ -436,7 +433,10 @@ def ranger(
             _single_tensor_ranger(
                 params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], **hyper
             )
-    return [i for i, s in enumerate(steps) if s % k == 0]
+    if slow_buffers is not None:
+        due = [i for i, s in enumerate(steps) if s % k == 0]
+        _, slow = _pick(due, params, slow_buffers)
+        lookahead_([params[i] for i in due], slow, alpha, foreach=foreach)
 
 
 def _single_tensor_ranger(

@@ -1,4 +1,5 @@
-"""Checkpoints as ``RUN_DIR/checkpoints/step-N/`` folders that appear only when complete.
+"""Checkpoints as ``RUN_DIR/checkpoints/step-N/`` folders that appear only when complete:
+:class:`Checkpointer` saves and restores a run's state; the functions below handle the folders.
 
 A checkpoint folder holds ``model.pt`` (the weights worth keeping: the Lookahead slow weights),
 ``state-rank{R}.pt`` per rank (fast weights, optimizer, scheduler, data position, RNG states, step)
@@ -17,12 +18,18 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from rangerdl._fileio import atomic_write_bytes, atomic_write_text, fsync_dir
+from rangerdl.optim import use_slow_weights
+from rangerdl.train.optimizers import TrainOptimizer
+from rangerdl.train.run_folder import RunFolder
+from rangerdl.train.runtime import Runtime, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +120,97 @@ def resolve(path: Path) -> Path:
         if problem:
             raise ValueError(f"checkpoint {path} is damaged: {problem}")
         return path
-    found = latest_valid(path / "checkpoints")
+    checkpoints = RunFolder(path).checkpoints
+    found = latest_valid(checkpoints)
     if found is None:
-        raise FileNotFoundError(
-            f"{path} holds no complete checkpoint (looked in {path / 'checkpoints'})"
-        )
+        raise FileNotFoundError(f"{path} holds no complete checkpoint (looked in {checkpoints})")
     return found
 
 
 def load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class Checkpointer:
+    """Saves the run's state every ``every`` steps (and when asked) and restores it.
+
+    Per rank, ``state-rank{R}.pt`` holds :attr:`PARTS` (each object's ``state_dict()``), the RNG
+    states, the step, the world size and the training seconds so far; ``model.pt`` (rank 0) holds
+    the model with the slow weights swapped in. All ranks take part in :meth:`save`.
+    """
+
+    PARTS = ("model", "optimizer", "schedule", "sampler")
+    """The objects whose ``state_dict()`` a checkpoint holds (attributes of this class)."""
+
+    run: RunFolder
+    rt: Runtime
+    model: nn.Module
+    optimizer: TrainOptimizer
+    schedule: Any
+    sampler: Any
+    every: int
+    keep: int
+
+    def due(self, step: int, last_step: int) -> bool:
+        """A periodic checkpoint is due after ``step`` (the last step's is written by the caller,
+        after the final sync)."""
+        return bool(self.every) and step % self.every == 0 and step < last_step
+
+    def save(self, step: int, elapsed_s: float) -> Path:
+        """Write ``step-{step}`` (a collective: every rank writes its state, rank 0 the model and
+        the manifest); prune to the newest ``keep``. Returns the folder."""
+        folder = self.run.checkpoints
+        if self.rt.is_main:
+            staging_dir(folder, step)
+        self.rt.barrier()
+        tmp = folder / f".tmp-step-{step}"
+        state = {
+            "step": step,
+            "world_size": self.rt.world_size,
+            "elapsed_s": elapsed_s,
+            **{name: self._part(name).state_dict() for name in self.PARTS},
+            "rng": rng_state(),
+        }
+        name = f"state-rank{self.rt.rank}.pt"
+        digests = {name: write_file(tmp, name, state)}
+        with use_slow_weights(self.optimizer):
+            weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if self.rt.distributed:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * self.rt.world_size
+            dist.all_gather_object(gathered, digests)
+            digests = {k: v for d in gathered for k, v in d.items()}
+        if self.rt.is_main:
+            digests["model.pt"] = write_file(tmp, "model.pt", weights)
+            commit(folder, step, digests, self.keep)
+        self.rt.barrier()
+        return self.run.checkpoint(step)
+
+    def restore(self, folder: Path) -> tuple[int, float]:
+        """Load this rank's state from ``folder``; returns ``(step, training seconds so far)``.
+
+        Raises:
+            FileNotFoundError: this rank's file is missing (another world size?).
+            ValueError: the checkpoint was written by another number of workers.
+        """
+        path = folder / f"state-rank{self.rt.rank}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: was {folder} written by a job with another world size?"
+            )
+        state = load(path)
+        if state["world_size"] != self.rt.world_size:
+            raise ValueError(
+                f"{folder} was written by {state['world_size']} workers, this job has "
+                f"{self.rt.world_size}: each worker's optimizer state is its own, so resume with "
+                "the same number of workers"
+            )
+        for name in self.PARTS:
+            self._part(name).load_state_dict(state[name])
+        set_rng_state(state["rng"])
+        return int(state["step"]), float(state["elapsed_s"])
+
+    def _part(self, name: str) -> Any:
+        return self.optimizer.optimizer if name == "optimizer" else getattr(self, name)

@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from rangerdl.train.run_folder import RunFolder
+
 log = logging.getLogger(__name__)
 
 
@@ -68,7 +70,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
             raise ValueError(
                 "give either a CONFIG or --resume RUN_DIR (a resumed run keeps its config)"
             )
-        saved = args.resume / "config.json"
+        saved = RunFolder(args.resume).config
         if not saved.is_file():
             raise FileNotFoundError(f"{saved} does not exist; is {args.resume} a run folder?")
         cfg = load_config(saved, extra, resumed=True)
@@ -109,7 +111,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"run folder:  {summary['run_dir']}",
         f"checkpoint:  {summary['checkpoint']}",
     ]
-    lines.append(f"TensorBoard: tensorboard --logdir {Path(summary['run_dir']) / 'tb'}")
+    lines.append(
+        f"TensorBoard: tensorboard --logdir {RunFolder(Path(summary['run_dir'])).tensorboard}"
+    )
     return "\n".join(lines)
 
 

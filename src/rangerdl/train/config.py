@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rangerdl.distributed.options import SyncOptions
+
 __all__ = [
     "Config",
     "DataConfig",
@@ -148,27 +150,15 @@ class LogConfig:
 
 
 @dataclass
-class DistributedConfig:
+class DistributedConfig(SyncOptions):
+    """The sync options (``rangerdl.distributed.SyncOptions``: ``sync_every``, ``outer_lr``,
+    ``outer_momentum``, ``nesterov``, ``overlap``, ``shard_slow``, ``comm_dtype``,
+    ``buffer_policy``), plus how the job runs."""
+
     strategy: str = "lookahead"
     """``lookahead``: workers step locally and sync the Lookahead slow weights every
     ``sync_every`` steps; ``ddp``: torch DistributedDataParallel (gradient all-reduce every step);
     ``post_local_sgd``: torch PostLocalSGDOptimizer (periodic model averaging)."""
-    sync_every: int = 0
-    """Steps between syncs (0: the optimizer's ``k``)."""
-    outer_lr: float = 0.0
-    """Outer step size on the averaged pseudo-gradient (0: the optimizer's ``alpha``)."""
-    outer_momentum: float = 0.0
-    """Outer momentum (0: plain Lookahead; > 0: SlowMo; with nesterov: DiLoCo)."""
-    nesterov: bool = False
-    """Nesterov outer momentum."""
-    overlap: bool = False
-    """All-reduce asynchronously while workers take their next local steps; merge one step late."""
-    shard_slow: bool = False
-    """Reduce-scatter + all-gather; each rank keeps 1/W of the slow weights and outer momentum."""
-    comm_dtype: str = "fp32"
-    """``fp32`` or ``bf16``: the dtype of the pseudo-gradient on the wire (accumulated in fp32)."""
-    buffers: str = "average"
-    """Module buffers at each sync: ``average`` (floating buffers), ``local`` or ``broadcast``."""
     backend: str = "auto"
     """``auto`` (NCCL on CUDA, gloo on CPU), ``gloo`` or ``nccl``."""
     timeout_s: float = 300.0
@@ -202,19 +192,26 @@ class Config:
 
     def validate(self) -> None:
         """Checks that span fields; single-field types are checked when values are applied."""
+        from rangerdl.optim.schedules import SCHEDULES
+        from rangerdl.train.data import BUILTIN_SOURCES
+        from rangerdl.train.loop import ON_NAN
+        from rangerdl.train.optimizers import OPTIMIZERS, STRATEGIES
+        from rangerdl.train.runtime import BACKENDS
+
         choices = {
-            ("optim", "name"): ("ranger", "adamw", "radam", "sgd"),
-            ("schedule", "name"): ("constant", "warmup", "cosine", "flat_anneal"),
-            ("train", "on_nan"): ("stop", "skip"),
-            ("distributed", "strategy"): ("lookahead", "ddp", "post_local_sgd"),
-            ("distributed", "comm_dtype"): ("fp32", "bf16"),
-            ("distributed", "buffers"): ("average", "local", "broadcast"),
-            ("distributed", "backend"): ("auto", "gloo", "nccl"),
+            ("optim", "name"): OPTIMIZERS,
+            ("schedule", "name"): SCHEDULES,
+            ("train", "on_nan"): ON_NAN,
+            ("distributed", "strategy"): STRATEGIES,
+            ("distributed", "backend"): BACKENDS,
         }
+        if not self.data.path:
+            choices["data", "source"] = BUILTIN_SOURCES
         for (table, key), valid in choices.items():
             value = getattr(getattr(self, table), key)
             if value not in valid:
                 raise ValueError(f"[{table}] {key} = {value!r}: expected one of {', '.join(valid)}")
+        self.distributed.validate(where="[distributed] ")
         positive = [("train", "steps"), ("data", "batch_size"), ("data", "eval_batch_size")]
         for table, key in positive:
             if getattr(getattr(self, table), key) < 1:
@@ -244,8 +241,17 @@ def _tables() -> dict[str, type]:
     return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
 
 
+RENAMED = {("distributed", "buffers"): "buffer_policy"}
+"""Keys that were renamed: ``(table, old key) -> new key``; the old one is an error naming it."""
+
+
 def apply_tables(cfg: Config, raw: dict[str, Any], *, origin: str) -> None:
-    """Apply ``{table: {key: value}}`` onto ``cfg``, checking names and types."""
+    """Apply ``{table: {key: value}}`` onto ``cfg``, checking names and types.
+
+    Raises:
+        ValueError: an unknown table or key (a renamed key names its new name), or a value of the
+            wrong type, naming ``origin`` and the key.
+    """
     tables = _tables()
     for table, values in raw.items():
         if table not in tables:
@@ -257,6 +263,10 @@ def apply_tables(cfg: Config, raw: dict[str, Any], *, origin: str) -> None:
         section = getattr(cfg, table)
         hints = typing.get_type_hints(type(section))
         for key, value in values.items():
+            if (table, key) in RENAMED:
+                raise ValueError(
+                    f"{origin}: [{table}] {key} was renamed; use {RENAMED[table, key]} instead"
+                )
             if key not in hints:
                 valid = ", ".join(hints)
                 raise ValueError(f"{origin}: unknown key {key!r} in [{table}]; valid keys: {valid}")

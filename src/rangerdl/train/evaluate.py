@@ -1,30 +1,89 @@
-"""``rangerdl eval``: the saved model of a run or checkpoint on a split of its dataset."""
+"""Evaluation: a model on a split (all ranks share the work), periodic validation on the slow
+weights, and ``rangerdl eval`` on a saved checkpoint."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from rangerdl.optim import use_slow_weights
 from rangerdl.train import checkpoint as ckpt
 from rangerdl.train.config import load_config
-from rangerdl.train.loop import Task, evaluate, open_data
+from rangerdl.train.data import open_data
 from rangerdl.train.models import build_model
+from rangerdl.train.optimizers import TrainOptimizer
+from rangerdl.train.run_folder import RunFolder
 from rangerdl.train.runtime import Runtime, init_runtime
+from rangerdl.train.task import Task
+
+__all__ = ["evaluate", "evaluate_checkpoint", "validate"]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, dataset: Any, task: Task, rt: Runtime, batch_size: int, max_batches: int = 0
+) -> dict[str, float]:
+    """The task's metrics (``loss``, ``accuracy``, ...) of ``model`` over ``dataset`` (the first
+    ``max_batches * batch_size`` samples when ``max_batches > 0``); each rank evaluates a strided
+    share and the sums are all-reduced, so every rank returns the same numbers."""
+    from rangerdl.data import collate
+
+    n = len(dataset) if not max_batches else min(len(dataset), max_batches * batch_size)
+    shard = torch.utils.data.Subset(dataset, range(rt.rank, n, rt.world_size))
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, collate_fn=collate)
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0.0, 0.0
+    for batch in loader:
+        x, y = batch["x"].to(rt.device), batch["y"].to(rt.device)
+        logits = model(x)
+        losses = task.per_sample_losses(logits, y)
+        loss_sum += losses.double().sum().item()
+        if task.kind != "regression":
+            correct += (logits.argmax(-1) == y).double().sum().item()
+        count += losses.numel()
+    model.train(was_training)
+    return task.metrics(*rt.all_sum([loss_sum, correct, count]))
+
+
+def validate(
+    train_optimizer: TrainOptimizer,
+    dataset: Any,
+    task: Task,
+    rt: Runtime,
+    *,
+    batch_size: int,
+    max_batches: int,
+    prefix: str,
+) -> dict[str, float]:
+    """:func:`evaluate` on the slow weights (swapped in for the pass), tags ``prefix/name``."""
+    with use_slow_weights(train_optimizer):
+        metrics = evaluate(
+            train_optimizer.raw_model, dataset, task, rt, batch_size, max_batches=max_batches
+        )
+    return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
 
 def evaluate_checkpoint(path: Path, split: str = "test") -> dict[str, Any]:
+    """``rangerdl eval``: the ``model.pt`` of a checkpoint (or a run's latest valid one) on
+    ``split`` of the run's dataset, in this process.
+
+    Raises:
+        FileNotFoundError: no checkpoint, or the run's ``config.json`` is missing.
+        ValueError: the dataset has no such split; a damaged checkpoint.
+    """
     folder = ckpt.resolve(path)
-    run_dir = folder.parent.parent
-    saved = run_dir / "config.json"
+    saved = RunFolder(folder.parent.parent).config
     if not saved.is_file():
         raise FileNotFoundError(
             f"{saved} does not exist; the checkpoint must sit in RUN_DIR/checkpoints/"
         )
     cfg = load_config(saved)
-    rt: Runtime = init_runtime(
-        cfg.train.device, "gloo", cfg.train.threads, cfg.distributed.timeout_s
-    )
-    splits = open_data(cfg, rt)
+    rt = init_runtime(cfg.train.device, "gloo", cfg.train.threads, cfg.distributed.timeout_s)
+    splits = open_data(cfg.data, rt)
     if split not in splits:
         raise ValueError(f"the dataset has no {split!r} split; it has {', '.join(splits)}")
     task = Task.from_metadata(splits["train"].metadata)

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rangerdl.train.run_folder import RunFolder
+
 log = logging.getLogger(__name__)
 
 
@@ -31,7 +33,7 @@ class MetricsLogger:
         start_step: int,
     ) -> None:
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = RunFolder(run_dir).metrics
         self._tb: Any = None
         self._bar: Any = None
         self._last_line = time.monotonic()
@@ -51,7 +53,8 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(
-                str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None
+                str(RunFolder(run_dir).tensorboard),
+                purge_step=start_step + 1 if start_step else None,
             )
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
@@ -93,7 +96,7 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
+    path = RunFolder(run_dir).metrics
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; is {run_dir} a run folder?")
     return [json.loads(line) for line in path.read_text().splitlines() if line]

@@ -1,27 +1,39 @@
-"""Build the optimizer (and the module to call forward on) from ``[optim]`` and ``[distributed]``."""
+"""Build the optimizer, the module to call forward on, and the sync from ``[optim]`` and
+``[distributed]``."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from rangerdl.distributed import OuterSync
 from rangerdl.distributed.cost import ring_bytes
 from rangerdl.optim import Lookahead, Ranger
-from rangerdl.train.config import Config
+from rangerdl.train.config import Config, OptimConfig
 from rangerdl.train.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_optimizer", "make_local_optimizer"]
+__all__ = ["OPTIMIZERS", "STRATEGIES", "TrainOptimizer", "build_optimizer", "make_optimizer"]
+
+OPTIMIZERS = ("ranger", "adamw", "radam", "sgd")
+"""``[optim] name`` values."""
+STRATEGIES = ("lookahead", "ddp", "post_local_sgd")
+"""``[distributed] strategy`` values: distributed Lookahead (``OuterSync``) and torch's baselines."""
 
 
-def make_local_optimizer(cfg: Config, params: Any, **ranger_sync: Any) -> torch.optim.Optimizer:
-    """The ``[optim]`` optimizer; ``ranger_sync`` (``group=``, ...) makes Ranger distributed."""
-    o = cfg.optim
+def make_optimizer(
+    o: OptimConfig, params: Iterable[Tensor], *, lookahead: bool = True
+) -> torch.optim.Optimizer:
+    """The ``[optim]`` optimizer over ``params``. ``lookahead=False`` gives the inner optimizer
+    only (``Ranger(lookahead=False)``, or AdamW/RAdam/SGD without the ``Lookahead`` wrapper):
+    distributed Lookahead attaches an ``OuterSync`` to it instead."""
     betas = (o.betas[0], o.betas[1])
     if o.name == "ranger":
         return Ranger(
@@ -35,7 +47,7 @@ def make_local_optimizer(cfg: Config, params: Any, **ranger_sync: Any) -> torch.
             threshold=o.threshold,
             use_gc=o.use_gc,
             gc_conv_only=o.gc_conv_only,
-            **ranger_sync,
+            lookahead=lookahead,
         )
     inner: torch.optim.Optimizer
     if o.name == "adamw":
@@ -54,21 +66,24 @@ def make_local_optimizer(cfg: Config, params: Any, **ranger_sync: Any) -> torch.
     elif o.name == "sgd":
         inner = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     else:
-        raise ValueError(f"[optim] name = {o.name!r}: expected ranger, adamw, radam or sgd")
-    return Lookahead(inner, k=o.k, alpha=o.alpha) if o.lookahead else inner
+        raise ValueError(f"[optim] name = {o.name!r}: expected one of {', '.join(OPTIMIZERS)}")
+    return Lookahead(inner, k=o.k, alpha=o.alpha) if o.lookahead and lookahead else inner
 
 
+@dataclass
 class CommCounter:
-    """Bytes and syncs for the torch baselines, counted like ``OuterSync`` counts its own: a ring
-    all-reduce sends 2 (W-1)/W x values x bytes per rank. ``comm/time_s`` is measured only where
-    the collective blocks (PostLocalSGD's averaging); DDP overlaps its all-reduce with backward."""
+    """Bytes and syncs for the torch baselines, counted as ``OuterSync`` counts its own
+    (:func:`rangerdl.distributed.cost.ring_bytes`). ``comm/time_s`` is measured only where the
+    collective blocks (PostLocalSGD's averaging); DDP overlaps its all-reduce with backward."""
 
-    def __init__(self, world_size: int) -> None:
-        self.world_size = world_size
-        self.bytes, self.syncs, self.time_s, self.broadcast_bytes = 0, 0, 0.0, 0
+    world_size: int
+    bytes: int = 0
+    syncs: int = 0
+    time_s: float = 0.0
+    broadcast_bytes: int = 0
 
-    def all_reduce(self, tensor: torch.Tensor) -> None:
-        self.bytes += ring_bytes(tensor.numel(), tensor.element_size(), self.world_size)
+    def all_reduce(self, numel: int, element_size: int) -> None:
+        self.bytes += ring_bytes(numel, element_size, self.world_size)
 
     def stats(self) -> dict[str, float]:
         out = {
@@ -81,85 +96,114 @@ class CommCounter:
         return out
 
 
-def build_optimizer(cfg: Config, model: nn.Module, rt: Runtime) -> tuple[Any, nn.Module, Any]:
-    """``(optimizer, forward_module, comm_stats)``. Single process: the ``[optim]`` optimizer, the
-    model, no stats. Several processes: per ``[distributed] strategy``."""
+@dataclass
+class TrainOptimizer:
+    """What the loop drives: step ``optimizer``, call ``model`` forward, evaluate and save the
+    weights of ``slow_weights`` (see :func:`rangerdl.optim.use_slow_weights`), call ``finish()``
+    when training ends."""
+
+    optimizer: torch.optim.Optimizer
+    """What the loop steps (Ranger, AdamW, Lookahead, PostLocalSGDOptimizer, ...)."""
+    model: nn.Module
+    """The module to call forward on: the DDP wrapper, or the raw model."""
+    raw_model: nn.Module
+    """The model itself (its ``state_dict`` is what is saved)."""
+    sync: OuterSync | None = None
+    """Distributed Lookahead's outer sync, when ``strategy = "lookahead"`` across processes."""
+    counter: CommCounter | None = None
+    """Byte accounting of the torch baselines."""
+    skip_needs_backward: bool = field(default=False)
+    """DDP: a skipped (non-finite) step must still run backward, so every rank joins the
+    gradient all-reduce."""
+
+    def slow_weights(self) -> list[tuple[Tensor, Tensor]]:
+        """``(parameter, slow weights)``: the model worth keeping; empty without Lookahead."""
+        holder: Any = self.sync if self.sync is not None else self.optimizer
+        method = getattr(holder, "slow_weights", None)
+        return list(method()) if method is not None else []
+
+    def comm_stats(self) -> dict[str, float]:
+        """``comm/*`` (and ``mem/outer_state_bytes``) counters; empty in a single process."""
+        if self.sync is not None:
+            return self.sync.comm_stats()
+        return self.counter.stats() if self.counter is not None else {}
+
+    def finish(self) -> None:
+        """Distributed Lookahead: a final sync, so every rank holds the slow weights."""
+        if self.sync is not None:
+            self.sync.finish()
+
+
+def build_optimizer(cfg: Config, model: nn.Module, rt: Runtime) -> TrainOptimizer:
+    """Single process: the ``[optim]`` optimizer. Several processes: per ``[distributed]
+    strategy``; the initial weights and buffers are broadcast from rank 0 in every strategy."""
     if not rt.distributed:
-        return make_local_optimizer(cfg, model.parameters()), model, None
+        return TrainOptimizer(make_optimizer(cfg.optim, model.parameters()), model, model)
     strategy = cfg.distributed.strategy
+    if strategy == "lookahead":
+        inner = make_optimizer(cfg.optim, model.parameters(), lookahead=False)
+        options = cfg.distributed.resolved(k=cfg.optim.k, alpha=cfg.optim.alpha)
+        import torch.distributed as dist
+
+        sync = OuterSync(inner, dist.group.WORLD, options, buffers=model.buffers())
+        return TrainOptimizer(inner, model, model, sync=sync)
     counter = CommCounter(rt.world_size)
-    if rt.is_main:  # DDP and PostLocalSGD broadcast rank 0's weights and buffers once, as OuterSync
+    if rt.is_main:  # DDP and PostLocalSGD broadcast rank 0's weights and buffers once
         tensors = [*model.parameters(), *model.buffers()]
         counter.broadcast_bytes = sum(t.numel() * t.element_size() for t in tensors)
     if strategy == "ddp":
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+        ddp = _counting_ddp(model, rt, counter)
+        optimizer = make_optimizer(cfg.optim, ddp.parameters())
+        return TrainOptimizer(optimizer, ddp, model, counter=counter, skip_needs_backward=True)
+    assert strategy == "post_local_sgd", strategy
+    return TrainOptimizer(_post_local_sgd(cfg, model, counter), model, model, counter=counter)
 
-        ddp = nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.device] if rt.device.type == "cuda" else None
-        )
 
-        def counting_allreduce(state, bucket):
-            # (unannotated: DDP checks the annotations at runtime, and ours would be strings)
-            counter.all_reduce(bucket.buffer())
-            if bucket.is_last():
+def _counting_ddp(model: nn.Module, rt: Runtime, counter: CommCounter) -> nn.Module:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    ddp = nn.parallel.DistributedDataParallel(
+        model, device_ids=[rt.device] if rt.device.type == "cuda" else None
+    )
+
+    def counting_allreduce(state, bucket):
+        # (unannotated: DDP checks the annotations at runtime, and ours would be strings)
+        buffer = bucket.buffer()
+        counter.all_reduce(buffer.numel(), buffer.element_size())
+        if bucket.is_last():
+            counter.syncs += 1
+        return default_hooks.allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, counting_allreduce)
+    return ddp
+
+
+def _post_local_sgd(cfg: Config, model: nn.Module, counter: CommCounter) -> Any:
+    import torch.distributed as dist
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+    from torch.distributed.optim import PostLocalSGDOptimizer
+
+    numel = sum(p.numel() for p in model.parameters())
+
+    class CountingAverager(PeriodicModelAverager):
+        def average_parameters(self, params: Any) -> None:
+            due = (
+                self.step >= self.warmup_steps
+                and (self.step - self.warmup_steps) % self.period == 0
+            )
+            t0 = time.perf_counter()
+            super().average_parameters(params)
+            if due:
+                counter.time_s += time.perf_counter() - t0
                 counter.syncs += 1
-            return default_hooks.allreduce_hook(state, bucket)
-
-        ddp.register_comm_hook(None, counting_allreduce)
-        return make_local_optimizer(cfg, ddp.parameters()), ddp, counter.stats
-    if strategy == "post_local_sgd":
-        from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
-        from torch.distributed.optim import PostLocalSGDOptimizer
-
-        class CountingAverager(PeriodicModelAverager):
-            def average_parameters(self, params: Any) -> None:
-                due = (
-                    self.step >= self.warmup_steps
-                    and (self.step - self.warmup_steps) % self.period == 0
-                )
-                t0 = time.perf_counter()
-                super().average_parameters(params)
-                if due:
-                    counter.time_s += time.perf_counter() - t0
-                    counter.syncs += 1
-                    counter.all_reduce(torch.empty(sum(p.numel() for p in model.parameters())))
-
-        _broadcast_module(model)
-        period = cfg.distributed.sync_every or cfg.optim.k
-        # warmup_steps = period - 1: averages after steps k, 2k, ... as the Lookahead strategy syncs
-        averager = CountingAverager(period=period, warmup_steps=period - 1)
-        optimizer = PostLocalSGDOptimizer(
-            optim=make_local_optimizer(cfg, model.parameters()), averager=averager
-        )
-        return optimizer, model, counter.stats
-    # lookahead: the user-facing API itself, Ranger(..., group=) or Lookahead(any, group=)
-    import torch.distributed as dist
-
-    d = cfg.distributed
-    sync: dict[str, Any] = {
-        "group": dist.group.WORLD,
-        "buffers": list(model.buffers()),
-        "sync_every": d.sync_every or cfg.optim.k,
-        "outer_lr": d.outer_lr or cfg.optim.alpha,
-        "outer_momentum": d.outer_momentum,
-        "nesterov": d.nesterov,
-        "overlap": d.overlap,
-        "shard_slow": d.shard_slow,
-        "comm_dtype": d.comm_dtype,
-        "buffer_policy": d.buffers,
-    }
-    local = make_local_optimizer(cfg, model.parameters())
-    if isinstance(local, Ranger):
-        ranger = make_local_optimizer(cfg, model.parameters(), **sync)
-        return ranger, model, ranger.comm_stats  # type: ignore[attr-defined]
-    inner = local.optimizer if isinstance(local, Lookahead) else local
-    wrapped = Lookahead(inner, k=cfg.optim.k, alpha=cfg.optim.alpha, **sync)
-    return wrapped, model, wrapped.comm_stats
-
-
-def _broadcast_module(model: nn.Module) -> None:
-    import torch.distributed as dist
+                counter.all_reduce(numel, 4)
 
     with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
+        for t in [*model.parameters(), *model.buffers()]:
             dist.broadcast(t, src=0)
+    period = cfg.distributed.resolved(k=cfg.optim.k, alpha=cfg.optim.alpha).sync_every
+    # warmup_steps = period - 1: averages after steps k, 2k, ... as the Lookahead strategy syncs
+    averager = CountingAverager(period=period, warmup_steps=period - 1)
+    return PostLocalSGDOptimizer(
+        optim=make_optimizer(cfg.optim, model.parameters()), averager=averager
+    )

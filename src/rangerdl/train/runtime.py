@@ -12,7 +12,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Runtime", "init_runtime", "rng_state", "set_rng_state"]
+__all__ = ["BACKENDS", "Runtime", "init_runtime", "rng_state", "set_rng_state"]
+
+BACKENDS = ("auto", "gloo", "nccl")
+"""``[distributed] backend`` values: ``auto`` is NCCL on CUDA, gloo on CPU."""
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,98 @@
+"""The options of the outer sync, in one dataclass used by ``OuterSync``, the trainer's
+``[distributed]`` table and ``distributed_ranger`` (no torch import: the config reads it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["BUFFER_POLICIES", "COMM_DTYPES", "SyncOptions"]
+
+BUFFER_POLICIES = ("average", "local", "broadcast")
+"""What happens to module buffers (BatchNorm statistics) at each sync."""
+COMM_DTYPES = ("fp32", "bf16")
+"""The dtype of what travels at a sync."""
+
+
+@dataclass
+class SyncOptions:
+    """How the slow weights (the shared global model) are synchronised across workers.
+
+    Every ``sync_every`` optimizer steps, with W workers holding fast weights theta_i and all
+    holding the same slow weights phi, the averaged pseudo-gradient d = mean_i(theta_i) - phi moves
+    the slow weights (Lookahead, Zhang et al. 2019; SlowMo, Wang et al. 2020; DiLoCo, Douillard
+    et al. 2023):
+
+        outer_momentum = 0:  phi <- phi + outer_lr * d          (outer_lr = 1: local SGD)
+        outer_momentum = mu: m <- mu m + d;  phi <- phi + outer_lr * (d + mu m if nesterov else m)
+
+    then every theta_i <- phi.
+    """
+
+    sync_every: int = 0
+    """Optimizer steps between syncs (0: the optimizer's Lookahead ``k``)."""
+    outer_lr: float = 0.0
+    """Outer step size on the averaged pseudo-gradient, in (0, 2] (0: the Lookahead ``alpha``)."""
+    outer_momentum: float = 0.0
+    """Outer momentum in [0, 1) (0: plain Lookahead; > 0: SlowMo; with ``nesterov``: DiLoCo)."""
+    nesterov: bool = False
+    """Nesterov outer momentum (needs ``outer_momentum > 0``)."""
+    overlap: bool = False
+    """All-reduce asynchronously while workers take their next local step; merge one step late,
+    keeping the local progress made meanwhile."""
+    shard_slow: bool = False
+    """Reduce-scatter + all-gather: each rank keeps 1/W of the slow weights and outer momentum."""
+    comm_dtype: str = "fp32"
+    """``fp32`` (the weights are all-reduced) or ``bf16`` (the pseudo-gradient travels in bf16 and
+    is summed in fp32: half the bytes)."""
+    buffer_policy: str = "average"
+    """Module buffers at each sync: ``average`` floating buffers (integer ones such as
+    ``num_batches_tracked`` from rank 0), ``broadcast`` all from rank 0, or ``local``."""
+
+    def resolved(self, k: int, alpha: float) -> SyncOptions:
+        """A copy with ``sync_every = 0`` replaced by ``k`` and ``outer_lr = 0`` by ``alpha``
+        (the inner optimizer's Lookahead settings), validated."""
+        out = dataclasses.replace(
+            SyncOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SyncOptions)}),
+            sync_every=self.sync_every or k,
+            outer_lr=self.outer_lr or alpha,
+        )
+        out.validate()
+        return out
+
+    def validate(self, where: str = "") -> None:
+        """Raise ``ValueError`` (prefixed with ``where``, e.g. ``"[distributed] "``) for a value out
+        of range or options that cannot combine. ``0`` for ``sync_every``/``outer_lr`` is valid
+        (it means "the optimizer's own")."""
+        s = self.sync_every
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"{where}sync_every must be an int >= 1 (or 0: k), got {s!r}")
+        if not 0.0 <= self.outer_lr <= 2.0:
+            raise ValueError(
+                f"{where}outer_lr must be in (0, 2] (or 0: alpha), got {self.outer_lr}"
+            )
+        if not 0.0 <= self.outer_momentum < 1.0:
+            raise ValueError(f"{where}outer_momentum must be in [0, 1), got {self.outer_momentum}")
+        if self.nesterov and self.outer_momentum == 0.0:
+            raise ValueError(f"{where}nesterov = true needs outer_momentum > 0")
+        if self.comm_dtype not in COMM_DTYPES:
+            raise ValueError(
+                f"{where}comm_dtype must be one of {', '.join(COMM_DTYPES)}, got {self.comm_dtype!r}"
+            )
+        if self.buffer_policy not in BUFFER_POLICIES:
+            raise ValueError(
+                f"{where}buffer_policy must be one of {', '.join(BUFFER_POLICIES)}, "
+                f"got {self.buffer_policy!r}"
+            )
+        if self.shard_slow and self.comm_dtype == "bf16":
+            raise ValueError(
+                f"{where}shard_slow and comm_dtype = 'bf16' cannot combine: a rank that keeps 1/W of "
+                "the slow weights cannot form the pseudo-gradient (theta - phi) of the rest, so the "
+                "weights themselves would travel in bf16; use one or the other"
+            )
+        if self.overlap and (self.shard_slow or self.comm_dtype != "fp32"):
+            raise ValueError(
+                f"{where}overlap combines only with the plain fp32 all-reduce (not with shard_slow "
+                "or bf16): those need a second collective that depends on the first"
+            )
