@@ -99,6 +99,9 @@ class Ranger(Optimizer):
     * Gradient centralisation works on a copy: ``p.grad`` is never modified.
     * Unrectified steps (``rho_t <= threshold``) are SGD steps with bias-corrected momentum, never
       skipped or reversed (``pytorch_optimizer.Ranger``'s default reverses them).
+    * GC skips tensors whose centralised dimensions hold one value (fan-in 1: ``Linear(1, H)``,
+      ``Embedding(n, 1)``, a 1x1 conv on one channel): the references centralise them to an
+      all-zero gradient, so those weights never train.
     * ``k``, ``alpha``, ``threshold``, ``use_gc`` and ``gc_conv_only`` are per param group: visible to
       schedulers and saved in ``state_dict()``.
 
@@ -189,6 +192,11 @@ class Ranger(Optimizer):
             if torch.is_complex(p):
                 raise ValueError(
                     "Ranger does not support complex parameters; pass torch.view_as_real(p) instead"
+                )
+            if not p.is_floating_point():
+                raise ValueError(
+                    f"Ranger: a parameter has dtype {p.dtype}; only floating point parameters "
+                    "can be optimised"
                 )
         if group["fused"]:
             _check_fused_support(group["params"])
@@ -293,13 +301,16 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
     lr, (beta1, beta2) = group["lr"], group["betas"]
     if isinstance(lr, Tensor):
         raise ValueError("Ranger: lr must be a Python float, not a Tensor")
-    if not lr >= 0.0:
-        raise ValueError(f"Ranger: invalid lr {lr}; expected >= 0")
-    if not group["eps"] >= 0.0:
-        raise ValueError(f"Ranger: invalid eps {group['eps']}; expected >= 0")
+    if not 0.0 <= lr < math.inf:
+        raise ValueError(f"Ranger: invalid lr {lr}; expected a finite number >= 0")
+    if not 0.0 < group["eps"] < math.inf:
+        raise ValueError(
+            f"Ranger: invalid eps {group['eps']}; expected a finite number > 0 (with eps = 0 a "
+            "weight whose gradient is exactly zero becomes 0/0 = NaN once rectified)"
+        )
     if not 0.0 <= beta1 < 1.0 or not 0.0 <= beta2 < 1.0:
         raise ValueError(f"Ranger: invalid betas {group['betas']}; expected each in [0, 1)")
-    if not group["weight_decay"] >= 0.0:
+    if not 0.0 <= group["weight_decay"] < math.inf:
         raise ValueError(f"Ranger: invalid weight_decay {group['weight_decay']}; expected >= 0")
     k = group["k"]
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -333,6 +344,13 @@ def _foreach_ok(params: list[Tensor]) -> bool:
     return all(p.device.type in devices for p in params)
 
 
+def _centralisable(g: Tensor, min_dim: int) -> bool:
+    """GC applies to tensors of more than ``min_dim`` dimensions whose centralised dimensions
+    (1..n-1) hold more than one value: with one value (fan-in 1: ``Linear(1, H)``, ``Embedding(n,
+    1)``, a 1x1 conv on one channel) centralising would zero the gradient for good."""
+    return g.dim() > min_dim and g[0].numel() > 1
+
+
 def _centralize(
     grads: list[Tensor], *, use_gc: bool, gc_conv_only: bool, maximize: bool
 ) -> list[Tensor]:
@@ -345,7 +363,7 @@ def _centralize(
     for g in grads:
         if maximize:
             g = -g
-        if use_gc and g.dim() > min_dim:
+        if use_gc and _centralisable(g, min_dim):
             g = g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True)
         out.append(g)
     return out
@@ -564,7 +582,9 @@ def _fused_rectified_step(
             **adamw,
         )
 
-    central = [i for i, g in enumerate(grads) if gc_min_dim is not None and g.dim() > gc_min_dim]
+    central = [
+        i for i, g in enumerate(grads) if gc_min_dim is not None and _centralisable(g, gc_min_dim)
+    ]
     plain = sorted(set(range(len(params))) - set(central))
     if plain:
         kernel(*_pick(plain, params, grads, exp_avgs, exp_avg_sqs))

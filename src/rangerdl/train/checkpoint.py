@@ -69,10 +69,39 @@ def commit(checkpoints: Path, step: int, digests: dict[str, str], keep: int) -> 
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(checkpoints)
+    _verified.add(final)
     if keep > 0:
-        for old in list_checkpoints(checkpoints)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(checkpoints, step, keep)
     return final
+
+
+_verified: set[Path] = set()  # checkpoint folders this process wrote or verified
+
+
+def prune(checkpoints: Path, step: int, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints that verify, at or below ``step`` (the one just
+    written counts first); delete older ones. A damaged one is moved aside with a warning and
+    never counted, so retention never deletes the last good checkpoints."""
+    found = [c for c in list_checkpoints(checkpoints) if int(c.name.split("-")[1]) <= step]
+    kept = 0
+    for folder in reversed(found):
+        if kept >= keep:
+            _verified.discard(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        problem = None if folder in _verified else verify(folder)
+        if problem is None:
+            _verified.add(folder)
+            kept += 1
+            continue
+        _move_aside(folder, problem)
+
+
+def _move_aside(folder: Path, problem: str) -> None:
+    aside = folder.with_name(f"damaged-{folder.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(folder, aside)
+    log.warning("skipping checkpoint %s: %s; moved aside to %s", folder, problem, aside)
 
 
 def list_checkpoints(checkpoints: Path) -> list[Path]:
@@ -90,9 +119,15 @@ def verify(folder: Path) -> str | None:
         return f"{manifest} is missing (incomplete checkpoint)"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as exc:
+        if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+        ):
+            raise ValueError("'files' is not a table of file names and checksums")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         return f"{manifest} is unreadable: {exc}"
     for name, digest in files.items():
+        if "/" in name or name.startswith("."):
+            return f"{manifest} names a file outside the checkpoint: {name!r}"
         path = folder / name
         if not path.is_file():
             return f"{path} is missing"
@@ -101,13 +136,22 @@ def verify(folder: Path) -> str | None:
     return None
 
 
-def latest_valid(checkpoints: Path) -> Path | None:
-    """The newest checkpoint that verifies; damaged ones are skipped with a warning."""
+def latest_valid(checkpoints: Path, *, move_damaged: bool = False) -> Path | None:
+    """The newest checkpoint that verifies; damaged ones are skipped with a warning.
+
+    ``move_damaged`` (a run about to continue from the result): each damaged checkpoint newer
+    than it is renamed ``damaged-step-N`` (named in the warning), so retention never counts it and
+    the steps it covered are written again.
+    """
     for folder in reversed(list_checkpoints(checkpoints)):
         problem = verify(folder)
         if problem is None:
+            _verified.add(folder)
             return folder
-        log.warning("skipping checkpoint %s: %s", folder, problem)
+        if move_damaged:
+            _move_aside(folder, problem)
+        else:
+            log.warning("skipping checkpoint %s: %s", folder, problem)
     return None
 
 
@@ -128,7 +172,27 @@ def resolve(path: Path) -> Path:
 
 
 def load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint file: tensors and plain types only (``weights_only=True``).
+
+    Raises:
+        ValueError: the file holds other objects (pickled code) or is not a torch file.
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError):
+            first = "it holds objects other than tensors and plain types"
+        raise ValueError(
+            f"{path}: not a loadable checkpoint file ({first}); refusing to load it"
+        ) from None
+
+
+class CheckpointError(RuntimeError):
+    """Writing a checkpoint failed (a full disk, ...); the message names it and the last complete
+    one, and the partial files are gone."""
 
 
 @dataclass
@@ -161,10 +225,22 @@ class Checkpointer:
         """Write ``step-{step}`` (a collective: every rank writes its state, rank 0 the model and
         the manifest); prune to the newest ``keep``. Returns the folder."""
         folder = self.run.checkpoints
+        tmp = folder / f".tmp-step-{step}"
+        try:
+            return self._save(step, elapsed_s, folder, tmp)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = latest_valid(folder)
+            raise CheckpointError(
+                f"writing checkpoint {self.run.checkpoint(step)} failed: {exc}; the temporary files "
+                f"were removed; the last complete checkpoint is "
+                f"{last if last is not None else 'none'}"
+            ) from exc
+
+    def _save(self, step: int, elapsed_s: float, folder: Path, tmp: Path) -> Path:
         if self.rt.is_main:
             staging_dir(folder, step)
         self.rt.barrier()
-        tmp = folder / f".tmp-step-{step}"
         state = {
             "step": step,
             "world_size": self.rt.world_size,
@@ -201,6 +277,10 @@ class Checkpointer:
                 f"{path} is missing: was {folder} written by a job with another world size?"
             )
         state = load(path)
+        if not isinstance(state, dict) or not all(
+            k in state for k in (*self.PARTS, "rng", "step", "elapsed_s", "world_size")
+        ):
+            raise ValueError(f"{path}: not a rangerdl training state (missing entries)")
         if state["world_size"] != self.rt.world_size:
             raise ValueError(
                 f"{folder} was written by {state['world_size']} workers, this job has "
@@ -208,7 +288,14 @@ class Checkpointer:
                 "the same number of workers"
             )
         for name in self.PARTS:
-            self._part(name).load_state_dict(state[name])
+            try:
+                self._part(name).load_state_dict(state[name])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                first = str(exc).strip().splitlines()[0]
+                raise ValueError(
+                    f"{path}: the saved {name} state does not fit this run's {name} ({first}); "
+                    "was the model, optimizer or dataset changed since the checkpoint was written?"
+                ) from exc
         set_rng_state(state["rng"])
         return int(state["step"]), float(state["elapsed_s"])
 

@@ -30,11 +30,21 @@ def register(sub: Any) -> None:
         metavar="RUN_DIR",
         help="continue this run from its latest checkpoint",
     )
+    p.add_argument(
+        "--trust-run-code",
+        action="store_true",
+        help="with --resume: allow the run's config.json to name a model factory to import",
+    )
     p.set_defaults(run=_train, accepts_extra=True)
 
     p = sub.add_parser("eval", help="evaluate a run's (or a checkpoint's) model on the test split")
     p.add_argument("path", type=Path, metavar="RUN_DIR|CHECKPOINT_DIR")
     p.add_argument("--split", default="test", help="which split (default: test)")
+    p.add_argument(
+        "--trust-run-code",
+        action="store_true",
+        help="allow the run's config.json to name a model factory to import",
+    )
     p.set_defaults(run=_eval)
 
     p = sub.add_parser("plot", help="loss and metric curves of runs against step and wall time")
@@ -62,6 +72,7 @@ def _config_keys() -> str:
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
+    from rangerdl.train.checkpoint import CheckpointError
     from rangerdl.train.config import load_config
     from rangerdl.train.loop import TrainingError, train
 
@@ -73,12 +84,12 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         saved = RunFolder(args.resume).config
         if not saved.is_file():
             raise FileNotFoundError(f"{saved} does not exist; is {args.resume} a run folder?")
-        cfg = load_config(saved, extra, resumed=True)
+        cfg = load_config(saved, extra, run_folder=True, trust_code=args.trust_run_code)
     else:
         cfg = load_config(args.config, extra)
     try:
         summary = train(cfg, resume=args.resume)
-    except TrainingError as exc:
+    except (TrainingError, CheckpointError) as exc:
         log.error("%s", exc)
         return 1
     if summary.get("stopped"):
@@ -120,7 +131,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 def _eval(args: argparse.Namespace, extra: list[str]) -> int:
     from rangerdl.train.evaluate import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.path, split=args.split)
+    metrics = evaluate_checkpoint(args.path, split=args.split, trust_code=args.trust_run_code)
     for k, v in metrics.items():
         print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")
     return 0

@@ -40,6 +40,11 @@ class RunConfig:
     """Parent folder of run folders."""
     seed: int = 0
     """Seed for model initialisation, data order and dropout. Same seed, same config: same result."""
+    resume: str = "never"
+    """``never``: a fresh run refuses an existing run folder (continue it with ``--resume``);
+    ``auto``: continue the run in ``dir/name`` when it exists (from its latest complete
+    checkpoint, or from step 0 if it has none), else start it. Elastic and multi-node jobs
+    (torchrun restarts) should use ``auto`` with a fixed ``name``."""
 
 
 @dataclass
@@ -132,7 +137,11 @@ class TrainConfig:
     grad_clip: float = 0.0
     """Clip the gradient norm to this value (0: off)."""
     on_nan: str = "stop"
-    """A NaN/Inf loss: ``stop`` (exit naming the step) or ``skip`` (drop the step and go on)."""
+    """A NaN/Inf loss on any rank: ``stop`` (exit naming the step and whether the batch itself held
+    non-finite values) or ``skip`` (every rank drops the step: no parameter, buffer or optimizer
+    state changes; the step still counts)."""
+    max_nan_skips: int = 10
+    """With ``on_nan = "skip"``: stop with an error after this many consecutive skipped steps."""
     log_every: int = 1
     """Log ``train/loss`` every this many steps."""
     device: str = "auto"
@@ -179,6 +188,16 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def rank_agreed(self) -> dict[str, Any]:
+        """``{"table.key": value}`` for every value all ranks of a job must share (all but
+        :data:`PER_RANK_KEYS`)."""
+        return {
+            f"{table}.{key}": value
+            for table, values in self.to_dict().items()
+            for key, value in values.items()
+            if f"{table}.{key}" not in PER_RANK_KEYS
+        }
+
     def save(self, path: Path) -> None:
         from rangerdl._fileio import atomic_write_text
 
@@ -196,12 +215,14 @@ class Config:
         from rangerdl.train.data import BUILTIN_SOURCES
         from rangerdl.train.loop import ON_NAN
         from rangerdl.train.optimizers import OPTIMIZERS, STRATEGIES
+        from rangerdl.train.run_folder import RESUME_POLICIES
         from rangerdl.train.runtime import BACKENDS
 
         choices = {
             ("optim", "name"): OPTIMIZERS,
             ("schedule", "name"): SCHEDULES,
             ("train", "on_nan"): ON_NAN,
+            ("run", "resume"): RESUME_POLICIES,
             ("distributed", "strategy"): STRATEGIES,
             ("distributed", "backend"): BACKENDS,
         }
@@ -212,7 +233,12 @@ class Config:
             if value not in valid:
                 raise ValueError(f"[{table}] {key} = {value!r}: expected one of {', '.join(valid)}")
         self.distributed.validate(where="[distributed] ")
-        positive = [("train", "steps"), ("data", "batch_size"), ("data", "eval_batch_size")]
+        positive = [
+            ("train", "steps"),
+            ("train", "max_nan_skips"),
+            ("data", "batch_size"),
+            ("data", "eval_batch_size"),
+        ]
         for table, key in positive:
             if getattr(getattr(self, table), key) < 1:
                 raise ValueError(f"[{table}] {key} must be >= 1")
@@ -330,26 +356,118 @@ def _literal(text: str) -> Any:
         return text
 
 
+PER_RANK_KEYS = frozenset(
+    {"train.device", "train.threads", "data.num_workers", "data.cache_dir", "log.progress"}
+)
+"""Config keys that may differ between the ranks of one job; every other key must agree."""
+
+RESUME_MAY_CHANGE: dict[str, tuple[str, ...] | None] = {
+    "train": (
+        "steps",
+        "stop_at",
+        "eval_every",
+        "eval_batches",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "grad_clip",
+        "on_nan",
+        "max_nan_skips",
+        "log_every",
+        "device",
+        "threads",
+    ),
+    "optim": ("lr",),
+    "schedule": None,
+    "log": None,
+    "data": ("eval_batch_size", "num_workers", "cache_dir"),
+    "distributed": ("timeout_s", "backend"),
+}
+"""What ``rangerdl train --resume RUN --table.key=value`` may change (``None``: the whole table):
+how long to train, the learning rate and its schedule (fine-tuning), evaluation, checkpoint and
+logging cadence, and where/how the job runs. Everything else (model, data, optimizer state,
+seed, sync) is what the checkpoint holds, and changing it is an error naming the key."""
+
+
 def load_config(
-    path: str | Path | None, overrides: list[str] | None = None, *, resumed: bool = False
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    *,
+    run_folder: bool = False,
+    trust_code: bool = False,
 ) -> Config:
     """Defaults, then the file (a TOML config, or a run's saved ``config.json``), then
-    command-line overrides; validated. ``resumed``: the file is a run being continued, so its
-    ``stop_at`` (the stop that ended the last session) is cleared before the overrides."""
+    command-line overrides; validated.
+
+    ``run_folder``: the file is a run's ``config.json`` (resume, eval): its ``stop_at`` (the stop
+    that ended the last session) is cleared; an override outside :data:`RESUME_MAY_CHANGE` that
+    changes a value is an error; and a ``[model] name`` that names Python code to import
+    (``module:factory``) is refused unless the user names it again on the command line or
+    passes ``trust_code``: a run folder is data someone may hand you, and must not run code.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: unreadable file, unknown or renamed key, wrong type, value out of range, a
+            change a resume cannot make, or code named by a run folder (each names the file/key).
+    """
     cfg = Config()
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
             raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path}: not a valid config file: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ValueError(
+                f"{path}: not a valid config file: expected tables at the top level, got a "
+                f"{type(raw).__name__}"
+            )
         apply_tables(cfg, raw, origin=str(path))
-    if resumed:
+    saved = cfg.to_dict()
+    if run_folder:
         cfg.train.stop_at = 0
-    if overrides:
-        apply_tables(cfg, parse_overrides(overrides), origin="command line")
+    changes = parse_overrides(overrides) if overrides else {}
+    if changes:
+        apply_tables(cfg, changes, origin="command line")
+    if run_folder:
+        _check_resume_changes(saved, cfg.to_dict(), path)
+        name = cfg.model.name
+        if ":" in name and not trust_code and changes.get("model", {}).get("name") != name:
+            raise ValueError(
+                f"{path}: [model] name = {name!r} names Python code to import, and rangerdl does "
+                "not import code named by a run folder (anyone who can edit it could run "
+                f"commands). If you trust this run, pass --trust-run-code, or name the factory "
+                f"yourself: --model.name={name}"
+            )
     cfg.validate()
     return cfg
+
+
+def _check_resume_changes(saved: dict[str, Any], now: dict[str, Any], path: Path | None) -> None:
+    for table, values in now.items():
+        allowed = RESUME_MAY_CHANGE.get(table, ())
+        for key, value in values.items():
+            if value == saved[table][key] or allowed is None or key in allowed:
+                continue
+            may = ", ".join(
+                f"[{t}] " + ("*" if keys is None else ", ".join(keys))
+                for t, keys in RESUME_MAY_CHANGE.items()
+            )
+            raise ValueError(
+                f"--{table}.{key}: a resumed run keeps its [{table}] {key} "
+                f"({saved[table][key]!r}, from {path}); the checkpoint was made with it. A resume "
+                f"may change: {may}. Start a new run to change it"
+            )
+
+
+def config_changes(before: Config, after: Config) -> dict[str, list[Any]]:
+    """``{"table.key": [old, new]}`` for every value that differs."""
+    a, b = before.to_dict(), after.to_dict()
+    return {
+        f"{table}.{key}": [a[table][key], value]
+        for table, values in b.items()
+        for key, value in values.items()
+        if a[table][key] != value
+    }

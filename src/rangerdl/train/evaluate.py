@@ -67,9 +67,12 @@ def validate(
     return {f"{prefix}/{k}": v for k, v in metrics.items()}
 
 
-def evaluate_checkpoint(path: Path, split: str = "test") -> dict[str, Any]:
+def evaluate_checkpoint(
+    path: Path, split: str = "test", *, trust_code: bool = False
+) -> dict[str, Any]:
     """``rangerdl eval``: the ``model.pt`` of a checkpoint (or a run's latest valid one) on
-    ``split`` of the run's dataset, in this process.
+    ``split`` of the run's dataset, in this process. ``trust_code``: the run's config may name a
+    model factory to import (refused otherwise: see ``load_config``).
 
     Raises:
         FileNotFoundError: no checkpoint, or the run's ``config.json`` is missing.
@@ -81,7 +84,7 @@ def evaluate_checkpoint(path: Path, split: str = "test") -> dict[str, Any]:
         raise FileNotFoundError(
             f"{saved} does not exist; the checkpoint must sit in RUN_DIR/checkpoints/"
         )
-    cfg = load_config(saved)
+    cfg = load_config(saved, run_folder=True, trust_code=trust_code)
     rt = init_runtime(cfg.train.device, "gloo", cfg.train.threads, cfg.distributed.timeout_s)
     splits = open_data(cfg.data, rt)
     if split not in splits:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,12 @@ from torch import nn
 from rangerdl._fileio import atomic_write_text
 from rangerdl.optim.schedules import make_schedule
 from rangerdl.train import checkpoint as ckpt
-from rangerdl.train.config import Config
+from rangerdl.train.config import Config, config_changes
 from rangerdl.train.data import open_data
 from rangerdl.train.evaluate import validate
 from rangerdl.train.metrics import MetricsLogger
 from rangerdl.train.models import build_model
+from rangerdl.train.nonfinite import NonFiniteGuard, TrainingError
 from rangerdl.train.optimizers import build_optimizer
 from rangerdl.train.run_folder import RunFolder, choose_run_folder
 from rangerdl.train.runtime import Runtime, init_runtime
@@ -37,10 +39,6 @@ __all__ = ["ON_NAN", "TrainingError", "train"]
 
 ON_NAN = ("stop", "skip")
 """``[train] on_nan`` values."""
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (NaN loss, ...); the message says why and what is intact."""
 
 
 def train(cfg: Config, *, resume: Path | None = None) -> dict[str, Any]:
@@ -63,13 +61,7 @@ def train(cfg: Config, *, resume: Path | None = None) -> dict[str, Any]:
 def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
     from rangerdl.data import GlobalBatchSampler, collate
 
-    chosen = (
-        choose_run_folder(cfg.run.dir, cfg.run.name, cfg.model.name, resume) if rt.is_main else None
-    )
-    run = RunFolder(Path(rt.broadcast_object(str(chosen.path) if chosen else None)))
-    start = ckpt.latest_valid(run.checkpoints) if run.path.exists() else None
-    if resume is not None and start is None:
-        raise FileNotFoundError(f"{run} holds no complete checkpoint to resume from")
+    run, start = _open_run(cfg, rt, resume)
     splits = open_data(cfg.data, rt)
     train_ds, val_ds = splits["train"], splits.get("val", splits.get("test"))
     task = Task.from_metadata(train_ds.metadata)
@@ -109,10 +101,10 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
     if start is not None:
         step, elapsed_before = checkpointer.restore(start)
         log.info("resuming %s from %s (step %d)", run, start.name, step)
-    elif rt.is_main:
-        run.path.mkdir(parents=True, exist_ok=True)
-        cfg.save(run.config)
+    if rt.is_main:
+        _record_config(run, cfg, step)
     rt.barrier()
+    guard = NonFiniteGuard(model, rt, t.on_nan, t.max_nan_skips)
     metrics = MetricsLogger(
         run.path,
         enabled=rt.is_main,
@@ -142,24 +134,14 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
         if step >= last_step:
             break
         t0 = time.perf_counter()
-        loss = task.loss(
-            opt.model(batch["x"].to(rt.device)), batch["y"].to(rt.device), batch.get("mask")
-        )
-        if torch.isfinite(loss):
+        guard.before_forward()
+        x = batch["x"].to(rt.device)
+        loss = task.loss(opt.model(x), batch["y"].to(rt.device), batch.get("mask"))
+        # skip: no update on any rank, but the step still counts (schedule, sync clock, data)
+        if not guard.should_skip(step + 1, loss, x, str(run.checkpoints)):
             loss.backward()
             if t.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        elif t.on_nan == "stop":
-            raise TrainingError(
-                f"step {step + 1}: the loss is {loss.item()}; stopping before it reaches a checkpoint. "
-                f"The last checkpoint in {run.checkpoints} is intact; lower [optim] lr, set "
-                '[train] grad_clip, or set [train] on_nan = "skip".'
-            )
-        else:  # skip: no update, but the step still counts everywhere (schedule, sync clock, data)
-            if opt.skip_needs_backward:
-                loss.backward()  # DDP: every rank must join the gradient all-reduce
-            log.warning("step %d: loss is %s; skipping the update", step + 1, loss.item())
-            opt.optimizer.zero_grad(set_to_none=True)
         opt.optimizer.step()
         schedule.step()
         opt.optimizer.zero_grad(set_to_none=True)
@@ -191,12 +173,12 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     opt.finish()  # distributed: a final sync so every rank holds the global model
     train_time += time.perf_counter() - t0
+    total_time = elapsed_before + train_time
+    final = checkpointer.save(step, total_time)  # once, after the final sync, before evaluation
     # Without a val split, periodic validation used the test split: report it once, as test/.
     last_val = evaluation("val", splits["val"], t.eval_batches) if "val" in splits else {}
     test = evaluation("test", splits["test"], t.eval_batches) if "test" in splits else {}
-    total_time = elapsed_before + train_time
     metrics.log(step, last_val | test | {"time/train_s": total_time})
-    final = checkpointer.save(step, total_time)  # once, after the final sync
     metrics.close()
     summary = {
         "run_dir": str(run),
@@ -211,4 +193,51 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
     }
     if rt.is_main:
         atomic_write_text(run.summary, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    bad = [k for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise TrainingError(f"the run ended with non-finite {', '.join(bad)}; see {run.summary}")
     return summary
+
+
+def _open_run(cfg: Config, rt: Runtime, resume: Path | None) -> tuple[RunFolder, Path | None]:
+    """The run folder (chosen on rank 0) and the checkpoint to continue from, if any; ranks
+    that disagree on the config fail here, naming the keys."""
+    everyone = rt.all_gather_object(cfg.rank_agreed())
+    differ = sorted({k for other in everyone for k, v in other.items() if everyone[0].get(k) != v})
+    if differ:
+        raise ValueError(
+            f"the ranks of this job were given different configs: {', '.join(differ)} differ "
+            "(every rank must get the same config file and overrides)"
+        )
+    chosen = None
+    if rt.is_main:
+        chosen = choose_run_folder(
+            cfg.run.dir, cfg.run.name, cfg.model.name, resume, cfg.run.resume
+        )
+    run = RunFolder(Path(rt.broadcast_object(str(chosen.path) if chosen else None)))
+    start = None
+    if run.path.exists():
+        start = ckpt.latest_valid(run.checkpoints, move_damaged=rt.is_main)
+        rt.barrier()
+    damaged = sorted(run.checkpoints.glob("damaged-step-*")) if start is None else []
+    if damaged:
+        raise FileNotFoundError(
+            f"{run} holds no complete checkpoint to resume from; the damaged ones were moved "
+            f"aside: {', '.join(d.name for d in damaged)}"
+        )
+    if start is None and run.config.is_file():
+        log.warning("%s has no complete checkpoint yet: starting it from step 0", run)
+    return run, start
+
+
+def _record_config(run: RunFolder, cfg: Config, step: int) -> None:
+    """Save the config; when a resume changed it, append the change to the history."""
+    if run.config.is_file():
+        changed = config_changes(Config.from_dict(json.loads(run.config.read_text())), cfg)
+        if not changed:
+            return
+        log.info("resuming at step %d with changes: %s", step, changed)
+        with open(run.config_history, "a") as fh:
+            fh.write(json.dumps({"step": step, "changed": changed}) + "\n")
+    run.path.mkdir(parents=True, exist_ok=True)
+    cfg.save(run.config)

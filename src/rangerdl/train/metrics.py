@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rangerdl._fileio import atomic_write_text
 from rangerdl.train.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,9 @@ class MetricsLogger:
         kept = []
         if start_step > 0 and self.path.exists():
             kept = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if ln and json.loads(ln)["step"] <= start_step
+                row for row in _read_rows(self.path, torn_tail="drop") if row["step"] <= start_step
             ]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         self._file = open(self.path, "a")  # noqa: SIM115 - open for the whole run
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -96,7 +95,34 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl`` (a torn last line, from a crash or a full disk, is
+    skipped with a warning).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a malformed line before the last one (names the file and line).
+    """
     path = RunFolder(run_dir).metrics
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; is {run_dir} a run folder?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return _read_rows(path, torn_tail="skip")
+
+
+def _read_rows(path: Path, *, torn_tail: str) -> list[dict[str, Any]]:
+    lines = path.read_bytes().split(b"\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not an object with an integer 'step'")
+        except ValueError as exc:
+            if any(rest.strip() for rest in lines[number:]):
+                raise ValueError(f"{path}: line {number} is malformed ({exc})") from None
+            action = "dropped" if torn_tail == "drop" else "skipped"
+            log.warning("%s: the last line is torn (a crash or a full disk); %s", path, action)
+            break
+        rows.append(row)
+    return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -151,8 +152,16 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
     except ImportError as exc:
         raise ValueError(f"[model] name = {name!r}: cannot import {module_name!r}: {exc}") from exc
     factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ValueError(f"[model] name = {name!r}: {module_name} has no callable {attr!r}")
+    if not (inspect.isfunction(factory) or inspect.isclass(factory)):
+        raise ValueError(
+            f"[model] name = {name!r}: {module_name} has no function or class {attr!r}"
+        )
+    home = (getattr(factory, "__module__", None) or "builtins").split(".")[0]
+    if home in sys.stdlib_module_names or home == "builtins":
+        raise ValueError(
+            f"[model] name = {name!r}: {attr!r} comes from the Python standard library "
+            f"({home}), not a model factory; refusing to call it"
+        )
     return factory
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -112,9 +112,6 @@ class TrainOptimizer:
     """Distributed Lookahead's outer sync, when ``strategy = "lookahead"`` across processes."""
     counter: CommCounter | None = None
     """Byte accounting of the torch baselines."""
-    skip_needs_backward: bool = field(default=False)
-    """DDP: a skipped (non-finite) step must still run backward, so every rank joins the
-    gradient all-reduce."""
 
     def slow_weights(self) -> list[tuple[Tensor, Tensor]]:
         """``(parameter, slow weights)``: the model worth keeping; empty without Lookahead."""
@@ -154,7 +151,7 @@ def build_optimizer(cfg: Config, model: nn.Module, rt: Runtime) -> TrainOptimize
     if strategy == "ddp":
         ddp = _counting_ddp(model, rt, counter)
         optimizer = make_optimizer(cfg.optim, ddp.parameters())
-        return TrainOptimizer(optimizer, ddp, model, counter=counter, skip_needs_backward=True)
+        return TrainOptimizer(optimizer, ddp, model, counter=counter)
     assert strategy == "post_local_sgd", strategy
     return TrainOptimizer(_post_local_sgd(cfg, model, counter), model, model, counter=counter)
 

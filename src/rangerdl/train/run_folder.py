@@ -8,6 +8,7 @@
       tb/                 TensorBoard events
       checkpoints/        step-N/ folders, each complete when its MANIFEST.json exists
       summary.json        the final metrics, written once the run ends
+      config_history.jsonl  what each resume changed (``{"step": N, "changed": {key: [old, new]}}``)
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-__all__ = ["RunFolder", "choose_run_folder"]
+__all__ = ["RESUME_POLICIES", "RunFolder", "choose_run_folder"]
+
+RESUME_POLICIES = ("never", "auto")
+"""``[run] resume`` values."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,10 @@ class RunFolder:
         return self.path / "checkpoints"
 
     @property
+    def config_history(self) -> Path:
+        return self.path / "config_history.jsonl"
+
+    @property
     def summary(self) -> Path:
         return self.path / "summary.json"
 
@@ -53,11 +61,15 @@ class RunFolder:
         return str(self.path)
 
 
-def choose_run_folder(run_dir: str, name: str, model_name: str, resume: Path | None) -> RunFolder:
+def choose_run_folder(
+    run_dir: str, name: str, model_name: str, resume: Path | None, policy: str = "never"
+) -> RunFolder:
     """The run folder: ``resume`` as given, else ``run_dir/name`` (``name`` empty:
     ``MODEL-YYYYmmdd-HHMMSS``, or ``MODEL-RUN_ID`` under torchrun). A fresh run never writes into
-    an existing run, except when torchrun restarts this very job (elastic restart), which resumes
-    from its latest checkpoint.
+    an existing run, except with ``policy = "auto"``, or when the folder is this torchrun job's own
+    (named by its run id, or a restart of it), which continues from its latest checkpoint. The
+    decision is taken from the folder and the launch, not from ``TORCHELASTIC_RESTART_COUNT``
+    alone, which is counted per node (pytorch/pytorch#108158).
 
     Raises:
         FileNotFoundError: ``resume`` has no ``config.json``.
@@ -70,14 +82,16 @@ def choose_run_folder(run_dir: str, name: str, model_name: str, resume: Path | N
         return folder
     model = model_name.replace(":", "-").replace(".", "-")
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    name_given = bool(name)
     name = name or (
         f"{model}-{run_id}" if run_id else datetime.now().strftime(f"{model}-%Y%m%d-%H%M%S")
     )
     path = Path(run_dir) / name
+    own_job = bool(run_id) and not name_given
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if path.exists() and any(path.iterdir()) and not restarted:
+    if path.exists() and any(path.iterdir()) and not (restarted or own_job or policy == "auto"):
         raise ValueError(
             f"run folder {path} already exists; continue it with `rangerdl train --resume {path}` "
-            "or choose another name with --run.name=NAME"
+            "(or set --run.resume=auto), or choose another name with --run.name=NAME"
         )
     return RunFolder(path)
