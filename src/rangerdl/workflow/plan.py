@@ -60,10 +60,10 @@ __all__ = [
     "Plan",
     "Row",
     "StepTimes",
+    "count_and_time",
     "ddp_step_time",
     "format_plan",
     "make_plan",
-    "measure_step_times",
     "sync_time",
 ]
 
@@ -178,7 +178,7 @@ class Row:
 
 
 def ddp_row(times: StepTimes, numel: int, world_size: int, link: Link, steps: int) -> Row:
-    best, estimate, worst, comm = ddp_step_time(times, numel, world_size, link)
+    best, estimate, worst, _ = ddp_step_time(times, numel, world_size, link)
     return Row(
         "ddp",
         1,
