@@ -145,6 +145,19 @@ class LogConfig:
     """Write TensorBoard events to ``RUN_DIR/tb``."""
     progress: bool = True
     """A progress bar on rank 0 (plain log lines when not a terminal)."""
+    wandb: bool = False
+    """Log config, metrics (TensorBoard's tags) and summary to Weights & Biases (``pip install
+    'rangerdl[wandb]'``). The W&B run id is kept in ``RUN_DIR/wandb_run_id``: ``--resume``
+    continues the same W&B run."""
+    wandb_project: str = "rangerdl"
+    """W&B project."""
+    wandb_entity: str = ""
+    """W&B entity (user or team; empty: your default)."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """W&B run tags."""
+    wandb_mode: str = ""
+    """``online``, ``offline`` (no account or network; upload later with ``wandb sync``),
+    ``disabled``, or empty: W&B's default (``$WANDB_MODE``, else online)."""
 
 
 @dataclass
@@ -210,6 +223,7 @@ class Config:
             ("distributed", "comm_dtype"): ("fp32", "bf16"),
             ("distributed", "buffers"): ("average", "local", "broadcast"),
             ("distributed", "backend"): ("auto", "gloo", "nccl"),
+            ("log", "wandb_mode"): ("", "online", "offline", "disabled"),
         }
         for (table, key), valid in choices.items():
             value = getattr(getattr(self, table), key)

@@ -1,9 +1,13 @@
-"""Run outputs on rank 0: ``metrics.jsonl``, TensorBoard events, a progress bar, the summary."""
+"""Run outputs on rank 0: ``metrics.jsonl``, TensorBoard events, Weights & Biases, a progress bar,
+the summary."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -18,6 +22,9 @@ class MetricsLogger:
 
     On resume, lines past ``start_step`` (written by the run that stopped) are dropped so the
     file holds exactly one history.
+
+    ``config`` (the resolved config as a dict; default: the run's ``config.json``) switches on
+    Weights & Biases when ``[log] wandb = true``.
     """
 
     def __init__(
@@ -29,11 +36,13 @@ class MetricsLogger:
         progress: bool,
         total_steps: int,
         start_step: int,
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self._tb: Any = None
         self._bar: Any = None
+        self._wandb: WandbSink | None = None
         self._last_line = time.monotonic()
         self.total_steps = total_steps
         if not enabled:
@@ -53,6 +62,10 @@ class MetricsLogger:
             self._tb = SummaryWriter(
                 str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None
             )
+        if config is None and (run_dir / "config.json").is_file():
+            config = json.loads((run_dir / "config.json").read_text())
+        if config is not None and config.get("log", {}).get("wandb"):
+            self._wandb = WandbSink(run_dir, config)
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -66,6 +79,8 @@ class MetricsLogger:
         if self._tb is not None:
             for tag, value in values.items():
                 self._tb.add_scalar(tag, value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, values)
 
     def progress(self, step: int, loss: float, samples_per_s: float) -> None:
         if not self.enabled:
@@ -89,7 +104,78 @@ class MetricsLogger:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
         self._file.close()
+
+
+class WandbSink:
+    """One Weights & Biases run per run folder: the config, every logged tag against ``step``,
+    and at the end the summary (``summary.json``'s values, else the last of each tag).
+
+    The W&B run id is stored in ``RUN_DIR/wandb_run_id`` and reused with ``resume="allow"``, so a
+    resumed run (``rangerdl train --resume``) continues the same W&B run; steps the resumed run
+    repeats are logged again (W&B cannot rewind a history). W&B's files go to ``$WANDB_DIR`` or,
+    unset, ``RUN_DIR/wandb``. The training loop writes ``summary.json`` after closing its
+    loggers, so the W&B run is finished at process exit (or when the next run opens one).
+    """
+
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError(
+                "[log] wandb = true needs the wandb package: pip install 'rangerdl[wandb]'"
+            ) from None
+        _finish_pending()
+        opts = config["log"]
+        id_file = run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        if not id_file.is_file():
+            from rangerdl._fileio import atomic_write_text
+
+            atomic_write_text(id_file, run_id + "\n")
+        wandb_dir = None if os.environ.get("WANDB_DIR") else run_dir
+        if wandb_dir is not None:
+            wandb_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
+        self.run = wandb.init(
+            project=opts.get("wandb_project") or "rangerdl",
+            entity=opts.get("wandb_entity") or None,
+            tags=list(opts.get("wandb_tags") or []) or None,
+            mode=opts.get("wandb_mode") or None,
+            name=run_dir.name,
+            id=run_id,
+            resume="allow",
+            config=config,
+            dir=str(wandb_dir) if wandb_dir is not None else None,
+        )
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.run.log({"step": step, **values})
+
+    def close(self) -> None:
+        if not _PENDING:
+            atexit.register(_finish_pending)  # once per batch; unregistered when it has run
+        _PENDING.append(self)
+
+    def finish(self) -> None:
+        path = self.run_dir / "summary.json"
+        if path.is_file():
+            summary = json.loads(path.read_text())
+            self.run.summary.update({k: v for k, v in summary.items() if k != "run_dir"})
+        self.run.finish()
+
+
+_PENDING: list[WandbSink] = []
+
+
+def _finish_pending() -> None:
+    atexit.unregister(_finish_pending)
+    while _PENDING:
+        _PENDING.pop().finish()
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
