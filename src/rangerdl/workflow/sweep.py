@@ -127,11 +127,10 @@ class SearchParam:
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
 
     def sample_value(self) -> Any:
-        return (
-            self.choices[0]
-            if self.choices is not None
-            else (int(self.low) if self.is_int else self.low)
-        )  # type: ignore[arg-type]
+        if self.choices is not None:
+            return self.choices[0]
+        assert self.low is not None
+        return int(self.low) if self.is_int else self.low
 
 
 @dataclass
@@ -456,7 +455,7 @@ def run_sweep(spec: SweepSpec, storage: str | None = None) -> Any:
     study = optuna.create_study(
         storage=_storage(spec, storage),
         study_name=spec.study_name,
-        direction=spec.direction,
+        direction=spec.direction,  # type: ignore[arg-type]  # checked in load_sweep
         sampler=sampler,
         pruner=_pruner(spec),
         load_if_exists=True,
@@ -580,7 +579,7 @@ def _plots(study: Any, spec: SweepSpec) -> dict[str, Path]:
 
     written: dict[str, Path] = {}
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    plots = {"history": ovm.plot_optimization_history}
+    plots: dict[str, Any] = {"history": ovm.plot_optimization_history}
     if len(complete) >= 2:
         plots["importances"] = ovm.plot_param_importances
     for name, fn in plots.items():
@@ -589,7 +588,7 @@ def _plots(study: Any, spec: SweepSpec) -> dict[str, Path]:
         except (ValueError, RuntimeError) as exc:  # e.g. every trial has the same value
             log.warning("no %s plot: %s", name, exc)
             continue
-        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig: Any = ax.figure
         fig.tight_layout()
         path = spec.folder / f"{name}.png"
         fig.savefig(path, dpi=110)
