@@ -203,7 +203,11 @@ def test_examples_parse_and_digits_cnn_is_the_default() -> None:
     from rangerdl.train.config import Config, load_config
 
     examples = Path(__file__).resolve().parents[2] / "examples"
-    configs = {p.stem: load_config(p) for p in sorted(examples.glob("*.toml"))}
+    sweeps = {p for p in examples.glob("*.toml") if "[sweep]" in p.read_text()}
+    from rangerdl.workflow.sweep import load_sweep
+
+    assert sweeps and all(load_sweep(p).n_trials > 0 for p in sweeps)
+    configs = {p.stem: load_config(p) for p in sorted(set(examples.glob("*.toml")) - sweeps)}
     assert set(configs) >= {"digits_cnn", "charlm", "tabular_mlp"}
     assert configs["digits_cnn"].to_dict() == Config().to_dict()
     assert configs["charlm"].model.name == "gpt" and configs["charlm"].data.source == "text"

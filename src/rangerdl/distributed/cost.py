@@ -1,15 +1,50 @@
-"""Bytes on the wire for the collectives rangerdl uses (no torch import).
+"""Bytes on the wire and seconds for the collectives rangerdl uses (no torch import).
 
-Ring all-reduce of ``n`` values of ``b`` bytes over ``W`` ranks: a reduce-scatter then an
+Bytes. Ring all-reduce of ``n`` values of ``b`` bytes over ``W`` ranks: a reduce-scatter then an
 all-gather, each rank sending ``(W-1)/W * n * b`` bytes in each, so ``2 (W-1)/W * n * b`` in all
 (Patarasuk and Yuan, "Bandwidth optimal all-reduce algorithms for clusters of workstations", JPDC
 2009; the model NCCL's and gloo's ring algorithms follow). Reduce-scatter or all-gather alone (and
 all-to-all of equal shards) send half of that.
+
+Seconds. The latency-bandwidth (Hockney, "alpha-beta") model of Thakur, Rabenseifner and Gropp,
+"Optimization of collective communication operations in MPICH", IJHPCA 19(1), 2005, section 2:
+sending ``m`` bytes costs ``alpha + m beta``, with ``alpha`` the per-message latency and ``beta``
+the seconds per byte of one node's link. The ring all-reduce is ``2 (W-1)`` rounds of one message of
+``n b / W`` bytes each, every node sending and receiving at once (full-duplex links)::
+
+    T_allreduce = 2 (W-1) alpha + 2 (W-1)/W * n b * beta
+    T_reduce_scatter = T_all_gather = T_all_to_all = (W-1) alpha + (W-1)/W * n b * beta
+    T_broadcast (binomial tree) = ceil(log2 W) (alpha + n b beta)
+
+``beta = 8 / (bandwidth_bits_per_s * efficiency)``: ``efficiency`` is the share of the wire's bytes
+that is payload. TCP over Ethernet at MTU 1500 with TCP timestamps carries 1448 payload bytes per
+1538 bytes on a physical wire (frame 1514 + preamble 8 + inter-frame gap 12 + FCS 4 are counted
+differently by NICs; 1448/1538 = 0.94), or per 1514 bytes where a Linux qdisc counts (``tc tbf``,
+as in ``benchmarks/netsim``: 0.956). The model leaves out what a real job adds: waiting for the
+slowest rank (compute skew), TCP slow start after an idle link, and contention with other traffic;
+it is a lower bound that the netsim measurements exceed by 2-9% for a 10 MB all-reduce
+(``benchmarks/plan_check.py``).
 """
 
 from __future__ import annotations
 
-__all__ = ["ring_bytes"]
+import math
+from dataclasses import dataclass
+
+__all__ = [
+    "ETHERNET_EFFICIENCY",
+    "TBF_EFFICIENCY",
+    "Link",
+    "all_gather_time",
+    "allreduce_time",
+    "broadcast_time",
+    "ring_bytes",
+]
+
+ETHERNET_EFFICIENCY = 1448 / 1538
+"""TCP payload per byte on a physical Ethernet wire (MTU 1500, TCP timestamps)."""
+TBF_EFFICIENCY = 1448 / 1514
+"""TCP payload per byte counted by a Linux qdisc such as ``tc tbf`` (Ethernet header, no preamble)."""
 
 
 def ring_bytes(numel: int, element_size: int, world_size: int, *, factor: float = 2.0) -> int:
@@ -27,3 +62,48 @@ def ring_bytes(numel: int, element_size: int, world_size: int, *, factor: float 
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     return int(factor * (world_size - 1) / world_size * numel * element_size)
+
+
+@dataclass(frozen=True)
+class Link:
+    """One node's network link: ``bandwidth_bps`` bits per second in each direction, ``latency_s``
+    per message (alpha: one-way network latency plus the library's per-message overhead), and the
+    payload ``efficiency`` (see the module docstring)."""
+
+    bandwidth_bps: float
+    latency_s: float = 0.0
+    efficiency: float = ETHERNET_EFFICIENCY
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth_bps > 0:
+            raise ValueError(f"bandwidth must be > 0 bits/s, got {self.bandwidth_bps}")
+        if self.latency_s < 0:
+            raise ValueError(f"latency must be >= 0 s, got {self.latency_s}")
+        if not 0 < self.efficiency <= 1:
+            raise ValueError(f"efficiency must be in (0, 1], got {self.efficiency}")
+
+    @property
+    def seconds_per_byte(self) -> float:
+        """beta: seconds per payload byte."""
+        return 8.0 / (self.bandwidth_bps * self.efficiency)
+
+
+def allreduce_time(numel: int, element_size: int, world_size: int, link: Link) -> float:
+    """Ring all-reduce: ``2 (W-1) alpha + 2 (W-1)/W n b beta`` seconds (0 for one rank)."""
+    sent = ring_bytes(numel, element_size, world_size)
+    return 2 * (world_size - 1) * link.latency_s + sent * link.seconds_per_byte
+
+
+def all_gather_time(numel: int, element_size: int, world_size: int, link: Link) -> float:
+    """Ring all-gather, reduce-scatter or all-to-all of ``numel`` values in all:
+    ``(W-1) alpha + (W-1)/W n b beta`` seconds."""
+    sent = ring_bytes(numel, element_size, world_size, factor=1.0)
+    return (world_size - 1) * link.latency_s + sent * link.seconds_per_byte
+
+
+def broadcast_time(numel: int, element_size: int, world_size: int, link: Link) -> float:
+    """Binomial-tree broadcast: ``ceil(log2 W) (alpha + n b beta)`` seconds."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    rounds = math.ceil(math.log2(world_size)) if world_size > 1 else 0
+    return rounds * (link.latency_s + numel * element_size * link.seconds_per_byte)

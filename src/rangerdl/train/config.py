@@ -156,6 +156,19 @@ class LogConfig:
     """Write TensorBoard events to ``RUN_DIR/tb``."""
     progress: bool = True
     """A progress bar on rank 0 (plain log lines when not a terminal)."""
+    wandb: bool = False
+    """Log config, metrics (TensorBoard's tags) and summary to Weights & Biases (``pip install
+    'rangerdl[wandb]'``). The W&B run id is kept in ``RUN_DIR/wandb_run_id``: ``--resume``
+    continues the same W&B run."""
+    wandb_project: str = "rangerdl"
+    """W&B project."""
+    wandb_entity: str = ""
+    """W&B entity (user or team; empty: your default)."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """W&B run tags."""
+    wandb_mode: str = ""
+    """``online``, ``offline`` (no account or network; upload later with ``wandb sync``),
+    ``disabled``, or empty: W&B's default (``$WANDB_MODE``, else online)."""
 
 
 @dataclass
@@ -214,6 +227,7 @@ class Config:
         from rangerdl.optim.schedules import SCHEDULES
         from rangerdl.train.data import BUILTIN_SOURCES
         from rangerdl.train.loop import ON_NAN
+        from rangerdl.train.metrics import WANDB_MODES
         from rangerdl.train.optimizers import OPTIMIZERS, STRATEGIES
         from rangerdl.train.run_folder import RESUME_POLICIES
         from rangerdl.train.runtime import BACKENDS
@@ -225,6 +239,7 @@ class Config:
             ("run", "resume"): RESUME_POLICIES,
             ("distributed", "strategy"): STRATEGIES,
             ("distributed", "backend"): BACKENDS,
+            ("log", "wandb_mode"): WANDB_MODES,
         }
         if not self.data.path:
             choices["data", "source"] = BUILTIN_SOURCES

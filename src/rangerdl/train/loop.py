@@ -112,6 +112,7 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
         progress=cfg.log.progress,
         total_steps=t.steps,
         start_step=step,
+        config=cfg.to_dict(),
     )
     loader = torch.utils.data.DataLoader(
         train_ds,
@@ -179,7 +180,6 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
     last_val = evaluation("val", splits["val"], t.eval_batches) if "val" in splits else {}
     test = evaluation("test", splits["test"], t.eval_batches) if "test" in splits else {}
     metrics.log(step, last_val | test | {"time/train_s": total_time})
-    metrics.close()
     summary = {
         "run_dir": str(run),
         "step": step,
@@ -193,6 +193,7 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
     }
     if rt.is_main:
         atomic_write_text(run.summary, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    metrics.close(summary)
     bad = [k for k, v in summary.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         raise TrainingError(f"the run ended with non-finite {', '.join(bad)}; see {run.summary}")

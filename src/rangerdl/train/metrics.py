@@ -1,9 +1,12 @@
-"""Run outputs on rank 0: ``metrics.jsonl``, TensorBoard events, a progress bar, the summary."""
+"""Run outputs on rank 0: ``metrics.jsonl``, TensorBoard events, Weights & Biases, a progress bar,
+the summary."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -14,6 +17,9 @@ from rangerdl.train.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
+WANDB_MODES = ("", "online", "offline", "disabled")
+"""``[log] wandb_mode`` values (empty: wandb's own default, or ``WANDB_MODE``)."""
+
 
 class MetricsLogger:
     """Writes one JSON object per logged step (``{"step": N, "train/loss": ...}``) and the same
@@ -21,6 +27,9 @@ class MetricsLogger:
 
     On resume, lines past ``start_step`` (written by the run that stopped) are dropped so the
     file holds exactly one history.
+
+    ``config`` (the resolved config as a dict; default: the run's ``config.json``) switches on
+    Weights & Biases when ``[log] wandb = true``.
     """
 
     def __init__(
@@ -32,11 +41,13 @@ class MetricsLogger:
         progress: bool,
         total_steps: int,
         start_step: int,
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.enabled = enabled
         self.path = RunFolder(run_dir).metrics
         self._tb: Any = None
         self._bar: Any = None
+        self._wandb: WandbSink | None = None
         self._last_line = time.monotonic()
         self.total_steps = total_steps
         if not enabled:
@@ -55,6 +66,10 @@ class MetricsLogger:
                 str(RunFolder(run_dir).tensorboard),
                 purge_step=start_step + 1 if start_step else None,
             )
+        if config is None and (run_dir / "config.json").is_file():
+            config = json.loads((run_dir / "config.json").read_text())
+        if config is not None and config.get("log", {}).get("wandb"):
+            self._wandb = WandbSink(run_dir, config)
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -68,6 +83,8 @@ class MetricsLogger:
         if self._tb is not None:
             for tag, value in values.items():
                 self._tb.add_scalar(tag, value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, values)
 
     def progress(self, step: int, loss: float, samples_per_s: float) -> None:
         if not self.enabled:
@@ -84,14 +101,67 @@ class MetricsLogger:
                 "step %d/%d loss %.4f %.0f samples/s", step, self.total_steps, loss, samples_per_s
             )
 
-    def close(self) -> None:
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        """Flush and close every sink; ``summary`` (the run's final values) goes to W&B."""
         if not self.enabled:
             return
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish(summary or {})
         self._file.close()
+
+
+class WandbSink:
+    """One Weights & Biases run per run folder: the config, every logged tag against ``step``,
+    and at the end the summary (``summary.json``'s values, else the last of each tag).
+
+    The W&B run id is stored in ``RUN_DIR/wandb_run_id`` and reused with ``resume="allow"``, so a
+    resumed run (``rangerdl train --resume``) continues the same W&B run; steps the resumed run
+    repeats are logged again (W&B cannot rewind a history). W&B's files go to ``$WANDB_DIR`` or,
+    unset, ``RUN_DIR/wandb``.
+    """
+
+    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError(
+                "[log] wandb = true needs the wandb package: pip install 'rangerdl[wandb]'"
+            ) from None
+        opts = config["log"]
+        id_file = run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        if not id_file.is_file():
+            from rangerdl._fileio import atomic_write_text
+
+            atomic_write_text(id_file, run_id + "\n")
+        wandb_dir = None if os.environ.get("WANDB_DIR") else run_dir
+        if wandb_dir is not None:
+            wandb_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
+        self.run = wandb.init(
+            project=opts.get("wandb_project") or "rangerdl",
+            entity=opts.get("wandb_entity") or None,
+            tags=list(opts.get("wandb_tags") or []) or None,
+            mode=opts.get("wandb_mode") or None,
+            name=run_dir.name,
+            id=run_id,
+            resume="allow",
+            config=config,
+            dir=str(wandb_dir) if wandb_dir is not None else None,
+        )
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.run.log({"step": step, **values})
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.run.summary.update({k: v for k, v in summary.items() if k != "run_dir"})
+        self.run.finish()
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

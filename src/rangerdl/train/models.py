@@ -162,7 +162,7 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
             f"[model] name = {name!r}: {attr!r} comes from the Python standard library "
             f"({home}), not a model factory; refusing to call it"
         )
-    return factory
+    return factory  # type: ignore[return-value]
 
 
 def build_model(name: str, args: dict[str, Any], data_info: dict[str, Any]) -> nn.Module:

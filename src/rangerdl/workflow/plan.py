@@ -1,0 +1,444 @@
+"""``rangerdl plan``: what communication will cost, per step and per run, before launching.
+
+Inputs: the number of parameters ``n`` and one worker's compute per step ``t_c = t_fwd + t_bwd +
+t_opt`` (timed here on the configured model and per-worker batch, or given with ``--params`` and
+``--step-time``), ``W`` workers, and the link (bandwidth, latency alpha, payload efficiency).
+``T_ar(n, b)`` is the ring all-reduce of ``n`` values of ``b`` bytes and ``T_ag`` the all-gather /
+all-to-all, both from :mod:`rangerdl.distributed.cost` (Thakur, Rabenseifner and Gropp, IJHPCA
+2005; Patarasuk and Yuan, JPDC 2009)::
+
+    T_ar(n, b) = 2 (W-1) alpha + 2 (W-1)/W n b / B          B: payload bytes per second
+    T_ag(n, b) =   (W-1) alpha +   (W-1)/W n b / B
+
+Per strategy (``S`` = optimizer steps in the run, ``k`` = steps between syncs):
+
+- DDP (gradient all-reduce every step, fp32, in buckets: the first 1 MiB, then 25 MiB, torch's
+  defaults, the last layers' gradients first). Comm per step ``T_ar(n, 4)`` plus one ``2 (W-1)
+  alpha`` per extra bucket. Step time: at best ``t_fwd + max(t_bwd, comm) + t_opt`` (all of it
+  hidden behind backward), at worst ``t_c + comm`` (none hidden); the estimate simulates the
+  buckets, each launched when backward has produced its gradients (gradients assumed to appear in
+  proportion to their bytes) and sent one after the other (Li et al., "PyTorch Distributed", VLDB
+  2020, section 3.2.3).
+- PostLocalSGD(k): ``floor(S/k)`` blocking all-reduces of the parameters, ``T_ar(n, 4)`` each.
+- Distributed Ranger(k), fp32: ``ceil(S/k)`` syncs (``finish()`` syncs the remainder), each
+  ``T_ar(n, 4)`` plus a step-count check and the floating buffers (``T_ar(2, 8)``,
+  ``T_ar(n_buf, 4)``). bf16: the pseudo-gradient by all-to-all then all-gather in bf16,
+  ``2 T_ag(n, 2)``: half the bytes, twice the latency terms. Overlap: launched after the sync step
+  and waited for after the next step, so only ``max(0, T_sync - t_c)`` blocks; the sync launched at
+  the last step has nothing to hide behind.
+
+Share communicating = comm / (compute + comm), per run. The smallest ``k`` under a share is found
+by trying every ``k`` up to ``S``. Speedup over DDP = DDP's estimated run time / the row's; no
+method beats compute alone, so ``DDP / compute`` is the bound on any speedup.
+
+Where it errs (``benchmarks/plan_check.py``): it leaves out waiting for the slowest worker, TCP
+slow start after idle, and the loop's own work outside the optimizer step; on the netsim
+benchmarks it is 2-13% optimistic per collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rangerdl.distributed.cost import (
+    Link,
+    all_gather_time,
+    allreduce_time,
+    ring_bytes,
+)
+from rangerdl.workflow.units import format_bandwidth, format_bytes, format_seconds
+
+__all__ = [
+    "DDP_BUCKET_BYTES",
+    "DDP_FIRST_BUCKET_BYTES",
+    "DEFAULT_KS",
+    "Plan",
+    "Row",
+    "StepTimes",
+    "count_and_time",
+    "ddp_step_time",
+    "format_plan",
+    "make_plan",
+    "sync_time",
+]
+
+DDP_FIRST_BUCKET_BYTES = 1024 * 1024  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
+DDP_BUCKET_BYTES = 25 * 1024 * 1024  # DistributedDataParallel(bucket_cap_mb=25)
+DEFAULT_KS = (4, 8, 16, 32, 64, 128)
+BACKWARD_SHARE = 2 / 3
+"""When only a step time is given: backward is twice the forward (2N and 4N FLOPs per token of
+Kaplan et al., "Scaling laws for neural language models", 2020), the optimizer step folded in."""
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """One worker's compute per step, in seconds."""
+
+    forward_s: float
+    backward_s: float
+    optimizer_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.forward_s + self.backward_s + self.optimizer_s
+
+    @classmethod
+    def from_total(cls, step_s: float) -> StepTimes:
+        if not step_s > 0:
+            raise ValueError(f"step time must be > 0 s, got {step_s}")
+        return cls((1 - BACKWARD_SHARE) * step_s, BACKWARD_SHARE * step_s)
+
+
+def ddp_buckets(numel: int, element_size: int = 4) -> list[int]:
+    """DDP's gradient buckets in the order they are sent, in values."""
+    total, sizes, cap = numel * element_size, [], DDP_FIRST_BUCKET_BYTES
+    while total > 0:
+        size = min(cap, total)
+        sizes.append(math.ceil(size / element_size))
+        total -= size
+        cap = DDP_BUCKET_BYTES
+    return sizes
+
+
+def ddp_step_time(
+    times: StepTimes, numel: int, world_size: int, link: Link
+) -> tuple[float, float, float, float]:
+    """``(best, estimate, worst, comm)`` seconds per DDP step (see the module docstring)."""
+    buckets = ddp_buckets(numel)
+    comm = sum(allreduce_time(b, 4, world_size, link) for b in buckets)
+    free, done = times.forward_s, 0
+    for b in buckets:
+        done += b
+        ready = times.forward_s + times.backward_s * done / numel
+        free = max(ready, free) + allreduce_time(b, 4, world_size, link)
+    end_of_backward = times.forward_s + times.backward_s
+    estimate = max(free, end_of_backward) + times.optimizer_s
+    best = times.forward_s + max(times.backward_s, comm) + times.optimizer_s
+    return best, estimate, times.total_s + comm, comm
+
+
+def sync_time(
+    numel: int, world_size: int, link: Link, *, comm_dtype: str = "fp32", buffer_numel: int = 0
+) -> float:
+    """Seconds for one distributed-Ranger sync (``rangerdl.distributed.sync.OuterSync._sync``)."""
+    if comm_dtype == "fp32":
+        main = allreduce_time(numel, 4, world_size, link)
+    elif comm_dtype == "bf16":
+        main = 2 * all_gather_time(numel, 2, world_size, link)
+    else:
+        raise ValueError(f"comm_dtype must be fp32 or bf16, got {comm_dtype!r}")
+    check = allreduce_time(2, 8, world_size, link)
+    buffers = allreduce_time(buffer_numel, 4, world_size, link) if buffer_numel else 0.0
+    return main + check + buffers
+
+
+@dataclass
+class Row:
+    """One strategy: totals per run (``steps`` optimizer steps), per-step averages derived."""
+
+    strategy: str
+    k: int
+    comm_dtype: str
+    overlap: bool
+    steps: int
+    compute_s: float  # per run
+    comm_s: float  # per run, time blocked communicating
+    bytes_per_rank: float  # per run
+    syncs: int
+    step_bounds_s: tuple[float, float] | None = None  # DDP: (best, worst) per step
+
+    @property
+    def run_s(self) -> float:
+        return self.compute_s + self.comm_s
+
+    @property
+    def step_s(self) -> float:
+        return self.run_s / self.steps
+
+    @property
+    def comm_share(self) -> float:
+        return self.comm_s / self.run_s if self.run_s else 0.0
+
+    @property
+    def label(self) -> str:
+        if self.strategy != "lookahead":
+            return {"ddp": "DDP", "post_local_sgd": f"PostLocalSGD k={self.k}"}[self.strategy]
+        extra = ", overlap" if self.overlap else (", bf16" if self.comm_dtype == "bf16" else "")
+        return f"distributed Ranger k={self.k}{extra}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out |= {"label": self.label, "run_s": self.run_s, "step_s": self.step_s}
+        return out | {"comm_share": self.comm_share}
+
+
+def ddp_row(times: StepTimes, numel: int, world_size: int, link: Link, steps: int) -> Row:
+    best, estimate, worst, _ = ddp_step_time(times, numel, world_size, link)
+    return Row(
+        "ddp",
+        1,
+        "fp32",
+        True,
+        steps,
+        compute_s=steps * times.total_s,
+        comm_s=steps * (estimate - times.total_s),
+        bytes_per_rank=steps * ring_bytes(numel, 4, world_size),
+        syncs=steps,
+        step_bounds_s=(best, worst),
+    )
+
+
+def local_row(
+    times: StepTimes,
+    numel: int,
+    world_size: int,
+    link: Link,
+    steps: int,
+    *,
+    strategy: str = "lookahead",
+    k: int,
+    comm_dtype: str = "fp32",
+    overlap: bool = False,
+    buffer_numel: int = 0,
+) -> Row:
+    """PostLocalSGD or distributed Ranger syncing every ``k`` steps (module docstring)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if strategy == "post_local_sgd":
+        syncs = steps // k
+        per_sync = allreduce_time(numel, 4, world_size, link)
+        comm = syncs * per_sync
+        sent = syncs * ring_bytes(numel, 4, world_size)
+    else:
+        syncs = math.ceil(steps / k)
+        per_sync = sync_time(
+            numel, world_size, link, comm_dtype=comm_dtype, buffer_numel=buffer_numel
+        )
+        if overlap and syncs:
+            hidden_syncs = steps // k - 1 if steps % k == 0 else steps // k
+            exposed = max(0.0, per_sync - times.total_s)
+            comm = hidden_syncs * exposed + (syncs - hidden_syncs) * per_sync
+        else:
+            comm = syncs * per_sync
+        if comm_dtype == "bf16":
+            sent = syncs * 2 * ring_bytes(numel, 2, world_size, factor=1.0)
+        else:
+            sent = syncs * ring_bytes(numel, 4, world_size)
+        sent += syncs * ring_bytes(buffer_numel, 4, world_size)
+    return Row(strategy, k, comm_dtype, overlap, steps, steps * times.total_s, comm, sent, syncs)
+
+
+def smallest_k(max_share: float, build: Any, steps: int) -> int | None:
+    """The smallest ``k`` in 1..steps whose row (``build(k)``) communicates at most ``max_share``
+    of the time (the share falls as k grows, so bisect)."""
+    lo, hi = 1, steps
+    if build(hi).comm_share > max_share:
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if build(mid).comm_share <= max_share:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@dataclass
+class Plan:
+    numel: int
+    buffer_numel: int
+    times: StepTimes
+    times_source: str
+    world_size: int
+    link: Link
+    steps: int
+    max_share: float
+    rows: list[Row] = field(default_factory=list)
+    smallest_k: dict[str, int | None] = field(default_factory=dict)
+
+    @property
+    def ddp(self) -> Row:
+        return self.rows[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "params": self.numel,
+            "buffers": self.buffer_numel,
+            "step_times_s": dataclasses.asdict(self.times) | {"total_s": self.times.total_s},
+            "step_times_source": self.times_source,
+            "workers": self.world_size,
+            "link": dataclasses.asdict(self.link),
+            "steps": self.steps,
+            "max_share": self.max_share,
+            "rows": [r.to_dict() | {"speedup_vs_ddp": self.ddp.run_s / r.run_s} for r in self.rows],
+            "smallest_k": self.smallest_k,
+            "speedup_bound": self.ddp.run_s / self.ddp.compute_s,
+        }
+
+
+def make_plan(
+    *,
+    numel: int,
+    times: StepTimes,
+    world_size: int,
+    link: Link,
+    steps: int,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    plsgd_k: int = 16,
+    max_share: float = 0.1,
+    buffer_numel: int = 0,
+    times_source: str = "given",
+) -> Plan:
+    """Every row of ``rangerdl plan`` (see the module docstring)."""
+    if world_size < 2:
+        raise ValueError(
+            f"--workers must be >= 2 (one worker communicates nothing), got {world_size}"
+        )
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0 < max_share < 1:
+        raise ValueError(f"--max-share must be in (0, 1), got {max_share}")
+    args = (times, numel, world_size, link, steps)
+    plan = Plan(numel, buffer_numel, times, times_source, world_size, link, steps, max_share)
+    plan.rows.append(ddp_row(*args))
+    plan.rows.append(local_row(*args, strategy="post_local_sgd", k=plsgd_k))
+    variants = {"fp32": ("fp32", False), "bf16": ("bf16", False), "overlap": ("fp32", True)}
+    for k in sorted(set(ks)):
+        for dtype, overlap in variants.values():
+            plan.rows.append(
+                local_row(*args, k=k, comm_dtype=dtype, overlap=overlap, buffer_numel=buffer_numel)
+            )
+    for name, (dtype, overlap) in variants.items():
+
+        def build(k: int, dtype: str = dtype, overlap: bool = overlap) -> Row:
+            return local_row(
+                *args, k=k, comm_dtype=dtype, overlap=overlap, buffer_numel=buffer_numel
+            )
+
+        plan.smallest_k[name] = smallest_k(max_share, build, steps)
+    return plan
+
+
+def format_plan(plan: Plan) -> str:
+    t, link, ddp = plan.times, plan.link, plan.ddp
+    lines = [
+        f"model: {plan.numel:,} parameters ({format_bytes(4 * plan.numel)} fp32)"
+        + (f", {plan.buffer_numel:,} floating buffer values" if plan.buffer_numel else ""),
+        f"compute per worker and step: {format_seconds(t.total_s)} "
+        f"(forward {format_seconds(t.forward_s)}, backward {format_seconds(t.backward_s)}, "
+        f"optimizer {format_seconds(t.optimizer_s)}; {plan.times_source})",
+        f"{plan.world_size} workers, {format_bandwidth(link.bandwidth_bps)} per link, latency "
+        f"{format_seconds(link.latency_s)}, payload efficiency {link.efficiency:.3f}; "
+        f"{plan.steps} steps",
+        "",
+    ]
+    header = (
+        "strategy",
+        "bytes/rank/step",
+        "comm/step",
+        "step",
+        "comm share",
+        "run",
+        "bytes/rank/run",
+        "x DDP",
+    )
+    table = [header]
+    for r in plan.rows:
+        table.append(
+            (
+                r.label,
+                format_bytes(r.bytes_per_rank / r.steps),
+                format_seconds(r.comm_s / r.steps),
+                format_seconds(r.step_s),
+                f"{100 * r.comm_share:.0f}%",
+                format_seconds(r.run_s),
+                format_bytes(r.bytes_per_rank),
+                f"{ddp.run_s / r.run_s:.2f}x",
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        lines.append(
+            "  ".join(
+                c.ljust(w) if j == 0 else c.rjust(w)
+                for j, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    assert ddp.step_bounds_s is not None
+    best, worst = ddp.step_bounds_s
+    lines += [
+        "",
+        f"DDP step: {format_seconds(best)} if its all-reduce hid entirely behind backward, "
+        f"{format_seconds(worst)} if none of it did; the row above ({format_seconds(ddp.step_s)}) "
+        "simulates its buckets.",
+        f"speedup bound over DDP: {ddp.run_s / ddp.compute_s:.2f}x (DDP's run time / compute "
+        "alone: no strategy does better)",
+    ]
+    for name, k in plan.smallest_k.items():
+        what = f"k = {k}" if k is not None else f"none up to k = {plan.steps}"
+        lines.append(f"smallest k with communication <= {100 * plan.max_share:g}% ({name}): {what}")
+    return "\n".join(lines)
+
+
+def count_and_time(cfg: Any, world_size: int, *, repeats: int = 5) -> tuple[int, int, StepTimes]:
+    """``(parameters, floating buffer values, step times)`` of the configured model on one
+    worker's share of the global batch, timed here (median of ``repeats`` after 2 warm-up steps)."""
+    import torch
+
+    from rangerdl.train.data import open_data
+    from rangerdl.train.models import build_model
+    from rangerdl.train.optimizers import make_optimizer
+    from rangerdl.train.runtime import Runtime
+    from rangerdl.train.task import Task
+
+    if cfg.data.batch_size % world_size:
+        raise ValueError(
+            f"[data] batch_size = {cfg.data.batch_size} (the global batch) must be divisible by "
+            f"--workers {world_size}"
+        )
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    device = cfg.train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rt = Runtime(0, 1, 0, torch.device(device), None)
+    splits = open_data(cfg.data, rt)
+    train_ds = splits["train"]
+    task = Task.from_metadata(train_ds.metadata)
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model.name, cfg.model.args, task.model_kwargs).to(rt.device)
+    optimizer = make_optimizer(cfg.optim, model.parameters())
+    numel = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    from rangerdl.data import collate
+
+    per_worker = cfg.data.batch_size // world_size
+    batch = collate([train_ds[i % len(train_ds)] for i in range(per_worker)])
+    x, y = batch["x"].to(rt.device), batch["y"].to(rt.device)
+
+    def clock() -> float:
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)
+        return time.perf_counter()
+
+    samples: list[tuple[float, float, float]] = []
+    for i in range(2 + repeats):
+        t0 = clock()
+        loss = task.loss(model(x), y, batch.get("mask"))
+        t1 = clock()
+        loss.backward()
+        t2 = clock()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t3 = clock()
+        if i >= 2:
+            samples.append((t1 - t0, t2 - t1, t3 - t2))
+    fwd, bwd, opt = (statistics.median(s[j] for s in samples) for j in range(3))
+    return numel, buffers, StepTimes(fwd, bwd, opt)

@@ -1,0 +1,640 @@
+"""``rangerdl sweep``: hyperparameter search with Optuna, every trial an ordinary run folder.
+
+A sweep file is a TOML with a ``[sweep]`` table (and, optionally, any training tables, which
+override the base config)::
+
+    [sweep]
+    config = "digits_cnn.toml"     # base training config, relative to this file (optional)
+    metric = "val/loss"            # a tag the run logs at each evaluation and in summary.json
+    direction = "minimize"
+    n_trials = 20
+    pruner = "median"              # "none", "median" or "hyperband"
+
+    [sweep.params]
+    "optim.lr" = { low = 1e-4, high = 1e-1, log = true }      # float (int if low/high are ints)
+    "distributed.sync_every" = [8, 16, 32]                    # categorical
+    "model.args.hidden" = { low = 32, high = 256, step = 32 }
+
+    [train]
+    steps = 300
+
+Each trial runs ``python -m rangerdl train SWEEP/base.toml --run.dir=SWEEP/trials
+--run.name=trial-N --key=value ...`` as a subprocess, so a trial is exactly a run that ``rangerdl
+train`` would make (its log in ``SWEEP/logs/trial-N.log``). While it runs, the sweep tails its
+``metrics.jsonl`` and reports ``metric`` at every evaluation to the trial; when the pruner says so,
+the subprocess is terminated and the trial marked pruned. The final value is read from the run's
+``summary.json`` (``val/X`` falls back to ``test/X`` for datasets without a val split, which
+validate on the test split).
+
+Storage: Optuna's RDB storage, by default the SQLite file ``SWEEP/study.db``. Running the same
+command again continues the study: finished trials (complete or pruned) count toward
+``n_trials``; a trial whose sweep process died is marked failed (at once when that process ran on
+this machine, otherwise by Optuna's heartbeat after ``grace_period_s``), and so is a trial whose
+training exits with an error; the sweep goes on. ``--storage`` takes any SQLAlchemy URL, e.g.
+``postgresql+psycopg2://user:password@host/db``: several machines running the same command share
+one study.
+
+Outputs in the sweep folder: ``trials.json`` and a ranked table on stdout, ``best.toml`` (the base
+config with the best trial's values: ``rangerdl train SWEEP/best.toml`` reruns it), and
+``history.png`` / ``importances.png`` (``optuna.visualization.matplotlib``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SearchParam", "SweepSpec", "dump_toml", "load_sweep", "run_sweep"]
+
+PRUNERS = ("none", "median", "hyperband")
+SAMPLERS = ("tpe", "random")
+POLL_S = 0.2
+
+
+@dataclass
+class SearchParam:
+    """One dimension: ``choices`` (categorical) or ``low``/``high`` (int or float)."""
+
+    key: str
+    choices: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    is_int: bool = False
+
+    @classmethod
+    def parse(cls, key: str, raw: Any) -> SearchParam:
+        where = f"[sweep.params] {key!r}"
+        if isinstance(raw, list):
+            if not raw:
+                raise ValueError(f"{where}: an empty list of choices")
+            return cls(key, choices=list(raw))
+        if not isinstance(raw, dict):
+            raise ValueError(
+                f"{where}: expected a list of choices or a table {{ low = ..., high = ... }}"
+            )
+        unknown = set(raw) - {"low", "high", "log", "step", "choices", "type"}
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown keys {sorted(unknown)}; valid: low, high, log, step, choices, type"
+            )
+        if "choices" in raw:
+            return cls.parse(key, raw["choices"])
+        if "low" not in raw or "high" not in raw:
+            raise ValueError(f"{where}: needs low and high (or choices)")
+        low, high = raw["low"], raw["high"]
+        kind = raw.get("type") or (
+            "int" if isinstance(low, int) and isinstance(high, int) else "float"
+        )
+        if kind not in ("int", "float"):
+            raise ValueError(f"{where}: type = {kind!r}: expected int or float")
+        if not low < high:
+            raise ValueError(f"{where}: low ({low}) must be < high ({high})")
+        if raw.get("log") and low <= 0:
+            raise ValueError(f"{where}: log = true needs low > 0")
+        return cls(
+            key,
+            low=low,
+            high=high,
+            log=bool(raw.get("log")),
+            step=raw.get("step"),
+            is_int=kind == "int",
+        )
+
+    def suggest(self, trial: Any) -> Any:
+        if self.choices is not None:
+            return trial.suggest_categorical(self.key, self.choices)
+        assert self.low is not None and self.high is not None
+        if self.is_int:
+            return trial.suggest_int(
+                self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
+        return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+
+    def sample_value(self) -> Any:
+        if self.choices is not None:
+            return self.choices[0]
+        assert self.low is not None
+        return int(self.low) if self.is_int else self.low
+
+
+@dataclass
+class SweepSpec:
+    """The ``[sweep]`` table, resolved; ``base`` is the training config every trial starts from."""
+
+    folder: Path
+    study_name: str
+    base: Any  # rangerdl.train.config.Config
+    params: list[SearchParam]
+    metric: str = "val/loss"
+    direction: str = "minimize"
+    n_trials: int = 10
+    pruner: str = "median"
+    pruner_startup_trials: int = 2
+    pruner_warmup_steps: int = 0
+    sampler: str = "tpe"
+    seed: int = 0
+    heartbeat_s: int = 10
+    grace_period_s: int = 60
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_sweep(
+    path: Path, overrides: list[str] | None = None, folder: Path | None = None
+) -> SweepSpec:
+    """Read a sweep file: ``[sweep]``, ``[sweep.params]`` and training tables (see the module doc)."""
+    from rangerdl.train.config import Config, apply_tables, load_config, parse_overrides
+
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep file {path} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not a valid TOML file: {exc}") from exc
+    table = raw.pop("sweep", None)
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: no [sweep] table (see `rangerdl sweep --help`)")
+    table = dict(table)
+    params_raw = table.pop("params", None)
+    if not isinstance(params_raw, dict) or not params_raw:
+        raise ValueError(f'{path}: [sweep.params] must name at least one key, e.g. "optim.lr"')
+    base_path = table.pop("config", None)
+    cfg = load_config(path.parent / base_path if base_path else None)
+    apply_tables(cfg, raw, origin=str(path))
+    if overrides:
+        apply_tables(cfg, parse_overrides(overrides), origin="command line")
+    cfg.validate()
+    params = [SearchParam.parse(k, v) for k, v in params_raw.items()]
+    for p in params:  # every key must be one `rangerdl train` accepts
+        probe = Config()
+        override = [f"--{p.key}={toml_value(p.sample_value())}"]
+        apply_tables(probe, parse_overrides(override), origin=f"[sweep.params] {p.key!r}")
+    spec_fields = {
+        f
+        for f in SweepSpec.__dataclass_fields__
+        if f not in ("folder", "study_name", "base", "params")
+    }
+    extra = {"dir", "name"}
+    unknown = set(table) - spec_fields - extra
+    if unknown:
+        valid = ", ".join(sorted(spec_fields | extra | {"config", "params"}))
+        raise ValueError(
+            f"{path}: unknown key(s) {sorted(unknown)} in [sweep]; valid keys: {valid}"
+        )
+    spec = SweepSpec(
+        folder=folder or Path(table.pop("dir", None) or Path("sweeps") / path.stem),
+        study_name=str(table.pop("name", None) or path.stem),
+        base=cfg,
+        params=params,
+        **table,
+    )
+    if spec.direction not in ("minimize", "maximize"):
+        raise ValueError(f"[sweep] direction = {spec.direction!r}: expected minimize or maximize")
+    if spec.pruner not in PRUNERS:
+        raise ValueError(f"[sweep] pruner = {spec.pruner!r}: expected one of {', '.join(PRUNERS)}")
+    if spec.sampler not in SAMPLERS:
+        raise ValueError(
+            f"[sweep] sampler = {spec.sampler!r}: expected one of {', '.join(SAMPLERS)}"
+        )
+    if spec.n_trials < 1:
+        raise ValueError("[sweep] n_trials must be >= 1")
+    if "/" not in spec.metric:
+        raise ValueError(
+            f"[sweep] metric = {spec.metric!r}: expected a logged tag such as val/loss"
+        )
+    return spec
+
+
+# ---------------------------------------------------------------- TOML out
+
+
+def toml_value(value: Any) -> str:
+    """A TOML literal (what ``--table.key=VALUE`` and ``best.toml`` need)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return {math.inf: "inf", -math.inf: "-inf"}.get(value, "nan")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise ValueError(f"cannot write {value!r} ({type(value).__name__}) as a TOML value")
+
+
+def dump_toml(tables: dict[str, dict[str, Any]]) -> str:
+    """``{table: {key: value}}`` (one level of sub-tables, e.g. ``[model.args]``) as TOML."""
+    lines: list[str] = []
+    for name, values in tables.items():
+        lines.append(f"[{name}]")
+        subtables = {k: v for k, v in values.items() if isinstance(v, dict)}
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items() if k not in subtables]
+        for sub, sub_values in subtables.items():
+            lines.append(f"[{name}.{sub}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in sub_values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_with(base: Any, values: dict[str, Any]) -> Any:
+    """A copy of ``base`` with ``{"table.key": value}`` applied (checked as overrides are)."""
+    from rangerdl.train.config import Config, apply_tables, parse_overrides
+
+    cfg = Config.from_dict(base.to_dict())
+    args = [f"--{k}={toml_value(v)}" for k, v in values.items()]
+    apply_tables(cfg, parse_overrides(args), origin="trial parameters")
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------- one trial
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Linux: the trial gets SIGTERM when the sweep process dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class TrialCrashed(RuntimeError):
+    """The trial's training exited with an error; the trial is marked failed."""
+
+
+class _Tail:
+    """New complete lines of a growing ``metrics.jsonl``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def lines(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+
+
+def run_trial(spec: SweepSpec, trial: Any) -> float:
+    """The Optuna objective: train one config as a subprocess, report, prune, return the metric."""
+    import optuna
+
+    values = {p.key: p.suggest(trial) for p in spec.params}
+    name = f"trial-{trial.number}"
+    run_dir = spec.folder / "trials" / name
+    trial.set_user_attr("run_dir", str(run_dir))
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("pid", os.getpid())
+    cmd = [
+        sys.executable,
+        "-m",
+        "rangerdl",
+        "train",
+        str(spec.folder / "base.toml"),
+        f"--run.dir={spec.folder / 'trials'}",
+        f"--run.name={name}",
+        "--log.progress=false",
+        *(f"--{k}={toml_value(v)}" for k, v in values.items()),
+    ]
+    log_path = spec.folder / "logs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("%s: %s", name, " ".join(f"{k}={v!r}" for k, v in values.items()))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        tail, reported = _Tail(run_dir / "metrics.jsonl"), set()
+        try:
+            while True:
+                finished = proc.poll() is not None
+                for line in tail.lines():
+                    step = int(line["step"])
+                    if spec.metric in line and step not in reported:
+                        reported.add(step)
+                        trial.report(float(line[spec.metric]), step)
+                        if trial.should_prune():
+                            _stop(proc)
+                            raise optuna.TrialPruned(f"pruned at step {step}")
+                if finished:
+                    break
+                time.sleep(POLL_S)
+        finally:
+            if proc.poll() is None:
+                _stop(proc)
+    if proc.returncode != 0:
+        raise TrialCrashed(f"{name}: training exited with code {proc.returncode}; see {log_path}")
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise TrialCrashed(f"{name}: no {summary_path}; see {log_path}")
+    return final_value(json.loads(summary_path.read_text()), spec.metric, name)
+
+
+def final_value(summary: dict[str, Any], metric: str, name: str = "run") -> float:
+    """``metric`` from a run's summary. A dataset without a val split validates on its test split
+    and reports the final pass as ``test/``, so ``val/X`` falls back to ``test/X`` there."""
+    for key in (metric, metric.replace("val/", "test/", 1) if metric.startswith("val/") else None):
+        if key is not None and key in summary:
+            return float(summary[key])
+    tags = ", ".join(k for k in sorted(summary) if "/" in k)
+    raise TrialCrashed(f"{name}: summary.json has no {metric!r}; it has {tags}")
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# ---------------------------------------------------------------- the study
+
+
+def _storage(spec: SweepSpec, url: str | None) -> Any:
+    import optuna
+
+    url = url or f"sqlite:///{(spec.folder / 'study.db').resolve()}"
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["connect_args"] = {"timeout": 60}  # several processes on one file wait, not fail
+    return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=kwargs,
+        heartbeat_interval=spec.heartbeat_s,
+        grace_period=spec.grace_period_s,
+    )
+
+
+def _pruner(spec: SweepSpec) -> Any:
+    import optuna
+
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=spec.pruner_startup_trials, n_warmup_steps=spec.pruner_warmup_steps
+        )
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=max(1, spec.base.train.eval_every or 1),
+            max_resource=spec.base.train.steps,
+        )
+    return optuna.pruners.NopPruner()
+
+
+def _fail_dead_local_trials(study: Any) -> None:
+    """RUNNING trials started on this machine by a process that no longer exists: failed now
+    (Optuna's heartbeat would do it after the grace period)."""
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") != host or pid is None or _alive(int(pid)):
+            continue
+        log.warning(
+            "trial %d: its sweep process (pid %s) is gone; marking it failed", t.number, pid
+        )
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_sweep(spec: SweepSpec, storage: str | None = None) -> Any:
+    """Run (or continue) the study until ``n_trials`` trials are complete or pruned; returns it."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from rangerdl._fileio import atomic_write_text
+
+    spec.folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(spec.folder / "base.toml", dump_toml(spec.base.to_dict()))
+    sampler = (
+        optuna.samplers.TPESampler(seed=spec.seed)
+        if spec.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=spec.seed)
+    )
+    study = optuna.create_study(
+        storage=_storage(spec, storage),
+        study_name=spec.study_name,
+        direction=spec.direction,  # type: ignore[arg-type]  # checked in load_sweep
+        sampler=sampler,
+        pruner=_pruner(spec),
+        load_if_exists=True,
+    )
+    _fail_dead_local_trials(study)
+    if spec.enqueue and not study.trials:
+        for params in spec.enqueue:
+            study.enqueue_trial(params)
+    done_states = (TrialState.COMPLETE, TrialState.PRUNED)
+    failures = 0
+    while True:
+        done = len(study.get_trials(deepcopy=False, states=done_states))
+        remaining = spec.n_trials - done
+        if remaining <= 0:
+            break
+        if failures >= spec.n_trials:
+            raise RuntimeError(
+                f"{failures} trials failed in this sweep; see {spec.folder / 'logs'}"
+            )
+        before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        study.optimize(
+            lambda trial: run_trial(spec, trial),
+            n_trials=1,
+            catch=(TrialCrashed,),
+            gc_after_trial=False,
+        )
+        failures += len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
+    return study
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def ranked(study: Any, spec: SweepSpec) -> list[dict[str, Any]]:
+    """Every trial, best first: complete ones by value, then pruned (by last value), then others."""
+    from optuna.trial import TrialState
+
+    sign = 1.0 if spec.direction == "minimize" else -1.0
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        value = t.value
+        if value is None and t.intermediate_values:
+            value = t.intermediate_values[max(t.intermediate_values)]
+        duration = t.duration.total_seconds() if t.duration is not None else None
+        order = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1}.get(t.state, 2)
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": value,
+                "params": t.params,
+                "duration_s": duration,
+                "last_step": max(t.intermediate_values) if t.intermediate_values else None,
+                "run_dir": t.user_attrs.get("run_dir"),
+                "_key": (order, sign * value if value is not None else math.inf, t.number),
+            }
+        )
+    rows.sort(key=lambda r: r.pop("_key"))
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], metric: str) -> str:
+    keys = sorted({k for r in rows for k in r["params"]})
+    header = ["rank", "trial", "state", metric, *keys, "time", "steps"]
+    table = [header]
+    for i, r in enumerate(rows, 1):
+        table.append(
+            [
+                str(i),
+                str(r["number"]),
+                r["state"].lower(),
+                "-" if r["value"] is None else f"{r['value']:.5g}",
+                *(_fmt(r["params"].get(k)) for k in keys),
+                "-" if r["duration_s"] is None else f"{r['duration_s']:.1f} s",
+                "-" if r["last_step"] is None else str(r["last_step"]),
+            ]
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_outputs(study: Any, spec: SweepSpec) -> dict[str, Path]:
+    """``trials.json``, ``best.toml`` and the plots; returns what was written."""
+    from optuna.trial import TrialState
+
+    from rangerdl._fileio import atomic_write_text
+
+    out: dict[str, Path] = {}
+    rows = ranked(study, spec)
+    out["trials"] = spec.folder / "trials.json"
+    atomic_write_text(out["trials"], json.dumps(rows, indent=1) + "\n")
+    if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        best = study.best_trial
+        cfg = config_with(spec.base, best.params)
+        cfg.run.name, cfg.run.dir = "", "runs"
+        header = (
+            f"# Best trial of sweep {spec.study_name!r}: trial {best.number}, "
+            f"{spec.metric} = {best.value:.6g}\n# params: {json.dumps(best.params)}\n"
+        )
+        out["best"] = spec.folder / "best.toml"
+        atomic_write_text(out["best"], header + dump_toml(cfg.to_dict()))
+    out |= _plots(study, spec)
+    return out
+
+
+def _plots(study: Any, spec: SweepSpec) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+    from optuna.trial import TrialState
+
+    written: dict[str, Path] = {}
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    plots: dict[str, Any] = {"history": ovm.plot_optimization_history}
+    if len(complete) >= 2:
+        plots["importances"] = ovm.plot_param_importances
+    for name, fn in plots.items():
+        try:
+            ax = fn(study)
+        except (ValueError, RuntimeError) as exc:  # e.g. every trial has the same value
+            log.warning("no %s plot: %s", name, exc)
+            continue
+        fig: Any = ax.figure
+        fig.tight_layout()
+        path = spec.folder / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written[name] = path
+    return written
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def register_sweep(sub: Any) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="hyperparameter search with Optuna; every trial is a run folder",
+        description=(__doc__ or "").split("\n\n", 1)[1].split("\n\nEach trial")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Training values can also be overridden here with --table.key=value.",
+    )
+    p.add_argument("file", type=Path, help="sweep TOML with a [sweep] table")
+    p.add_argument("--dir", type=Path, help="sweep folder (default: [sweep] dir or sweeps/NAME)")
+    p.add_argument(
+        "--storage",
+        help="SQLAlchemy URL of the study database (default: sqlite:///SWEEP/study.db); e.g. "
+        "postgresql+psycopg2://user:password@host/db to share one study between machines",
+    )
+    p.add_argument("--n-trials", type=int, help="override [sweep] n_trials")
+    p.set_defaults(run=_sweep, accepts_extra=True)
+
+
+def _sweep(args: argparse.Namespace, extra: list[str]) -> int:
+    try:
+        import optuna
+    except ImportError:
+        raise ValueError("rangerdl sweep needs Optuna: pip install 'rangerdl[sweep]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = load_sweep(args.file, extra, folder=args.dir)
+    if args.n_trials is not None:
+        spec.n_trials = args.n_trials
+    study = run_sweep(spec, args.storage)
+    rows = ranked(study, spec)
+    written = write_outputs(study, spec)
+    print(format_table(rows, spec.metric))
+    print()
+    for what, path in written.items():
+        print(f"{what}: {path}")
+    if "best" in written:
+        print(f"rerun the best: rangerdl train {written['best']}")
+    return 0

@@ -1,0 +1,132 @@
+"""The cost model of ``rangerdl plan`` against hand-computed values (alpha-beta ring model)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rangerdl.distributed.cost import Link, all_gather_time, allreduce_time, broadcast_time
+from rangerdl.workflow.plan import StepTimes, ddp_step_time, local_row, make_plan
+from rangerdl.workflow.units import parse_bandwidth, parse_count, parse_duration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_units() -> None:
+    assert parse_bandwidth("100mbit") == 1e8
+    assert parse_bandwidth("10Gbit/s") == 1e10
+    assert parse_bandwidth("1.25GB/s") == 1e10
+    assert parse_duration("1ms") == pytest.approx(1e-3) and parse_duration("0.4s") == 0.4
+    assert parse_count("1.3B") == 1_300_000_000 and parse_count("350M") == 350_000_000
+    for bad in ("100m", "fast"):
+        with pytest.raises(ValueError, match="bandwidth"):
+            parse_bandwidth(bad)
+
+
+def test_ring_allreduce_matches_the_alpha_beta_formula() -> None:
+    link = Link(1e9, latency_s=1e-4, efficiency=1.0)
+    # 20 ranks, 250M fp32 values (1 GB): 2*19 alpha + 2*19/20 * 1e9 B * 8 / 1e9 bit/s
+    assert allreduce_time(250_000_000, 4, 20, link) == pytest.approx(38e-4 + 1.9 * 8)
+    assert all_gather_time(250_000_000, 2, 20, link) == pytest.approx(19e-4 + 0.95 * 4)
+    assert broadcast_time(1000, 4, 4, link) == pytest.approx(2 * (1e-4 + 4000 * 8e-9))
+    assert allreduce_time(10, 4, 1, link) == 0.0
+
+
+def test_ddp_bounds_and_bucket_overlap() -> None:
+    link = Link(1e9, 0.0, 1.0)
+    times = StepTimes(0.1, 0.2, 0.0)
+    best, est, worst, comm = ddp_step_time(times, 100_000_000, 2, link)  # 400 MB: 17 buckets
+    assert comm == pytest.approx(3.2) and worst == pytest.approx(3.5) and best == pytest.approx(3.3)
+    assert best <= est <= worst
+    tiny = ddp_step_time(times, 1000, 2, link)  # one bucket, ready at the end of backward
+    assert tiny[1] == pytest.approx(tiny[2])
+
+
+def test_local_rows_count_syncs_bytes_and_overlap() -> None:
+    link = Link(1e8, 0.0, 1.0)
+    times = StepTimes.from_total(0.05)
+    n = 1_000_000  # 4 MB: 0.32 s per fp32 all-reduce on 2 ranks at 100 Mbit/s
+    fp32 = local_row(times, n, 2, link, 100, k=8)
+    assert fp32.syncs == 13 and fp32.bytes_per_rank == 13 * 4_000_000  # finish() syncs the rest
+    bf16 = local_row(times, n, 2, link, 100, k=8, comm_dtype="bf16")
+    assert bf16.bytes_per_rank == fp32.bytes_per_rank / 2
+    assert bf16.comm_s == pytest.approx(fp32.comm_s / 2, rel=1e-3)
+    over = local_row(times, n, 2, link, 96, k=8, overlap=True)  # 12 syncs, the last exposed
+    per = fp32.comm_s / 13
+    assert over.comm_s == pytest.approx(11 * (per - 0.05) + per, rel=1e-3)
+    plsgd = local_row(times, n, 2, link, 100, k=8, strategy="post_local_sgd")
+    assert plsgd.syncs == 12
+
+
+def test_smallest_k_keeps_the_share_under_the_target() -> None:
+    plan = make_plan(
+        numel=250_000_000,
+        times=StepTimes.from_total(0.5),
+        world_size=20,
+        link=Link(1e10, 1e-4),
+        steps=1000,
+        ks=(10,),
+        max_share=0.1,
+    )
+    k = plan.smallest_k["fp32"]
+    assert k is not None
+    share = [
+        local_row(plan.times, plan.numel, 20, plan.link, 1000, k=j).comm_share for j in (k - 1, k)
+    ]
+    assert share[0] > 0.1 >= share[1]
+
+
+def test_plan_cli_prints_and_writes_json(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rangerdl",
+            "plan",
+            "--workers",
+            "20",
+            "--bandwidth",
+            "10gbit",
+            "--params",
+            "250M",
+            "--step-time",
+            "0.5s",
+            "--k",
+            "10",
+            "--json",
+            str(tmp_path / "p.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "distributed Ranger k=10, bf16" in out.stdout and "speedup bound" in out.stdout
+    plan = json.loads((tmp_path / "p.json").read_text())
+    row = next(r for r in plan["rows"] if r["label"] == "distributed Ranger k=10")
+    assert row["bytes_per_rank"] == 60 * 1_900_000_000  # 600 steps / 10, 2*19/20 GB each
+
+
+def test_plan_check_benchmark_reproduces(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "plan_check.py"),
+            "--out",
+            str(tmp_path / "c.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert (
+        result["summary"]["allreduce"]["within_target"] == result["summary"]["allreduce"]["cells"]
+    )
