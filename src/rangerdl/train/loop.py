@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -232,13 +233,17 @@ def _open_run(cfg: Config, rt: Runtime, resume: Path | None) -> tuple[RunFolder,
 
 
 def _record_config(run: RunFolder, cfg: Config, step: int) -> None:
-    """Save the config; when a resume changed it, append the change to the history."""
+    """Save the config (a resume's changes also go to the history) and this launch's torchrun id
+    (a restart of the same job continues the run: see ``choose_run_folder``)."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    changed = {}
     if run.config.is_file():
         changed = config_changes(Config.from_dict(json.loads(run.config.read_text())), cfg)
-        if not changed:
-            return
-        log.info("resuming at step %d with changes: %s", step, changed)
-        with open(run.config_history, "a") as fh:
-            fh.write(json.dumps({"step": step, "changed": changed}) + "\n")
-    run.path.mkdir(parents=True, exist_ok=True)
-    cfg.save(run.config)
+        if changed:
+            log.info("resuming at step %d with changes: %s", step, changed)
+            with open(run.config_history, "a") as fh:
+                fh.write(json.dumps({"step": step, "changed": changed}) + "\n")
+    if changed or not run.config.is_file():
+        cfg.save(run.config)
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        atomic_write_text(run.launch_id, os.environ["TORCHELASTIC_RUN_ID"] + "\n")

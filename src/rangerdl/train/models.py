@@ -152,15 +152,16 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
     except ImportError as exc:
         raise ValueError(f"[model] name = {name!r}: cannot import {module_name!r}: {exc}") from exc
     factory = getattr(module, attr, None)
+    homes = {module_name.split(".")[0], (getattr(factory, "__module__", None) or "").split(".")[0]}
+    stdlib = sorted(h for h in homes if h in sys.stdlib_module_names or h == "builtins")
+    if stdlib:
+        raise ValueError(
+            f"[model] name = {name!r}: {attr!r} comes from the Python standard library "
+            f"({stdlib[0]}), not a model factory; refusing to call it"
+        )
     if not (inspect.isfunction(factory) or inspect.isclass(factory)):
         raise ValueError(
             f"[model] name = {name!r}: {module_name} has no function or class {attr!r}"
-        )
-    home = (getattr(factory, "__module__", None) or "builtins").split(".")[0]
-    if home in sys.stdlib_module_names or home == "builtins":
-        raise ValueError(
-            f"[model] name = {name!r}: {attr!r} comes from the Python standard library "
-            f"({home}), not a model factory; refusing to call it"
         )
     return factory  # type: ignore[return-value]
 

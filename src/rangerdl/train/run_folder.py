@@ -8,6 +8,7 @@
       tb/                 TensorBoard events
       checkpoints/        step-N/ folders, each complete when its MANIFEST.json exists
       summary.json        the final metrics, written once the run ends
+      launch_id           the torchrun job id (TORCHELASTIC_RUN_ID) that created the run
       config_history.jsonl  what each resume changed (``{"step": N, "changed": {key: [old, new]}}``)
 """
 
@@ -47,6 +48,10 @@ class RunFolder:
         return self.path / "checkpoints"
 
     @property
+    def launch_id(self) -> Path:
+        return self.path / "launch_id"
+
+    @property
     def config_history(self) -> Path:
         return self.path / "config_history.jsonl"
 
@@ -67,9 +72,10 @@ def choose_run_folder(
     """The run folder: ``resume`` as given, else ``run_dir/name`` (``name`` empty:
     ``MODEL-YYYYmmdd-HHMMSS``, or ``MODEL-RUN_ID`` under torchrun). A fresh run never writes into
     an existing run, except with ``policy = "auto"``, or when the folder is this torchrun job's own
-    (named by its run id, or a restart of it), which continues from its latest checkpoint. The
-    decision is taken from the folder and the launch, not from ``TORCHELASTIC_RESTART_COUNT``
-    alone, which is counted per node (pytorch/pytorch#108158).
+    (named by its run id, or created by a launch with the same ``TORCHELASTIC_RUN_ID``, i.e. a
+    restart of it on any node), which continues from its latest checkpoint. The decision is taken
+    from the folder and the launch, not from ``TORCHELASTIC_RESTART_COUNT``, which is counted per
+    node (pytorch/pytorch#108158).
 
     Raises:
         FileNotFoundError: ``resume`` has no ``config.json``.
@@ -87,11 +93,13 @@ def choose_run_folder(
         f"{model}-{run_id}" if run_id else datetime.now().strftime(f"{model}-%Y%m%d-%H%M%S")
     )
     path = Path(run_dir) / name
-    own_job = bool(run_id) and not name_given
+    folder = RunFolder(path)
+    recorded = folder.launch_id.read_text().strip() if folder.launch_id.is_file() else None
+    own_job = bool(run_id) and (not name_given or recorded == run_id)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     if path.exists() and any(path.iterdir()) and not (restarted or own_job or policy == "auto"):
         raise ValueError(
             f"run folder {path} already exists; continue it with `rangerdl train --resume {path}` "
             "(or set --run.resume=auto), or choose another name with --run.name=NAME"
         )
-    return RunFolder(path)
+    return folder
