@@ -63,7 +63,6 @@ def _config_keys() -> str:
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
     from rangerdl.train.config import load_config
-    from rangerdl.train.loop import TrainingError, train
 
     if args.resume is not None:
         if args.config is not None:
@@ -76,6 +75,8 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         cfg = load_config(saved, extra, resumed=True)
     else:
         cfg = load_config(args.config, extra)
+    from rangerdl.train.loop import TrainingError, train  # torch loads once the config is good
+
     try:
         summary = train(cfg, resume=args.resume)
     except TrainingError as exc:
@@ -118,6 +119,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def _eval(args: argparse.Namespace, extra: list[str]) -> int:
+    if not args.path.exists():  # before torch loads: errors are instant
+        raise FileNotFoundError(f"{args.path} does not exist")
     from rangerdl.train.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(args.path, split=args.split)

@@ -193,10 +193,7 @@ class Config:
     def validate(self) -> None:
         """Checks that span fields; single-field types are checked when values are applied."""
         from rangerdl.optim.schedules import SCHEDULES
-        from rangerdl.train.data import BUILTIN_SOURCES
-        from rangerdl.train.loop import ON_NAN
-        from rangerdl.train.optimizers import OPTIMIZERS, STRATEGIES
-        from rangerdl.train.runtime import BACKENDS
+        from rangerdl.train.choices import BACKENDS, BUILTIN_SOURCES, ON_NAN, OPTIMIZERS, STRATEGIES
 
         choices = {
             ("optim", "name"): OPTIMIZERS,

@@ -21,6 +21,7 @@ from torch import nn
 from rangerdl._fileio import atomic_write_text
 from rangerdl.optim.schedules import make_schedule
 from rangerdl.train import checkpoint as ckpt
+from rangerdl.train.choices import ON_NAN
 from rangerdl.train.config import Config
 from rangerdl.train.data import open_data
 from rangerdl.train.evaluate import validate
@@ -34,9 +35,6 @@ from rangerdl.train.task import Task
 log = logging.getLogger(__name__)
 
 __all__ = ["ON_NAN", "TrainingError", "train"]
-
-ON_NAN = ("stop", "skip")
-"""``[train] on_nan`` values."""
 
 
 class TrainingError(RuntimeError):

@@ -12,10 +12,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["BACKENDS", "Runtime", "init_runtime", "rng_state", "set_rng_state"]
+from rangerdl.train.choices import BACKENDS
 
-BACKENDS = ("auto", "gloo", "nccl")
-"""``[distributed] backend`` values: ``auto`` is NCCL on CUDA, gloo on CPU."""
+__all__ = ["BACKENDS", "Runtime", "init_runtime", "rng_state", "set_rng_state"]
 
 log = logging.getLogger(__name__)
 
