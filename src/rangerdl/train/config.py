@@ -138,7 +138,8 @@ class TrainConfig:
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     threads: int = 0
-    """torch intra-op threads per process (0: torch's default)."""
+    """torch intra-op threads per process. 0: ``OMP_NUM_THREADS`` if set, else one per physical
+    core for a single process and 1 per process when several share a node (as torchrun does)."""
 
 
 @dataclass
