@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import math
+import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
