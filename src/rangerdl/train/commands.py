@@ -102,11 +102,18 @@ def format_summary(summary: dict[str, Any]) -> str:
         "samples_per_s",
         "world_size",
     ]
+    from rangerdl.train.metrics import ddp_bytes_per_step, format_bytes, format_value
+
     width = max(len(k) for k in keys)
     lines = ["", "summary", "-" * (width + 16)]
-    for k in keys:
-        v = summary[k]
-        lines.append(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    lines += [f"{k:<{width}}  {format_value(k, summary[k])}" for k in keys]
+    params, world_size = summary.get("model/params"), summary["world_size"]
+    if params and world_size > 1 and "comm/bytes" in summary:
+        ddp = ddp_bytes_per_step(int(params), world_size) * summary["step"]
+        lines.append(
+            f"{'':<{width}}  (DDP would have sent {format_bytes(ddp)} per rank: "
+            f"{ddp / max(summary['comm/bytes'], 1):.1f}x comm/bytes)"
+        )
     lines += [
         "-" * (width + 16),
         f"run folder:  {summary['run_dir']}",

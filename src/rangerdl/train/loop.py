@@ -119,6 +119,7 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
         total_steps=t.steps,
         start_step=step,
     )
+    metrics.describe_model(model, rt.world_size)
     loader = torch.utils.data.DataLoader(
         train_ds,
         batch_sampler=sampler,
@@ -202,6 +203,7 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
         "train_time_s": total_time,
         "samples_per_s": step * cfg.data.batch_size / max(total_time, 1e-9),
         "world_size": rt.world_size,
+        "model/params": sum(p.numel() for p in model.parameters()),
         "checkpoint": str(final),
         **last_val,
         **test,

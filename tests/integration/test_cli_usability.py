@@ -1,4 +1,5 @@
-"""The CLI checks what the user typed before torch loads, and finds the user's own model files."""
+"""The CLI as a newcomer meets it: errors before torch loads, the user's model files, progress
+and metrics on the console."""
 
 from __future__ import annotations
 
@@ -141,3 +142,17 @@ def test_eval_reports_progress(
     lines = [r.getMessage() for r in caplog.records if r.name == "rangerdl.train.evaluate"]
     assert any("samples" in line for line in lines)
     assert "eval test: batch 1/2" in " ".join(lines) and "batch 2/2" in lines[-1]
+
+
+def test_training_console_shows_params_validation_and_smoothed_speed(
+    tiny: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="rangerdl.train.metrics"):
+        assert main(["train", *tiny, "--train.steps=20", "--train.eval_every=10"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "rangerdl.train.metrics"]
+    assert any(line.startswith("model: ") and " parameters (" in line for line in lines)
+    assert any(
+        line.startswith("step 10/20  val/loss ") and "val/accuracy" in line for line in lines
+    )
+    assert any(line.startswith("step 20/20  test/loss ") for line in lines)
+    assert any("samples/s" in line for line in lines)
