@@ -43,7 +43,8 @@ def plot_figure(run_dirs: list[Path], tags: list[str] | None = None) -> tuple[An
     if not tags:
         raise ValueError(f"none of the runs has metrics to plot (found keys: {sorted(present)})")
     fig, axes = plt.subplots(len(tags), 2, figsize=(11, 3.2 * len(tags) + 0.6), squeeze=False)
-    palette = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
+    cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    palette = [cmap(i) for i in range(cmap.N)]
     handles = []
     names = short_run_names(run_dirs)
     for n, (rows, name) in enumerate(zip(runs.values(), names, strict=True)):
