@@ -1,12 +1,17 @@
-"""Learning-rate schedules as multipliers of the peak lr, driven by ``torch.optim.lr_scheduler.LambdaLR``."""
+"""Learning-rate schedules as multipliers of the peak lr, driven by ``torch.optim.lr_scheduler.LambdaLR``.
+
+torch is imported by ``make_schedule`` only: the names and multipliers are read without it.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+    from torch.optim.lr_scheduler import LambdaLR
 
 __all__ = ["SCHEDULES", "lr_multiplier", "make_schedule"]
 
@@ -50,4 +55,6 @@ def lr_multiplier(
 
 
 def make_schedule(optimizer: Optimizer, name: str, total_steps: int, **kwargs: float) -> LambdaLR:
+    from torch.optim.lr_scheduler import LambdaLR
+
     return LambdaLR(optimizer, lr_multiplier(name, total_steps, **kwargs))  # type: ignore[arg-type]

@@ -74,7 +74,6 @@ def _config_keys() -> str:
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
     from rangerdl.train.checkpoint import CheckpointError
     from rangerdl.train.config import load_config
-    from rangerdl.train.loop import TrainingError, train
 
     if args.resume is not None:
         if args.config is not None:
@@ -87,6 +86,8 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         cfg = load_config(saved, extra, run_folder=True, trust_code=args.trust_run_code)
     else:
         cfg = load_config(args.config, extra)
+    from rangerdl.train.loop import TrainingError, train  # torch loads once the config is good
+
     try:
         summary = train(cfg, resume=args.resume)
     except (TrainingError, CheckpointError) as exc:
@@ -112,11 +113,18 @@ def format_summary(summary: dict[str, Any]) -> str:
         "samples_per_s",
         "world_size",
     ]
+    from rangerdl.train.metrics import ddp_bytes_per_step, format_bytes, format_value
+
     width = max(len(k) for k in keys)
     lines = ["", "summary", "-" * (width + 16)]
-    for k in keys:
-        v = summary[k]
-        lines.append(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    lines += [f"{k:<{width}}  {format_value(k, summary[k])}" for k in keys]
+    params, world_size = summary.get("model/params"), summary["world_size"]
+    if params and world_size > 1 and "comm/bytes" in summary:
+        ddp = ddp_bytes_per_step(int(params), world_size) * summary["step"]
+        lines.append(
+            f"{'':<{width}}  (DDP would have sent {format_bytes(ddp)} per rank: "
+            f"{ddp / max(summary['comm/bytes'], 1):.1f}x comm/bytes)"
+        )
     lines += [
         "-" * (width + 16),
         f"run folder:  {summary['run_dir']}",
@@ -129,6 +137,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def _eval(args: argparse.Namespace, extra: list[str]) -> int:
+    if not args.path.exists():  # before torch loads: errors are instant
+        raise FileNotFoundError(f"{args.path} does not exist")
     from rangerdl.train.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(args.path, split=args.split, trust_code=args.trust_run_code)

@@ -147,7 +147,8 @@ class TrainConfig:
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
     threads: int = 0
-    """torch intra-op threads per process (0: torch's default)."""
+    """torch intra-op threads per process. 0: ``OMP_NUM_THREADS`` if set, else one per physical
+    core for a single process and 1 per process when several share a node (as torchrun does)."""
 
 
 @dataclass
@@ -225,12 +226,15 @@ class Config:
     def validate(self) -> None:
         """Checks that span fields; single-field types are checked when values are applied."""
         from rangerdl.optim.schedules import SCHEDULES
-        from rangerdl.train.data import BUILTIN_SOURCES
-        from rangerdl.train.loop import ON_NAN
-        from rangerdl.train.metrics import WANDB_MODES
-        from rangerdl.train.optimizers import OPTIMIZERS, STRATEGIES
-        from rangerdl.train.run_folder import RESUME_POLICIES
-        from rangerdl.train.runtime import BACKENDS
+        from rangerdl.train.choices import (
+            BACKENDS,
+            BUILTIN_SOURCES,
+            ON_NAN,
+            OPTIMIZERS,
+            RESUME_POLICIES,
+            STRATEGIES,
+            WANDB_MODES,
+        )
 
         choices = {
             ("optim", "name"): OPTIMIZERS,

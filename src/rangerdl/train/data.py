@@ -8,15 +8,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rangerdl.train.choices import BUILTIN_SOURCES
 from rangerdl.train.config import DataConfig
 from rangerdl.train.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BUILTIN_SOURCES", "open_data"]
-
-BUILTIN_SOURCES = ("digits", "text")
-"""``[data] source`` values prepared on first use into the cache folder."""
 
 
 def open_data(cfg: DataConfig, rt: Runtime) -> dict[str, Any]:

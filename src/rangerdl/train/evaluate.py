@@ -3,6 +3,10 @@ weights, and ``rangerdl eval`` on a saved checkpoint."""
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +25,44 @@ from rangerdl.train.task import Task
 
 __all__ = ["evaluate", "evaluate_checkpoint", "validate"]
 
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 5.0
+"""Seconds between progress log lines of a long evaluation when stderr is not a terminal."""
+
+
+def _with_progress(batches: Iterable[Any], total: int, label: str) -> Iterator[Any]:
+    """``batches`` unchanged, reporting progress on stderr: a tqdm bar on a terminal, else a log
+    line every ``PROGRESS_EVERY_S`` seconds and one at the end."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(batches, total=total, desc=label, unit="batch", leave=False)
+        return
+    t0 = last = time.monotonic()
+    for i, batch in enumerate(batches, 1):
+        yield batch
+        now = time.monotonic()
+        if now - last >= PROGRESS_EVERY_S or i == total:
+            last = now
+            log.info("%s: batch %d/%d (%.0f s)", label, i, total, now - t0)
+
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, dataset: Any, task: Task, rt: Runtime, batch_size: int, max_batches: int = 0
+    model: nn.Module,
+    dataset: Any,
+    task: Task,
+    rt: Runtime,
+    batch_size: int,
+    max_batches: int = 0,
+    *,
+    progress: str = "",
 ) -> dict[str, float]:
     """The task's metrics (``loss``, ``accuracy``, ...) of ``model`` over ``dataset`` (the first
     ``max_batches * batch_size`` samples when ``max_batches > 0``); each rank evaluates a strided
-    share and the sums are all-reduced, so every rank returns the same numbers."""
+    share and the sums are all-reduced, so every rank returns the same numbers. ``progress``: a
+    label; rank 0 then reports progress on stderr (a bar on a terminal, else log lines)."""
     from rangerdl.data import collate
 
     n = len(dataset) if not max_batches else min(len(dataset), max_batches * batch_size)
@@ -37,7 +71,10 @@ def evaluate(
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0.0, 0.0
-    for batch in loader:
+    batches: Iterable[Any] = loader
+    if progress and rt.is_main:
+        batches = _with_progress(loader, len(loader), progress)
+    for batch in batches:
         x, y = batch["x"].to(rt.device), batch["y"].to(rt.device)
         logits = model(x)
         losses = task.per_sample_losses(logits, y)
@@ -92,5 +129,7 @@ def evaluate_checkpoint(
     task = Task.from_metadata(splits["train"].metadata)
     model = build_model(cfg.model.name, cfg.model.args, task.model_kwargs).to(rt.device)
     model.load_state_dict(ckpt.load(folder / "model.pt"))
-    metrics = evaluate(model, splits[split], task, rt, cfg.data.eval_batch_size)
+    dataset = splits[split]
+    log.info("evaluating %s on the %s split (%d samples)", folder, split, len(dataset))
+    metrics = evaluate(model, dataset, task, rt, cfg.data.eval_batch_size, progress=f"eval {split}")
     return {"checkpoint": str(folder), **{f"{split}/{k}": v for k, v in metrics.items()}}

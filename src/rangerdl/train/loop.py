@@ -23,6 +23,7 @@ from torch import nn
 from rangerdl._fileio import atomic_write_text
 from rangerdl.optim.schedules import make_schedule
 from rangerdl.train import checkpoint as ckpt
+from rangerdl.train.choices import ON_NAN
 from rangerdl.train.config import Config, config_changes
 from rangerdl.train.data import open_data
 from rangerdl.train.evaluate import validate
@@ -37,9 +38,6 @@ from rangerdl.train.task import Task
 log = logging.getLogger(__name__)
 
 __all__ = ["ON_NAN", "TrainingError", "train"]
-
-ON_NAN = ("stop", "skip")
-"""``[train] on_nan`` values."""
 
 
 def train(cfg: Config, *, resume: Path | None = None) -> dict[str, Any]:
@@ -115,6 +113,7 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
         start_step=step,
         config=cfg.to_dict(),
     )
+    metrics.describe_model(model, rt.world_size)
     loader = torch.utils.data.DataLoader(
         train_ds,
         batch_sampler=sampler,
@@ -187,6 +186,7 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
         "train_time_s": total_time,
         "samples_per_s": step * cfg.data.batch_size / max(total_time, 1e-9),
         "world_size": rt.world_size,
+        "model/params": sum(p.numel() for p in model.parameters()),
         "checkpoint": str(final),
         **last_val,
         **test,

@@ -17,8 +17,63 @@ from rangerdl.train.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
-WANDB_MODES = ("", "online", "offline", "disabled")
-"""``[log] wandb_mode`` values (empty: wandb's own default, or ``WANDB_MODE``)."""
+COUNT_TAGS = ("step", "world_size", "comm/syncs", "model/params")
+"""Tags whose values are counts: printed as integers."""
+
+
+def format_bytes(n: float) -> str:
+    """``22752000`` -> ``"22.8 MB"`` (decimal units: kB, MB, GB, TB)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}" if abs(n) < 100 * size else f"{n / size:.0f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_value(tag: str, value: Any) -> str:
+    """One metric for the console: bytes in kB/MB/GB, counts as integers with thousands
+    separators, seconds and rates with units, other floats with 4 decimals (or 4 significant
+    digits when small)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return str(value)
+    name = tag.rsplit("/", 1)[-1]
+    if name == "bytes" or name.endswith("_bytes"):
+        return format_bytes(value)
+    if tag in COUNT_TAGS or isinstance(value, int):
+        return f"{int(value):,}"
+    if name.endswith("_s") and not name.endswith("per_s"):
+        return f"{value:.1f} s"
+    if name.endswith("per_s"):
+        return f"{value:,.0f}"
+    return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.3e}"
+
+
+def format_metrics(values: dict[str, Any]) -> str:
+    """``{"val/loss": 0.1234, ...}`` -> ``"val/loss 0.1234  val/accuracy 0.9750"``."""
+    return "  ".join(f"{tag} {format_value(tag, v)}" for tag, v in values.items())
+
+
+def ddp_bytes_per_step(num_params: int, world_size: int) -> int:
+    """What DistributedDataParallel sends per rank and step: a ring all-reduce of the fp32
+    gradients (:func:`rangerdl.distributed.cost.ring_bytes`)."""
+    from rangerdl.distributed.cost import ring_bytes
+
+    return ring_bytes(num_params, 4, world_size)
+
+
+class Throughput:
+    """Samples per second smoothed by an exponential moving average over the reported values,
+    so a console line shows the trend, not the last step's jitter."""
+
+    def __init__(self, smoothing: float = 0.1) -> None:
+        self.smoothing = smoothing
+        self.value: float | None = None
+
+    def update(self, samples_per_s: float) -> float:
+        if self.value is None:
+            self.value = samples_per_s
+        else:
+            self.value += self.smoothing * (samples_per_s - self.value)
+        return self.value
 
 
 class MetricsLogger:
@@ -50,6 +105,7 @@ class MetricsLogger:
         self._wandb: WandbSink | None = None
         self._last_line = time.monotonic()
         self.total_steps = total_steps
+        self._throughput = Throughput()
         if not enabled:
             return
         kept = []
@@ -76,6 +132,7 @@ class MetricsLogger:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def log(self, step: int, values: dict[str, float]) -> None:
+        """Write ``values`` at ``step``; validation and test metrics also go to the console."""
         if not self.enabled:
             return
         self._file.write(json.dumps({"step": step, **values}) + "\n")
@@ -85,21 +142,49 @@ class MetricsLogger:
                 self._tb.add_scalar(tag, value, step)
         if self._wandb is not None:
             self._wandb.log(step, values)
+        evaluated = {k: v for k, v in values.items() if k.startswith(("val/", "test/"))}
+        if evaluated:
+            self._console(f"step {step}/{self.total_steps}  {format_metrics(evaluated)}")
 
-    def progress(self, step: int, loss: float, samples_per_s: float) -> None:
+    def describe_model(self, model: Any, world_size: int) -> None:
+        """A console line at the start: the parameter count and, with several workers, what
+        DistributedDataParallel would send per step (to compare with ``comm/bytes``)."""
         if not self.enabled:
             return
+        n = sum(p.numel() for p in model.parameters())
+        line = f"model: {n:,} parameters ({format_bytes(4 * n)} in fp32)"
+        if world_size > 1:
+            per_step = ddp_bytes_per_step(n, world_size)
+            line += (
+                f"; {world_size} workers: DDP would send {format_bytes(per_step)} per rank and "
+                f"step ({format_bytes(per_step * self.total_steps)} over {self.total_steps:,} steps)"
+            )
+        self._console(line)
+
+    def progress(self, step: int, loss: float, samples_per_s: float) -> None:
+        """The progress bar, or a log line every 5 s; throughput smoothed (:class:`Throughput`)."""
+        if not self.enabled:
+            return
+        speed = self._throughput.update(samples_per_s)
         if self._bar is not None:
             self._bar.n = step
-            self._bar.set_postfix(
-                loss=f"{loss:.4f}", samples_s=f"{samples_per_s:.0f}", refresh=False
-            )
+            self._bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{speed:,.0f}", refresh=False)
             self._bar.refresh()
         elif time.monotonic() - self._last_line > 5.0 or step == self.total_steps:
             self._last_line = time.monotonic()
             log.info(
-                "step %d/%d loss %.4f %.0f samples/s", step, self.total_steps, loss, samples_per_s
+                "step %d/%d  loss %.4f  %s samples/s",
+                step,
+                self.total_steps,
+                loss,
+                format_value("perf/samples_per_s", speed),
             )
+
+    def _console(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stderr)
+        else:
+            log.info("%s", line)
 
     def close(self, summary: dict[str, Any] | None = None) -> None:
         """Flush and close every sink; ``summary`` (the run's final values) goes to W&B."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -147,10 +148,7 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
             f"[model] name = {name!r}: expected one of {', '.join(BUILTIN)} or 'package.module:factory'"
         )
     module_name, attr = name.split(":", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"[model] name = {name!r}: cannot import {module_name!r}: {exc}") from exc
+    module = _import_user_module(module_name, f"[model] name = {name!r}")
     factory = getattr(module, attr, None)
     homes = {module_name.split(".")[0], (getattr(factory, "__module__", None) or "").split(".")[0]}
     stdlib = sorted(h for h in homes if h in sys.stdlib_module_names or h == "builtins")
@@ -164,6 +162,30 @@ def _resolve(name: str) -> Callable[..., nn.Module]:
             f"[model] name = {name!r}: {module_name} has no function or class {attr!r}"
         )
     return factory  # type: ignore[return-value]
+
+
+def _import_user_module(module_name: str, where: str) -> Any:
+    """Import a user's module with the working directory first on ``sys.path``, as
+    ``python -m rangerdl`` has it, so the ``rangerdl`` console script finds ``./mymodels.py`` too.
+
+    Raises:
+        ValueError: the module cannot be imported, naming where it was looked for.
+    """
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"{where}: cannot import {module_name!r} ({exc}); looked in the working directory "
+            f"{cwd} and on sys.path ({os.pathsep.join(p for p in sys.path if p)}); put the file "
+            "there or install its package"
+        ) from exc
+    finally:
+        if added:
+            sys.path.remove(cwd)
 
 
 def build_model(name: str, args: dict[str, Any], data_info: dict[str, Any]) -> nn.Module:

@@ -15,17 +15,13 @@ from torch import Tensor, nn
 from rangerdl.distributed import OuterSync
 from rangerdl.distributed.cost import ring_bytes
 from rangerdl.optim import Lookahead, Ranger
+from rangerdl.train.choices import OPTIMIZERS, STRATEGIES
 from rangerdl.train.config import Config, OptimConfig
 from rangerdl.train.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 __all__ = ["OPTIMIZERS", "STRATEGIES", "TrainOptimizer", "build_optimizer", "make_optimizer"]
-
-OPTIMIZERS = ("ranger", "adamw", "radam", "sgd")
-"""``[optim] name`` values."""
-STRATEGIES = ("lookahead", "ddp", "post_local_sgd")
-"""``[distributed] strategy`` values: distributed Lookahead (``OuterSync``) and torch's baselines."""
 
 
 def make_optimizer(

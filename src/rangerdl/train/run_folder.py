@@ -19,10 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-__all__ = ["RESUME_POLICIES", "RunFolder", "choose_run_folder"]
-
-RESUME_POLICIES = ("never", "auto")
-"""``[run] resume`` values."""
+__all__ = ["RunFolder", "choose_run_folder"]
 
 
 @dataclass(frozen=True)

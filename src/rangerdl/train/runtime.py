@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["BACKENDS", "Runtime", "init_runtime", "rng_state", "set_rng_state"]
+from rangerdl.train.choices import BACKENDS
 
-BACKENDS = ("auto", "gloo", "nccl")
-"""``[distributed] backend`` values: ``auto`` is NCCL on CUDA, gloo on CPU."""
+__all__ = [
+    "BACKENDS",
+    "Runtime",
+    "default_threads",
+    "init_runtime",
+    "physical_cores",
+    "rng_state",
+    "set_rng_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +83,48 @@ class Runtime:
             dist.destroy_process_group()
 
 
+def default_threads(cores: int, local_world_size: int, env: Mapping[str, str]) -> int | None:
+    """Intra-op threads per process for ``[train] threads = 0``; ``None``: leave torch's own
+    setting, because ``OMP_NUM_THREADS`` is set (torch reads it; torchrun sets it to 1 for several
+    processes per node).
+
+    One process per node: one thread per physical core (hyperthreads only contend for the same
+    units). Several: 1 each, as torchrun does, so that processes do not thrash each other's cores.
+    """
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    if local_world_size > 1:
+        return 1
+    return max(1, cores)
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use: the CPUs in its affinity mask, less hyperthread
+    siblings, capped by a cgroup CPU quota (containers)."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = logical or 1
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        siblings = int(info.split("siblings")[1].split(":")[1].split()[0])
+        per_package = int(info.split("cpu cores")[1].split(":")[1].split()[0])
+        cores = max(1, cores * per_package // max(siblings, 1))
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
 def init_runtime(device: str, backend: str, threads: int, timeout_s: float) -> Runtime:
-    """Single process, or one rank of a ``torchrun`` job (``RANK``/``WORLD_SIZE`` set)."""
+    """Single process, or one rank of a ``torchrun`` job (``RANK``/``WORLD_SIZE`` set).
+    ``threads = 0``: :func:`default_threads`."""
+    if threads <= 0:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = default_threads(physical_cores(), local_world_size, os.environ) or 0
     if threads > 0:
         torch.set_num_threads(threads)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
