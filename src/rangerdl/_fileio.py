@@ -28,6 +28,9 @@ class DiskFullError(OSError):
     """A write failed for lack of space (``ENOSPC``/``EDQUOT``); the message names the path and
     the bytes the write needed. Whatever was there before is intact."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 def disk_full_error(exc: OSError, path: Path | str, needed: int) -> OSError:
     """``exc`` as a :class:`DiskFullError` naming ``path`` and ``needed`` bytes when it is

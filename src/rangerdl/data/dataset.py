@@ -433,8 +433,9 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
             self._maps.move_to_end(s)
         if check:
             for name, mm in self._mmaps[s]:
-                if mm.size() != self._identity[s, name][2]:
-                    self._changed(s, name, file_identity(mm.fileno()))
+                size = mm.size()  # fstat of the mapped file
+                if size != self._identity[s, name][2]:
+                    self._changed(s, name, (*self._identity[s, name][:2], size))
         return maps
 
     def _map_segment(self, s: int) -> dict[str, np.ndarray[Any, Any]]:

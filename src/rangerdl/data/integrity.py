@@ -5,8 +5,9 @@ replacing or copying a file changes it (``ctime`` cannot be set back by users). 
 data sha256 matched the manifest is remembered under its identity, in this process and in the
 dataset directory's ``.verified.json`` (written when the directory is writable; the writer
 writes it for the files it has just hashed). An entry counts only when it was recorded at least
-``RACY_S`` seconds after the file's last change, since a coarse file-system clock could hide a
-change made within the same tick (git's "racy clean" rule).
+``RACY_S`` seconds after the file's last change, since a change within the same tick of the file
+system's clock would leave the times unchanged (git's "racy clean" rule; Linux file systems stamp
+times from a clock of a few milliseconds' resolution).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 STAMP_NAME = ".verified.json"
 STAMP_VERSION = 1
-RACY_S = 2.0
+RACY_S = 0.05
 Identity = tuple[int, ...]
 # identity -> (sha256, recorded at time_ns), for files verified by this process.
 _MEMO: dict[Identity, tuple[str, int]] = {}

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from rangerdl._fileio import check_free_space, fsync_dir
+from rangerdl._fileio import DiskFullError, check_free_space, fsync_dir
 from rangerdl._lock import FolderLock, pid_alive
 from rangerdl.data.arrays import prepare_arrays
 from rangerdl.data.manifest import MANIFEST_NAME, parse_shape
@@ -105,7 +105,12 @@ def prepare(
         token = f"{os.getpid()}-{secrets.token_hex(4)}"
         staging = out.parent / f".{out.name}.staging-{token}"
         try:
-            builder(staging, segment_bytes=segment_bytes, **options)
+            try:
+                builder(staging, segment_bytes=segment_bytes, **options)
+            except DiskFullError as exc:
+                raise DiskFullError(
+                    exc.errno, f"{exc}; nothing was written to {out} (its staging folder is removed)"
+                ) from exc
             _swap_into_place(staging, out, token)
             logger.info(
                 "prepared %s in %s: %s", kind, out, ", ".join(sorted(p.name for p in out.iterdir()))
