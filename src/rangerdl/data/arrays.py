@@ -260,7 +260,7 @@ def _finite_rows(
             k = int(np.flatnonzero(bad[r])[0])
             value = raw.reshape(len(raw), -1)[r, k]
             what = (
-                f"{value!r} does not fit float32"
+                f"{float(value)!r} does not fit float32"
                 if np.isfinite(value)
                 else f"holds {float(value)}"
             )

@@ -593,8 +593,14 @@ def collate(items: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
     return batch
 
 
-def open_splits(path: str | os.PathLike[str], verify: str = "sizes") -> dict[str, SegmentedDataset]:
+def open_splits(
+    path: str | os.PathLike[str], verify: str = "cached"
+) -> dict[str, SegmentedDataset]:
     """Open the splits of a prepared directory: every sub-directory holding a ``manifest.json``.
+
+    Every split is opened (and checked, see ``SegmentedDataset``'s ``verify``) now, so a job that
+    opens its data at the start fails then, not at its final evaluation, and keeps reading the
+    files it opened if the directory is re-prepared meanwhile.
 
     Returns:
         ``{"train": ..., "val": ..., "test": ...}`` (those present; train first, then val, test,
