@@ -108,9 +108,7 @@ def _read_csv(path: Path) -> tuple[list[str] | None, list[list[str]], list[int]]
     width = len(header) if header else len(rows[0]) if rows else 0
     for i, row in enumerate(rows):
         if len(row) != width:
-            raise ValueError(
-                f"{path}: line {lines[i]} has {len(row)} columns, expected {width}"
-            )
+            raise ValueError(f"{path}: line {lines[i]} has {len(row)} columns, expected {width}")
     if not rows:
         raise ValueError(f"{path}: no data rows")
     return header, rows, lines
@@ -195,7 +193,9 @@ def prepare_arrays(
     keep = _finite_rows(features, labels, origin, drop_nonfinite)
     kept = np.arange(len(labels)) if keep is None else np.flatnonzero(keep)
     if len(kept) < 2:
-        raise ValueError(f"{x_path}: {len(kept)} sample(s) left without NaN or inf; need at least 2")
+        raise ValueError(
+            f"{x_path}: {len(kept)} sample(s) left without NaN or inf; need at least 2"
+        )
     labels_kept = labels if keep is None else labels[kept]
     labels_kept, metadata, y_dtype = _labels_for_task(labels_kept, class_names, task, origin.y)
     metadata["input_shape"] = list(features.shape[1:])
@@ -264,8 +264,10 @@ def _finite_rows(
                 if np.isfinite(value)
                 else f"holds {float(value)}"
             )
-            column = origin.column(k, shape) if path == origin.x else (
-                f"column {k}" if shape else "the label"
+            column = (
+                origin.column(k, shape)
+                if path == origin.x
+                else (f"column {k}" if shape else "the label")
             )
             raise ValueError(
                 f"{path}: {origin.row(start + r)}, {column}: {what}; NaN and inf are refused "

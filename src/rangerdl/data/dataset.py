@@ -20,6 +20,7 @@ truncated while a read is under way cannot be caught: the kernel kills the proce
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import errno
 import logging
@@ -190,7 +191,9 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
             if not (
                 cached
                 and is_verified(
-                    self.path, files[s].files[name].name, self._identity[s, name],
+                    self.path,
+                    files[s].files[name].name,
+                    self._identity[s, name],
                     files[s].files[name].sha256,
                 )
             )
@@ -242,10 +245,8 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
             os.close(fd)
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # at interpreter shutdown
             self.close()
-        except Exception:  # noqa: S110 (interpreter shutdown)
-            pass
 
     def __getstate__(self) -> dict[str, Any]:
         return {

@@ -109,7 +109,8 @@ def prepare(
                 builder(staging, segment_bytes=segment_bytes, **options)
             except DiskFullError as exc:
                 raise DiskFullError(
-                    exc.errno, f"{exc}; nothing was written to {out} (its staging folder is removed)"
+                    exc.errno,
+                    f"{exc}; nothing was written to {out} (its staging folder is removed)",
                 ) from exc
             _swap_into_place(staging, out, token)
             logger.info(
@@ -138,7 +139,11 @@ def _clean_stale(out: Path) -> None:
         if pid is not None and pid != os.getpid() and pid_alive(pid):
             logger.warning("keeping %s: its process %d is still running", path, pid)
             continue
-        if match["what"] == "old" and not out.exists() and (path / "train" / MANIFEST_NAME).is_file():
+        if (
+            match["what"] == "old"
+            and not out.exists()
+            and (path / "train" / MANIFEST_NAME).is_file()
+        ):
             os.rename(path, out)
             fsync_dir(out.parent)
             logger.warning("restored %s from %s (a prepare died while replacing it)", out, path)
@@ -262,9 +267,7 @@ def prepare_synthetic(
             f"num_classes {num_classes} is more than samples {samples}: every class needs a sample"
         )
     x_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    check_free_space(
-        out, samples * (x_bytes + 8) + HEADROOM_BYTES, f"{samples} synthetic samples"
-    )
+    check_free_space(out, samples * (x_bytes + 8) + HEADROOM_BYTES, f"{samples} synthetic samples")
     means = np.random.default_rng([seed, 0]).standard_normal((num_classes, *shape), np.float32)
     metadata = {
         "task": "classification",

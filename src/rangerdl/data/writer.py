@@ -10,6 +10,7 @@ per directory: a second one is refused (``rangerdl._lock.FolderLock``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -259,10 +260,8 @@ class SegmentWriter:
             return
         if self._current is not None:
             for fh in self._current.files.values():
-                try:
+                with contextlib.suppress(OSError):  # a full disk again; the file goes anyway
                     fh.close()
-                except OSError:  # a full disk again, flushing: the file goes anyway
-                    pass
             self._current = None
         if self._token is not None:
             for path in self.out_dir.glob(f"seg-*-{self._token}.*"):
