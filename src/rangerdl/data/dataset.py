@@ -28,7 +28,6 @@ import mmap
 import operator
 import os
 import resource
-import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -61,9 +60,6 @@ _PINNED_SHARE = 4
 _MAPPED_SHARE = 8
 _PINNED = [0]  # files held open by the datasets of this process
 _LOG_HASH_BYTES = 256 << 20
-# A batch read first checks that the segment files it reads were not truncated (one fstat per
-# file), at most this often per segment.
-_CHECK_EVERY_S = 0.05
 
 
 def _torch_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
@@ -135,8 +131,8 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
         self._starts: list[int] = self._starts_array.tolist()
         self._maps: OrderedDict[int, dict[str, np.ndarray[Any, Any]]] = OrderedDict()
         self._mmaps: dict[int, list[tuple[str, mmap.mmap]]] = {}
-        self._checked: dict[int, float] = {}  # segment -> when its sizes were last checked
-        self._now = 0.0
+        self._checked: dict[int, int] = {}  # segment -> the batch that last checked its sizes
+        self._batch = 0
         self._identity: dict[tuple[int, str], Identity] = {}
         self._header: dict[tuple[int, str], int] = {}
         if not hasattr(self, "_fds"):
@@ -347,9 +343,9 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
         out = {}
         for name, spec in self._manifest.fields.items():
             value = np.array(maps[name][j], dtype=_torch_dtype(spec.dtype))
-            if name == LABEL_FIELD and self._label_limit is not None:
-                if not 0 <= value.item() < self._label_limit:  # a scalar: no numpy reductions
-                    self._check_labels(value.reshape(1), np.array([i]))
+            limit = self._label_limit if name == LABEL_FIELD else None
+            if limit is not None and not 0 <= value.item() < limit:  # no numpy reductions
+                self._check_labels(value.reshape(1), np.array([i]))
             out[name] = torch.from_numpy(value)
         return out
 
@@ -367,7 +363,7 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
         if bad.any():
             k = int(np.flatnonzero(bad)[0])
             raise IndexError(f"index {indices[k]} out of range for a dataset of {n} samples")
-        self._now = time.monotonic()
+        self._batch += 1  # each segment it reads is checked for truncation once (an fstat per file)
         if self.kind == "tokens":
             columns = self._token_windows(idx)
         else:
@@ -440,8 +436,8 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
             return self._map_segment(s)
         if len(self._maps) > 1:
             self._maps.move_to_end(s)
-        if check and self._now - self._checked.get(s, 0.0) >= _CHECK_EVERY_S:
-            self._checked[s] = self._now
+        if check and self._checked.get(s) != self._batch:
+            self._checked[s] = self._batch
             for name, mm in self._mmaps[s]:
                 size = mm.size()  # fstat of the mapped file
                 if size != self._identity[s, name][2]:
