@@ -7,11 +7,13 @@ numpy) happen only when a subcommand runs, so ``rangerdl --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import sys
 from collections.abc import Sequence
 
 from rangerdl import __version__
+from rangerdl._fileio import DiskFullError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # A fatal signal (SIGBUS from a segment file truncated under its map, SIGSEGV) prints the
+    # Python stack instead of a bare "Bus error".
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     try:
         return int(args.run(args, extra) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, DiskFullError) as exc:
         print(f"rangerdl {args.command}: error: {exc}", file=sys.stderr)
         return 1

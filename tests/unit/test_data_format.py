@@ -141,7 +141,7 @@ def test_items_are_writable_copies_never_views_of_the_map(
     path, ref = rows_dir
     ds = SegmentedDataset(path)
     items = [ds[5], *ds.__getitems__([5, 700])]
-    maps = [m for seg in ds._maps if seg for m in seg.values()]
+    maps = [m for seg in ds._maps.values() for m in seg.values()]
     assert maps, "reading should have mapped the segments"
     for item in items:
         for tensor in item.values():
@@ -159,7 +159,9 @@ def test_pickles_as_its_path_not_its_data(rows_dir: tuple[Path, dict[str, np.nda
     ds = SegmentedDataset(path)
     ds.__getitems__(list(range(1000)))  # map every segment first
     blob = pickle.dumps(ds)
-    assert len(blob) < 1000 < ds.nbytes
+    # The path plus, per file, its identity (inode, size, times) and header length.
+    num_files = sum(len(s.files) for s in ds.manifest.segments)
+    assert len(blob) < 1000 + 80 * num_files < ds.nbytes
     clone = pickle.loads(blob)
     assert clone.checksum == ds.checksum and len(clone) == len(ds)
     assert torch.equal(clone[999]["x"], torch.from_numpy(ref["x"][999]))

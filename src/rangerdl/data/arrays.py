@@ -1,18 +1,58 @@
-"""The ``arrays`` source: user features and labels from ``.npy``, ``.npz`` or ``.csv``."""
+"""The ``arrays`` source: user features and labels from ``.npy``, ``.npz`` or ``.csv``.
+
+Input is untrusted: every problem with a file (unreadable, truncated, not UTF-8, wrong dtype,
+NaN or inf, a label far above the number of classes) is a ``ValueError`` naming the file (and the
+row and column where there is one).
+"""
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rangerdl.data.splits import split_indices, write_rows
+from rangerdl._fileio import check_free_space
+from rangerdl.data.splits import CHUNK_BYTES, HEADROOM_BYTES, split_indices, write_rows
 from rangerdl.data.writer import DEFAULT_SEGMENT_BYTES
 
-__all__ = ["prepare_arrays"]
+__all__ = ["MAX_CLASSES_PER_LABEL", "prepare_arrays"]
+
+logger = logging.getLogger(__name__)
+
+# Integer labels are class indices 0..K-1: K = max + 1 may exceed the distinct labels present
+# (classes missing from a subset) by this factor, or be up to MIN_CLASSES_CAP, before it is
+# taken for a mistake (an id, a hash) that would give a model K outputs.
+MAX_CLASSES_PER_LABEL = 10
+MIN_CLASSES_CAP = 1000
+
+
+@dataclass
+class _Origin:
+    """Where the samples came from, for messages: the files and, for a CSV, line numbers."""
+
+    x: Path
+    y: Path
+    lines: list[int] | None = None  # CSV line of each sample
+    columns: list[int] | None = None  # CSV column of each feature
+    header: list[str] | None = None
+
+    def row(self, i: int) -> str:
+        return f"row {i}" + (f" (line {self.lines[i]})" if self.lines else "")
+
+    def column(self, k: int, shape: tuple[int, ...]) -> str:
+        if self.columns is not None:
+            c = self.columns[k]
+            name = f" {self.header[c]!r}" if self.header else ""
+            return f"column {c}{name}"
+        if len(shape) <= 1:
+            return f"column {k}"
+        return f"position {tuple(int(v) for v in np.unravel_index(k, shape))}"
 
 
 def _load_array(path: Path, role: str) -> np.ndarray[Any, Any]:
@@ -20,39 +60,58 @@ def _load_array(path: Path, role: str) -> np.ndarray[Any, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{role} file {path} does not exist")
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    if suffix == ".npz":
+    if suffix == ".csv":
+        _, rows, _ = _read_csv(path)
+        return _numeric(rows, path)
+    if suffix not in (".npy", ".npz"):
+        raise ValueError(f"{role} file {path}: expected .npy, .npz or .csv")
+    try:
+        if suffix == ".npy":
+            return np.load(path, mmap_mode="r", allow_pickle=False)
         with np.load(path, allow_pickle=False) as archive:
             keys = list(archive.files)
             key = keys[0] if len(keys) == 1 else role if role in keys else None
             if key is None:
-                raise ValueError(
-                    f"{path}: holds arrays {keys}; expected one array, or one named {role!r}"
-                )
+                raise ValueError(f"holds arrays {keys}; expected one array, or one named {role!r}")
             return np.asarray(archive[key])
-    if suffix == ".csv":
-        _, rows = _read_csv(path)
-        return _numeric(rows, path)
-    raise ValueError(f"{role} file {path}: expected .npy, .npz or .csv")
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
+        reason = str(exc) or type(exc).__name__
+        if isinstance(exc, EOFError) or "mmap length" in reason or "size" in reason:
+            reason = f"empty or truncated ({reason})"
+        raise ValueError(f"{path}: not a readable {suffix} file: {reason}") from exc
 
 
-def _read_csv(path: Path) -> tuple[list[str] | None, list[list[str]]]:
-    """A CSV's header (None when its first row is all numbers) and rows of strings."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = [row for row in csv.reader(fh) if row and any(cell.strip() for cell in row)]
+def _read_csv(path: Path) -> tuple[list[str] | None, list[list[str]], list[int]]:
+    """A CSV's header (None when its first row is all numbers), rows of strings, and the line
+    number of each row."""
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            for row in reader:
+                if row and any(cell.strip() for cell in row):
+                    rows.append(row)
+                    lines.append(reader.line_num)
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path}: not UTF-8 text ({exc.reason}: byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}); save it as UTF-8"
+        ) from None
+    except csv.Error as exc:
+        raise ValueError(f"{path}: not a readable CSV file ({exc})") from None
     if not rows:
         raise ValueError(f"{path}: empty CSV")
     header = None
     if not all(_is_number(cell) for cell in rows[0]):
-        header, rows = [c.strip() for c in rows[0]], rows[1:]
-    width = len(header) if header else len(rows[0])
+        header, rows, lines = [c.strip() for c in rows[0]], rows[1:], lines[1:]
+    width = len(header) if header else len(rows[0]) if rows else 0
     for i, row in enumerate(rows):
         if len(row) != width:
-            raise ValueError(f"{path}: row {i + 1} has {len(row)} columns, expected {width}")
+            raise ValueError(f"{path}: line {lines[i]} has {len(row)} columns, expected {width}")
     if not rows:
         raise ValueError(f"{path}: no data rows")
-    return header, rows
+    return header, rows, lines
 
 
 def _is_number(cell: str) -> bool:
@@ -63,11 +122,19 @@ def _is_number(cell: str) -> bool:
     return True
 
 
-def _numeric(rows: list[list[str]], path: Path) -> np.ndarray[Any, Any]:
+def _numeric(
+    rows: list[list[str]], path: Path, lines: list[int] | None = None
+) -> np.ndarray[Any, Any]:
     try:
         return np.array([[float(c) for c in row] for row in rows], dtype=np.float64)
-    except ValueError as exc:
-        raise ValueError(f"{path}: non-numeric feature value ({exc})") from exc
+    except ValueError:
+        pass
+    for i, row in enumerate(rows):
+        for c, cell in enumerate(row):
+            if not _is_number(cell):
+                where = f"line {lines[i]}" if lines else f"row {i}"
+                raise ValueError(f"{path}: {where}, column {c}: {cell!r} is not a number")
+    raise AssertionError("unreachable")
 
 
 def _labels_from_strings(cells: list[str]) -> tuple[np.ndarray[Any, Any], list[str] | None]:
@@ -96,6 +163,7 @@ def prepare_arrays(
     test_fraction: float = 0.2,
     seed: int = 0,
     task: str | None = None,
+    drop_nonfinite: bool = False,
 ) -> None:
     """User features and labels: ``x`` float32 as given per sample, ``y`` int64 or float32.
 
@@ -103,7 +171,10 @@ def prepare_arrays(
     or one archive with arrays ``x`` and ``y``) or ``.csv`` (numbers, optional header row); or one
     CSV ``x`` with ``label_column`` (a header name or a 0-based index). Labels that are integers
     or strings make a classification dataset (strings become classes in sorted order); floats a
-    regression one. ``task`` overrides the guess.
+    regression one. ``task`` overrides the guess. Integer labels are class indices: ``num_classes``
+    is the largest label + 1, refused when it is far above the number of distinct labels
+    (``MAX_CLASSES_PER_LABEL``). NaN and inf, in the input or after the cast to float32, are
+    refused with the file, row and column, unless ``drop_nonfinite``.
 
     Args:
         out: directory to write ``train/`` and ``test/`` into.
@@ -114,16 +185,37 @@ def prepare_arrays(
         test_fraction: fraction of samples in the test split (stratified for classification).
         seed: split seed.
         task: ``"classification"`` or ``"regression"``; None guesses from the labels.
+        drop_nonfinite: drop the samples holding NaN or inf (their count is logged and kept in
+            the metadata as ``dropped_nonfinite_rows``) instead of refusing them.
     """
     x_path = Path(x)
-    features, labels, class_names = _read_arrays(x_path, y, label_column)
-    labels, metadata, y_dtype = _labels_for_task(labels, class_names, task)
+    features, labels, class_names, origin = _read_arrays(x_path, y, label_column)
+    keep = _finite_rows(features, labels, origin, drop_nonfinite)
+    kept = np.arange(len(labels)) if keep is None else np.flatnonzero(keep)
+    if len(kept) < 2:
+        raise ValueError(
+            f"{x_path}: {len(kept)} sample(s) left without NaN or inf; need at least 2"
+        )
+    labels_kept = labels if keep is None else labels[kept]
+    labels_kept, metadata, y_dtype = _labels_for_task(labels_kept, class_names, task, origin.y)
     metadata["input_shape"] = list(features.shape[1:])
     metadata["source"] = f"arrays x={x_path}" + (f" y={y}" if y is not None else "")
     metadata["split"] = {"test_fraction": test_fraction, "seed": seed}
-    stratify = labels if metadata["task"] == "classification" else None
-    train, test = split_indices(stratify, len(labels), test_fraction, seed)
-    for name, rows in (("train", train), ("test", test)):
+    if drop_nonfinite:
+        metadata["dropped_nonfinite_rows"] = int(len(labels) - len(kept))
+        if len(kept) < len(labels):
+            logger.warning(
+                "dropped %d of %d samples holding NaN or inf", len(labels) - len(kept), len(labels)
+            )
+    sample_bytes = 4 * int(np.prod(features.shape[1:])) + 8 * int(np.prod(labels.shape[1:]))
+    check_free_space(out, len(kept) * sample_bytes + HEADROOM_BYTES, f"{len(kept)} samples")
+    if keep is not None or labels_kept is not labels:
+        labels_full = np.zeros(len(labels), labels_kept.dtype)
+        labels_full[kept] = labels_kept
+        labels = labels_full
+    stratify = labels_kept if metadata["task"] == "classification" else None
+    train, test = split_indices(stratify, len(kept), test_fraction, seed)
+    for name, rows in (("train", kept[train]), ("test", kept[test])):
         if len(rows):
             write_rows(
                 out / name,
@@ -137,11 +229,59 @@ def prepare_arrays(
             )
 
 
+def _finite_rows(
+    features: np.ndarray[Any, Any],
+    labels: np.ndarray[Any, Any],
+    origin: _Origin,
+    drop: bool,
+) -> np.ndarray[Any, Any] | None:
+    """None when every value is finite as float32; else (with ``drop``) a mask of the rows to
+    keep; without ``drop`` a ValueError naming the first bad value."""
+    keep: np.ndarray[Any, Any] | None = None
+    for path, array in ((origin.x, features), (origin.y, labels)):
+        if array.dtype.kind != "f":
+            continue
+        shape = array.shape[1:]
+        chunk_rows = max(1, CHUNK_BYTES // max(1, 4 * int(np.prod(shape))))
+        for start in range(0, len(array), chunk_rows):
+            raw = np.asarray(array[start : start + chunk_rows])
+            with np.errstate(over="ignore", invalid="ignore"):
+                cast = raw.astype(np.float32).reshape(len(raw), -1)
+            bad = ~np.isfinite(cast)
+            if not bad.any():
+                continue
+            bad_rows = bad.any(axis=1)
+            if drop:
+                if keep is None:
+                    keep = np.ones(len(array), bool)
+                keep[start : start + len(raw)] &= ~bad_rows
+                continue
+            r = int(np.flatnonzero(bad_rows)[0])
+            k = int(np.flatnonzero(bad[r])[0])
+            value = raw.reshape(len(raw), -1)[r, k]
+            what = (
+                f"{float(value)!r} does not fit float32"
+                if np.isfinite(value)
+                else f"holds {float(value)}"
+            )
+            column = (
+                origin.column(k, shape)
+                if path == origin.x
+                else (f"column {k}" if shape else "the label")
+            )
+            raise ValueError(
+                f"{path}: {origin.row(start + r)}, {column}: {what}; NaN and inf are refused "
+                "(fix the input, or pass --drop-nonfinite to drop such rows)"
+            )
+    return keep
+
+
 def _read_arrays(
     x_path: Path, y: str | os.PathLike[str] | None, label_column: str | int | None
-) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], list[str] | None]:
-    """Features (2-D at least), labels and, for string labels, the class names."""
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], list[str] | None, _Origin]:
+    """Features (2-D at least), labels, for string labels the class names, and the origin."""
     class_names: list[str] | None = None
+    origin = _Origin(x_path, x_path)
     if label_column is not None:
         if y is not None:
             raise ValueError("give either y or label_column, not both")
@@ -149,42 +289,61 @@ def _read_arrays(
             raise ValueError(f"label_column needs a .csv x file, got {x_path}")
         if not x_path.is_file():
             raise FileNotFoundError(f"x file {x_path} does not exist")
-        header, rows = _read_csv(x_path)
+        header, rows, lines = _read_csv(x_path)
         column = _column_index(label_column, header, len(rows[0]), x_path)
         labels, class_names = _labels_from_strings([row[column] for row in rows])
-        features = _numeric([row[:column] + row[column + 1 :] for row in rows], x_path)
+        features = _numeric([row[:column] + row[column + 1 :] for row in rows], x_path, lines)
+        columns = [c for c in range(len(rows[0])) if c != column]
+        origin = _Origin(x_path, x_path, lines, columns, header)
     elif y is None:
         if x_path.suffix.lower() != ".npz":
             raise ValueError("y is required (or label_column for a CSV, or an .npz with x and y)")
         if not x_path.is_file():
             raise FileNotFoundError(f"x file {x_path} does not exist")
-        with np.load(x_path, allow_pickle=False) as archive:
-            if not {"x", "y"} <= set(archive.files):
-                raise ValueError(f"{x_path}: holds {archive.files}; without y it needs 'x' and 'y'")
-            features, labels = np.asarray(archive["x"]), np.asarray(archive["y"])
+        try:
+            with np.load(x_path, allow_pickle=False) as archive:
+                if not {"x", "y"} <= set(archive.files):
+                    raise ValueError(f"holds {archive.files}; without y it needs 'x' and 'y'")
+                features, labels = np.asarray(archive["x"]), np.asarray(archive["y"])
+        except (ValueError, EOFError, OSError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{x_path}: not a readable .npz file: {exc}") from exc
     else:
         features = _load_array(x_path, "x")
         y_path = Path(y)
+        origin = _Origin(x_path, y_path)
         if y_path.suffix.lower() == ".csv":
             if not y_path.is_file():
                 raise FileNotFoundError(f"y file {y_path} does not exist")
-            _, rows = _read_csv(y_path)
+            _, rows, lines = _read_csv(y_path)
             if len(rows[0]) != 1:
                 raise ValueError(f"{y_path}: a labels CSV needs one column, found {len(rows[0])}")
             labels, class_names = _labels_from_strings([row[0] for row in rows])
+            origin = _Origin(x_path, y_path, lines if x_path.suffix.lower() == ".csv" else None)
         else:
             labels = np.asarray(_load_array(y_path, "y"))
+    if features.dtype.kind not in "biuf":
+        raise ValueError(f"{origin.x}: features have dtype {features.dtype}; expected numbers")
+    if labels.dtype.kind in "US":
+        if labels.ndim != 1:
+            raise ValueError(f"{origin.y}: string labels must be 1-D, got shape {labels.shape}")
+        labels, class_names = _labels_from_strings([str(v) for v in labels.tolist()])
+    elif labels.dtype.kind not in "biuf":
+        raise ValueError(
+            f"{origin.y}: labels have dtype {labels.dtype}; expected integers, floats or strings"
+        )
+    if features.ndim == 0:
+        raise ValueError(f"{origin.x}: holds a single value, expected one row per sample")
     if features.ndim == 1:
         features = features.reshape(-1, 1)
     if len(features) != len(labels):
         raise ValueError(f"x has {len(features)} samples but y has {len(labels)}")
     if len(features) < 2:
         raise ValueError(f"x has {len(features)} sample(s); need at least 2")
-    return features, labels, class_names
+    return features, labels, class_names, origin
 
 
 def _labels_for_task(
-    labels: np.ndarray[Any, Any], class_names: list[str] | None, task: str | None
+    labels: np.ndarray[Any, Any], class_names: list[str] | None, task: str | None, where: Path
 ) -> tuple[np.ndarray[Any, Any], dict[str, Any], str]:
     """Labels in their stored form, the task's metadata and the label dtype."""
     if task is None:
@@ -193,19 +352,29 @@ def _labels_for_task(
         return labels, {"task": task, "target_shape": list(labels.shape[1:])}, "float32"
     if task != "classification":
         raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
-    if labels.dtype.kind == "f" and not np.all(np.mod(labels, 1) == 0):
-        raise ValueError("classification labels must be integers; got fractional values")
     if labels.ndim != 1:
-        raise ValueError(f"classification labels must be 1-D, got shape {labels.shape}")
+        raise ValueError(f"{where}: classification labels must be 1-D, got shape {labels.shape}")
+    if labels.dtype.kind == "f" and not np.all(np.mod(labels, 1) == 0):
+        k = int(np.flatnonzero(np.mod(labels, 1) != 0)[0])
+        raise ValueError(
+            f"{where}: classification labels must be integers; label {k} is {labels[k]}"
+        )
     labels = labels.astype(np.int64)
-    if labels.min() < 0:
-        raise ValueError(f"class labels must be >= 0, got {labels.min()}")
-    num_classes = int(labels.max()) + 1
-    metadata = {
-        "task": task,
-        "num_classes": num_classes,
-        "class_names": class_names or [str(c) for c in range(num_classes)],
-    }
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise ValueError(f"{where}: class labels must be >= 0, got {low}")
+    num_classes = high + 1
+    distinct = len(np.unique(labels))
+    if num_classes > max(MAX_CLASSES_PER_LABEL * distinct, MIN_CLASSES_CAP):
+        raise ValueError(
+            f"{where}: label {high} would make {num_classes} classes, but only {distinct} "
+            f"distinct label(s) occur in {len(labels)} samples; class labels must be 0..K-1 "
+            "(remap them, e.g. with numpy.unique(y, return_inverse=True)), or use "
+            "--task regression"
+        )
+    metadata: dict[str, Any] = {"task": task, "num_classes": num_classes}
+    if class_names is not None:
+        metadata["class_names"] = class_names
     return labels, metadata, "int64"
 
 

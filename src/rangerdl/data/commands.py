@@ -60,6 +60,12 @@ OPTIONS: dict[str, list[_Option]] = {
             {"choices": ["classification", "regression"], "help": "default: guessed from labels"},
             None,
         ),
+        (
+            ("--drop-nonfinite",),
+            "drop_nonfinite",
+            {"action": "store_true", "help": "drop samples holding NaN or inf instead of failing"},
+            False,
+        ),
         _SEED,
     ],
     "synthetic": [
@@ -109,7 +115,7 @@ def register(sub: Any) -> None:
         )
         for flags, dest, kwargs, default in options:
             help_text = kwargs.get("help", "")
-            if default is not None:
+            if default is not None and default is not False:
                 shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
                 help_text = f"{help_text} (default: {shown})"
             parser.add_argument(
@@ -165,10 +171,15 @@ def _run_prepare(args: argparse.Namespace, extra: list[str]) -> int:
         segment_bytes=args.segment_mb << 20,
         **prepare_options(args),
     )
-    for name, ds in open_splits(out).items():
+    # The writer has just hashed every file: check sizes only.
+    for name, ds in open_splits(out, verify="sizes").items():
+        dropped = ds.metadata.get("dropped_nonfinite_rows")
+        note = f" ({dropped} samples with NaN or inf dropped before the split)" if dropped else ""
         print(
-            f"{out / name}: {len(ds)} samples, {ds.nbytes / 2**20:.1f} MiB, checksum {ds.checksum[:16]}"
+            f"{out / name}: {len(ds)} samples, {ds.nbytes / 2**20:.1f} MiB, "
+            f"checksum {ds.checksum[:16]}{note}"
         )
+        ds.close()
     return 0
 
 

@@ -1,17 +1,34 @@
 """``SegmentedDataset``: read a segmented dataset as a map-style torch Dataset; ``collate``.
 
-Segments are mapped lazily in the process that reads (so DataLoader workers map their own,
-under fork and spawn) and every sample is returned as a copy: a tensor that views a read-only
-map segfaults on the first in-place write. ``__getitems__`` gathers a whole batch per segment
-straight into the batch tensors, which ``collate`` passes through without another copy.
+Opening a dataset checks every segment file (size, dtype, shape, and by default its sha256 once
+per file, remembered: see ``integrity.py``) and, when the file-descriptor limit allows, keeps every
+file open, so a dataset replaced or deleted under a running job (``prepare --overwrite``) still
+reads the data the job started with. Segments are mapped lazily in the process that reads (so
+DataLoader workers map their own, under fork and spawn), at most ``max_open_segments`` at a time
+(least recently used maps are closed; each map holds a file descriptor). Every sample is returned
+as a copy: a tensor that views a read-only map segfaults on the first in-place write, and a map
+with live views could not be closed. ``__getitems__`` gathers a whole batch per segment straight
+into the batch tensors, which ``collate`` passes through without another copy.
+
+A file that changed after the dataset was opened (replaced, truncated, rewritten) is an error
+naming it when its map is (re)opened, and a truncation is also checked once per batch. A file
+truncated while a read is under way cannot be caught: the kernel kills the process with SIGBUS
+("Bus error"; ``faulthandler`` prints where). Never modify segment files in place: ``prepare
+--overwrite`` writes new files and leaves the old ones to the jobs that hold them open.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
+import errno
+import logging
+import mmap
 import operator
 import os
+import resource
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, overload
@@ -21,16 +38,39 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from rangerdl.data.manifest import MANIFEST_NAME, TOKENS_FIELD, FieldSpec, Manifest
+from rangerdl.data.integrity import Identity, file_identity, is_verified, record_verified
+from rangerdl.data.manifest import (
+    MANIFEST_NAME,
+    TOKENS_FIELD,
+    FieldSpec,
+    Manifest,
+    sha256_file,
+    verify_file,
+)
 
 __all__ = ["VERIFY_MODES", "SampleBatch", "SegmentedDataset", "collate", "open_splits"]
 
-VERIFY_MODES = ("sizes", "checksum")
+logger = logging.getLogger(__name__)
+
+VERIFY_MODES = ("sizes", "cached", "checksum")
+LABEL_FIELD = "y"
+# Of the soft RLIMIT_NOFILE: all datasets of a process keep at most a quarter of it as open
+# files, and each dataset maps at most an eighth of it at a time.
+_PINNED_SHARE = 4
+_MAPPED_SHARE = 8
+_PINNED = [0]  # files held open by the datasets of this process
+_LOG_HASH_BYTES = 256 << 20
 
 
 def _torch_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
     """The dtype samples are returned in: unsigned ints widen to int64 (torch lacks their arithmetic)."""
     return np.dtype(np.int64) if dtype.kind == "u" else dtype
+
+
+def fd_limit() -> int:
+    """The soft ``RLIMIT_NOFILE`` of this process (``ulimit -n``)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 1 << 20 if soft == resource.RLIM_INFINITY or soft < 0 else int(soft)
 
 
 class SegmentedDataset(Dataset[dict[str, Tensor]]):
@@ -42,43 +82,191 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
     a copy, never a view of the map. ``ds[None]`` is a padding sample (zeros and ``"mask": False``),
     which ``GlobalBatchSampler(drop_last=False)`` asks for and ``collate`` turns into a mask.
 
-    Opening reads the manifest and every ``.npy`` header and checks them (a few small reads per
-    segment); the data is mapped lazily by the process that reads it, so the object pickles as its
-    path (DataLoader workers under fork or spawn map their own) and an unpickled copy refuses to
-    read if the manifest was replaced in the meantime.
+    Opening reads the manifest and checks every file (see ``verify``), and keeps the files open
+    when the file-descriptor limit allows (a quarter of it for all datasets of the process). The
+    data is mapped lazily by the process that reads it, so the object pickles as its path
+    (DataLoader workers under fork or spawn map their own) and an unpickled copy refuses to read if
+    the manifest was replaced in the meantime. Labels of a classification dataset (field ``y``,
+    metadata ``num_classes``) are checked as they are read.
 
     Args:
         path: the dataset directory (holding ``manifest.json``).
-        verify: ``"sizes"`` checks presence, size, dtype and shape of every file;
-            ``"checksum"`` also hashes all data against the manifest (reads everything once).
+        verify: ``"sizes"`` checks presence, size, dtype and shape of every file; ``"cached"``
+            (the default) also checks the sha256 of each file's data once, remembered while the
+            file is unchanged (same inode, size and times; in ``.verified.json`` and in memory);
+            ``"checksum"`` hashes all data on every open.
+        max_open_segments: segments mapped at a time (each map holds one file descriptor per
+            field); default an eighth of ``ulimit -n`` divided by the number of fields.
 
     Raises:
         FileNotFoundError: the directory, its manifest or a segment file is missing.
         ValueError: the manifest is malformed or does not match a file; the message names the file.
     """
 
-    def __init__(self, path: str | os.PathLike[str], verify: str = "sizes") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        verify: str = "cached",
+        *,
+        max_open_segments: int | None = None,
+    ) -> None:
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+        if max_open_segments is not None and (
+            not isinstance(max_open_segments, int) or max_open_segments < 1
+        ):
+            raise ValueError(f"max_open_segments must be a positive int, got {max_open_segments!r}")
         self.path = Path(path)
         self.verify = verify
+        self._max_open_arg = max_open_segments
+        self._fds: dict[tuple[int, str], int] = {}
         manifest = Manifest.read(self.path)
-        manifest.verify(self.path, checksum=verify == "checksum")
         self._setup(manifest)
+        self._open_files(verify)
 
     def _setup(self, manifest: Manifest) -> None:
         self._manifest = manifest
         self._checksum = manifest.checksum
         self._starts_array = np.cumsum([0] + [s.num_rows for s in manifest.segments])
         self._starts: list[int] = self._starts_array.tolist()
-        self._maps: list[dict[str, np.ndarray[Any, Any]] | None] = [None] * len(manifest.segments)
+        self._maps: OrderedDict[int, dict[str, np.ndarray[Any, Any]]] = OrderedDict()
+        self._mmaps: dict[int, list[tuple[str, mmap.mmap]]] = {}
+        self._checked: dict[int, int] = {}  # segment -> the batch that last checked its sizes
+        self._batch = 0
+        self._identity: dict[tuple[int, str], Identity] = {}
+        self._header: dict[tuple[int, str], int] = {}
+        if not hasattr(self, "_fds"):
+            self._fds = {}
+        num_fields = len(manifest.fields)
+        default = max(1, fd_limit() // _MAPPED_SHARE // num_fields)
+        self.max_open_segments = min(self._max_open_arg or default, len(manifest.segments))
+        self._label_limit = self._find_label_limit(manifest)
+
+    def _find_label_limit(self, manifest: Manifest) -> int | None:
+        meta = manifest.metadata
+        spec = manifest.fields.get(LABEL_FIELD)
+        limit = meta.get("num_classes")
+        if manifest.kind == "tokens":
+            spec, limit = manifest.fields[TOKENS_FIELD], meta.get("vocab_size")
+        elif meta.get("task") != "classification":
+            return None
+        if spec is None or spec.dtype.kind not in "iu" or spec.shape != ():
+            return None
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            return None
+        return None if int(np.iinfo(spec.dtype).max) < limit and spec.dtype.kind == "u" else limit
+
+    def _open_files(self, verify: str) -> None:
+        """Check every file, hold them open if the fd budget allows, verify checksums."""
+        manifest = self._manifest
+        keys = [(s, name) for s, seg in enumerate(manifest.segments) for name in seg.files]
+        pin = _PINNED[0] + len(keys) <= fd_limit() // _PINNED_SHARE
+        try:
+            for s, name in keys:
+                info = manifest.segments[s].files[name]
+                path = self.path / info.name
+                spec = manifest.fields[name]
+                self._header[s, name] = verify_file(
+                    path, info, spec, manifest.segments[s].num_rows, checksum=False
+                )
+                if pin:
+                    fd = self._open_fd(path)
+                    self._fds[s, name] = fd
+                    _PINNED[0] += 1
+                    identity = file_identity(fd)
+                    if identity[:4] != file_identity(path)[:4]:
+                        raise ValueError(f"{path}: changed while the dataset was being opened")
+                else:
+                    identity = file_identity(path)
+                self._identity[s, name] = identity
+            if verify != "sizes":
+                self._verify_checksums(keys, cached=verify == "cached")
+        except BaseException:
+            self.close()
+            raise
+
+    def _verify_checksums(self, keys: list[tuple[int, str]], cached: bool) -> None:
+        files = self._manifest.segments
+        todo = [
+            (s, name)
+            for s, name in keys
+            if not (
+                cached
+                and is_verified(
+                    self.path,
+                    files[s].files[name].name,
+                    self._identity[s, name],
+                    files[s].files[name].sha256,
+                )
+            )
+        ]
+        total = sum(self._identity[k][2] for k in todo)
+        if total > _LOG_HASH_BYTES:
+            logger.info(
+                "verifying the sha256 of %.0f MiB in %s%s",
+                total / 2**20,
+                self.path,
+                " (once; remembered while the files are unchanged)" if cached else "",
+            )
+        done = {}
+        for s, name in todo:
+            info = files[s].files[name]
+            path = self.path / info.name
+            digest = sha256_file(path, self._header[s, name])
+            if digest != info.sha256:
+                raise ValueError(
+                    f"{path}: sha256 of the data is {digest}, the manifest says {info.sha256}: "
+                    "the file changed after it was written"
+                )
+            if file_identity(path)[:4] != self._identity[s, name][:4]:
+                raise ValueError(f"{path}: changed while its checksum was being verified")
+            done[info.name] = (self._identity[s, name], digest)
+        if cached:
+            record_verified(self.path, done)
+
+    def _open_fd(self, path: Path) -> int:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path}: segment file removed after the dataset was opened (was the dataset "
+                "re-prepared or deleted while this job ran?); reopen the dataset"
+            ) from None
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise self._too_many_files(exc, path.name) from exc
+            raise
+
+    def close(self) -> None:
+        """Close the maps (samples are copies, so none is in use) and the files held open."""
+        self._maps.clear()
+        self._mmaps.clear()
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            _PINNED[0] -= 1
+            os.close(fd)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter shutdown
+            self.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": str(self.path), "verify": self.verify, "checksum": self._checksum}
+        return {
+            "path": str(self.path),
+            "verify": self.verify,
+            "checksum": self._checksum,
+            "max_open_segments": self._max_open_arg,
+            "files": [
+                [s, name, list(identity), self._header[s, name]]
+                for (s, name), identity in self._identity.items()
+            ],
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = Path(state["path"])
         self.verify = state["verify"]
+        self._max_open_arg = state.get("max_open_segments")
+        self._fds = {}
         manifest = Manifest.read(self.path)
         if manifest.checksum != state["checksum"]:
             raise ValueError(
@@ -86,6 +274,9 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
                 f"(checksum {manifest.checksum[:12]}, opened as {state['checksum'][:12]})"
             )
         self._setup(manifest)
+        for s, name, identity, header in state["files"]:
+            self._identity[s, name] = tuple(identity)
+            self._header[s, name] = header
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -143,6 +334,8 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
         if self.kind == "tokens":
             seq_len = self._seq_len()
             window = self._tokens(i * seq_len, i * seq_len + seq_len + 1)
+            if self._label_limit is not None:
+                self._check_labels(window, np.array([i]))
             return {"x": torch.from_numpy(window[:-1]), "y": torch.from_numpy(window[1:].copy())}
         s = bisect.bisect_right(self._starts, i) - 1
         maps = self._segment(s)
@@ -150,6 +343,9 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
         out = {}
         for name, spec in self._manifest.fields.items():
             value = np.array(maps[name][j], dtype=_torch_dtype(spec.dtype))
+            limit = self._label_limit if name == LABEL_FIELD else None
+            if limit is not None and not 0 <= value.item() < limit:  # no numpy reductions
+                self._check_labels(value.reshape(1), np.array([i]))
             out[name] = torch.from_numpy(value)
         return out
 
@@ -167,6 +363,7 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
         if bad.any():
             k = int(np.flatnonzero(bad)[0])
             raise IndexError(f"index {indices[k]} out of range for a dataset of {n} samples")
+        self._batch += 1  # each segment it reads is checked for truncation once (an fstat per file)
         if self.kind == "tokens":
             columns = self._token_windows(idx)
         else:
@@ -184,14 +381,39 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
     def _gather(self, name: str, spec: FieldSpec, idx: np.ndarray[Any, Any]) -> Tensor:
         out = np.empty((len(idx), *spec.shape), spec.dtype)
         if len(self._starts) == 2:  # one segment: a single gather
-            np.take(self._segment(0)[name], idx, axis=0, out=out)
+            np.take(self._segment(0, check=True)[name], idx, axis=0, out=out)
         else:
             seg_of = np.searchsorted(self._starts_array, idx, side="right") - 1
             for s in np.unique(seg_of).tolist():
                 rows = np.flatnonzero(seg_of == s)
-                out[rows] = np.take(self._segment(s)[name], idx[rows] - self._starts[s], axis=0)
+                maps = self._segment(s, check=True)
+                out[rows] = np.take(maps[name], idx[rows] - self._starts[s], axis=0)
+        if name == LABEL_FIELD and self._label_limit is not None:
+            self._check_labels(out, idx)
         wide = _torch_dtype(spec.dtype)
         return torch.from_numpy(out if wide == spec.dtype else out.astype(wide))
+
+    def _check_labels(self, values: np.ndarray[Any, Any], idx: np.ndarray[Any, Any]) -> None:
+        """Raise ValueError naming the file and row of the first value outside the label range."""
+        limit = self._label_limit
+        assert limit is not None
+        if not values.size or (values.min() >= 0 and values.max() < limit):
+            return
+        k = int(np.flatnonzero((values < 0) | (values >= limit))[0])
+        field = TOKENS_FIELD if self.kind == "tokens" else LABEL_FIELD
+        if self.kind == "tokens":  # windows of seq_len + 1 tokens: the token's stream position
+            window, offset = divmod(k, self._seq_len() + 1)
+            row = int(idx[window]) * self._seq_len() + offset
+        else:
+            row = int(idx[k])
+        s = bisect.bisect_right(self._starts, row) - 1
+        path = self.path / self._manifest.segments[s].files[field].name
+        what = "vocab_size" if self.kind == "tokens" else "num_classes"
+        raise ValueError(
+            f"{path}: row {row - self._starts[s]} holds {field} {int(values.flat[k])}, outside "
+            f"[0, {limit}) ({what} in {self.path / MANIFEST_NAME}): the file is damaged or was "
+            f"changed after it was written; `rangerdl data inspect {self.path}` checks it"
+        )
 
     def _check_index(self, index: Any) -> int:
         n = len(self)
@@ -207,20 +429,76 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
         assert seq_len is not None
         return seq_len
 
-    def _segment(self, s: int) -> dict[str, np.ndarray[Any, Any]]:
-        maps = self._maps[s]
+    def _segment(self, s: int, check: bool = False) -> dict[str, np.ndarray[Any, Any]]:
+        """The maps of segment ``s``; ``check``: first make sure no file was truncated since."""
+        maps = self._maps.get(s)
         if maps is None:
-            files = self._manifest.segments[s].files
-            # Plain ndarray views of the maps (the memmap subclass adds overhead to every index);
-            # each view keeps its map alive, and nothing closes a map by hand.
-            maps = {
-                name: np.load(self.path / info.name, mmap_mode="r", allow_pickle=False).view(
-                    np.ndarray
-                )
-                for name, info in files.items()
-            }
-            self._maps[s] = maps
+            return self._map_segment(s)
+        if len(self._maps) > 1:
+            self._maps.move_to_end(s)
+        if check and self._checked.get(s) != self._batch:
+            self._checked[s] = self._batch
+            for name, mm in self._mmaps[s]:
+                size = mm.size()  # fstat of the mapped file
+                if size != self._identity[s, name][2]:
+                    self._changed(s, name, (*self._identity[s, name][:2], size))
         return maps
+
+    def _map_segment(self, s: int) -> dict[str, np.ndarray[Any, Any]]:
+        while len(self._maps) >= self.max_open_segments:
+            # Samples are copies, so nothing views the evicted maps: dropping them unmaps.
+            old, _ = self._maps.popitem(last=False)
+            del self._mmaps[old]
+        segment = self._manifest.segments[s]
+        maps: dict[str, np.ndarray[Any, Any]] = {}
+        mmaps = []
+        for name, info in segment.files.items():
+            spec = self._manifest.fields[name]
+            pinned = self._fds.get((s, name))
+            fd = self._open_fd(self.path / info.name) if pinned is None else pinned
+            try:
+                identity = file_identity(fd)
+                if identity[:4] != self._identity[s, name][:4]:
+                    self._changed(s, name, identity)
+                try:
+                    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # dups fd
+                except OSError as exc:
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                        raise
+                    raise self._too_many_files(exc, info.name) from exc
+            finally:
+                if pinned is None:
+                    os.close(fd)
+            count = segment.num_rows * int(np.prod(spec.shape, dtype=np.int64))
+            array = np.frombuffer(mm, spec.dtype, count, self._header[s, name])
+            maps[name] = array.reshape(segment.num_rows, *spec.shape)
+            mmaps.append((name, mm))
+        self._maps[s] = maps
+        self._mmaps[s] = mmaps
+        return maps
+
+    def _changed(self, s: int, name: str, now: Identity) -> None:
+        path = self.path / self._manifest.segments[s].files[name].name
+        before = self._identity[s, name]
+        if now[2] != before[2]:
+            what = f"its size is {now[2]} bytes, it was {before[2]}"
+        elif now[:2] != before[:2]:
+            what = "another file replaced it"
+        else:
+            what = "it was modified"
+        raise ValueError(
+            f"{path}: segment file changed after the dataset was opened ({what}); a dataset "
+            "must not be modified while a job reads it (prepare --overwrite writes new files)"
+        )
+
+    def _too_many_files(self, exc: OSError, name: str) -> OSError:
+        return OSError(
+            exc.errno,
+            f"{self.path}: too many open files mapping {name}: the limit (ulimit -n, "
+            f"RLIMIT_NOFILE) is {fd_limit()}; this dataset maps at most {self.max_open_segments} "
+            f"segment(s) of {len(self._manifest.fields)} file(s) at a time: raise the limit, or "
+            "pass a smaller max_open_segments",
+        )
 
     def _tokens(self, start: int, stop: int) -> np.ndarray[Any, Any]:
         """Tokens ``[start, stop)`` of the stream as a fresh int64 array (may span segments)."""
@@ -248,9 +526,12 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
             inside = np.flatnonzero((seg_first == s) & (seg_last == s))
             if len(inside):
                 local = starts[inside] - self._starts[s]
-                windows[inside] = self._segment(s)[TOKENS_FIELD][local[:, None] + offsets]
+                tokens = self._segment(s, check=True)[TOKENS_FIELD]
+                windows[inside] = tokens[local[:, None] + offsets]
         for k in np.flatnonzero(seg_first != seg_last).tolist():
             windows[k] = self._tokens(int(starts[k]), int(starts[k]) + seq_len + 1)
+        if self._label_limit is not None:
+            self._check_labels(windows, idx)
         return {
             "x": torch.from_numpy(np.ascontiguousarray(windows[:, :-1])),
             "y": torch.from_numpy(np.ascontiguousarray(windows[:, 1:])),
@@ -318,8 +599,14 @@ def collate(items: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
     return batch
 
 
-def open_splits(path: str | os.PathLike[str], verify: str = "sizes") -> dict[str, SegmentedDataset]:
+def open_splits(
+    path: str | os.PathLike[str], verify: str = "cached"
+) -> dict[str, SegmentedDataset]:
     """Open the splits of a prepared directory: every sub-directory holding a ``manifest.json``.
+
+    Every split is opened (and checked, see ``SegmentedDataset``'s ``verify``) now, so a job that
+    opens its data at the start fails then, not at its final evaluation, and keeps reading the
+    files it opened if the directory is re-prepared meanwhile.
 
     Returns:
         ``{"train": ..., "val": ..., "test": ...}`` (those present; train first, then val, test,

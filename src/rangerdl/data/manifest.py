@@ -327,8 +327,9 @@ def read_npy_header(path: Path) -> tuple[np.dtype[Any], tuple[int, ...], bool, i
         return dtype, tuple(shape), bool(fortran), fh.tell()
 
 
-def verify_file(path: Path, info: FileInfo, spec: FieldSpec, num_rows: int, checksum: bool) -> None:
-    """Check one segment file against its manifest entry (see ``Manifest.verify``)."""
+def verify_file(path: Path, info: FileInfo, spec: FieldSpec, num_rows: int, checksum: bool) -> int:
+    """Check one segment file against its manifest entry (see ``Manifest.verify``); returns the
+    length of its ``.npy`` header (where the data starts)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: segment file is missing (named by the manifest)")
     size = path.stat().st_size
@@ -357,6 +358,7 @@ def verify_file(path: Path, info: FileInfo, spec: FieldSpec, num_rows: int, chec
                 f"{path}: sha256 of the data is {digest}, the manifest says {info.sha256}: "
                 "the file changed after it was written"
             )
+    return header
 
 
 def sha256_file(path: Path, offset: int) -> str:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from rangerdl._fileio import preallocate
+
 __all__ = ["MAX_RAM_SAMPLES", "GlobalBatchSampler", "epoch_order"]
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,12 @@ def epoch_order(
         return rng.permutation(num_samples)
     dtype = np.int32 if num_samples < 2**31 else np.int64
     with tempfile.TemporaryFile(prefix="rangerdl-order-", dir=order_dir) as fh:
+        # Reserve the blocks first: on a full disk a write into a sparse map is a SIGBUS.
+        preallocate(
+            fh.fileno(),
+            num_samples * np.dtype(dtype).itemsize,
+            f"the order of {num_samples} samples in {order_dir or tempfile.gettempdir()}",
+        )
         # The map keeps the unlinked file alive after the handle closes; no file is left behind.
         order = np.memmap(fh, dtype=dtype, mode="w+", shape=(num_samples,))
     for start in range(0, num_samples, _FILL_CHUNK):

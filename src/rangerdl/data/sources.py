@@ -12,15 +12,22 @@ Kinds (the same options as ``rangerdl data prepare KIND``):
 - ``synthetic``: Gaussian class clusters of any size and shape, for memory and speed tests.
 
 ``out_dir`` receives ``train/``, ``test/`` (and ``val/`` for text), each a ``SegmentedDataset``.
-The splits are built in a hidden sibling directory and renamed into place when all are done, so an
-interrupted prepare leaves the previous result (or nothing) under ``out_dir``.
+The splits are built in a hidden sibling directory (``.NAME.staging-PID-TOKEN``) and renamed into
+place when all are done, so an interrupted prepare leaves the previous result (or nothing) under
+``out_dir``. One prepare per ``out_dir`` at a time: it holds ``.NAME.lock`` (an OS lock, released
+when the process dies), refuses a second one naming the holder's PID, and removes the staging
+folders that killed prepares left behind. Each source checks the free space for what it will write
+before writing; a disk that fills up anyway is a ``DiskFullError`` naming the file, with this
+write's files removed.
 """
 
 from __future__ import annotations
 
+import glob
 import inspect
 import logging
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Sequence
@@ -29,11 +36,13 @@ from typing import Any
 
 import numpy as np
 
-from rangerdl._fileio import fsync_dir
+from rangerdl._fileio import DiskFullError, check_free_space, fsync_dir
+from rangerdl._lock import FolderLock, pid_alive
 from rangerdl.data.arrays import prepare_arrays
 from rangerdl.data.manifest import MANIFEST_NAME, parse_shape
 from rangerdl.data.splits import (
     CHUNK_BYTES,
+    HEADROOM_BYTES,
     check_fraction,
     check_positive_int,
     split_indices,
@@ -89,20 +98,58 @@ def prepare(
     if unknown:
         raise ValueError(f"source {kind!r} has no option(s) {unknown}; it accepts {accepted}")
     out = Path(out_dir)
-    _check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_hex(4)
-    staging = out.parent / f".{out.name}.staging-{token}"
-    try:
-        builder(staging, segment_bytes=segment_bytes, **options)
-        _swap_into_place(staging, out, token)
-        logger.info(
-            "prepared %s in %s: %s", kind, out, ", ".join(sorted(p.name for p in out.iterdir()))
-        )
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    with FolderLock(out, what="dataset folder"):
+        _clean_stale(out)
+        _check_out_dir(out, overwrite)
+        token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        staging = out.parent / f".{out.name}.staging-{token}"
+        try:
+            try:
+                builder(staging, segment_bytes=segment_bytes, **options)
+            except DiskFullError as exc:
+                raise DiskFullError(
+                    exc.errno,
+                    f"{exc}; nothing was written to {out} (its staging folder is removed)",
+                ) from exc
+            _swap_into_place(staging, out, token)
+            logger.info(
+                "prepared %s in %s: %s", kind, out, ", ".join(sorted(p.name for p in out.iterdir()))
+            )
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?P<what>staging|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}$")
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove ``.NAME.staging-*`` / ``.NAME.old-*`` left by prepares that died (the caller holds
+    the folder's lock, so no live prepare of this version owns one). If a prepare died between its
+    two renames, ``out`` is missing and its ``.old-*`` holds the previous dataset: restore it."""
+    pattern = str(out.parent / f".{glob.escape(out.name)}.*-*")
+    for entry in sorted(glob.glob(pattern)):
+        path = Path(entry)
+        match = _STALE.match(path.name)
+        if match is None or match["name"] != out.name or not path.is_dir():
+            continue
+        pid = int(match["pid"]) if match["pid"] else None
+        if pid is not None and pid != os.getpid() and pid_alive(pid):
+            logger.warning("keeping %s: its process %d is still running", path, pid)
+            continue
+        if (
+            match["what"] == "old"
+            and not out.exists()
+            and (path / "train" / MANIFEST_NAME).is_file()
+        ):
+            os.rename(path, out)
+            fsync_dir(out.parent)
+            logger.warning("restored %s from %s (a prepare died while replacing it)", out, path)
+            continue
+        logger.warning("removing %s, left by an interrupted prepare", path)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
@@ -154,6 +201,7 @@ def prepare_digits(
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[:, None]
     y = digits.target.astype(np.int64)
+    check_free_space(out, x.nbytes + y.nbytes + HEADROOM_BYTES, "the digits dataset")
     train, test = split_indices(y, len(y), test_fraction, seed)
     metadata = {
         "task": "classification",
@@ -214,6 +262,12 @@ def prepare_synthetic(
         raise ValueError(
             f"test_fraction {test_fraction} of {samples} samples leaves no training data"
         )
+    if num_classes > samples:
+        raise ValueError(
+            f"num_classes {num_classes} is more than samples {samples}: every class needs a sample"
+        )
+    x_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    check_free_space(out, samples * (x_bytes + 8) + HEADROOM_BYTES, f"{samples} synthetic samples")
     means = np.random.default_rng([seed, 0]).standard_normal((num_classes, *shape), np.float32)
     metadata = {
         "task": "classification",

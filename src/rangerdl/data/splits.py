@@ -9,9 +9,18 @@ import numpy as np
 
 from rangerdl.data.writer import SegmentWriter
 
-__all__ = ["CHUNK_BYTES", "check_fraction", "check_positive_int", "split_indices", "write_rows"]
+__all__ = [
+    "CHUNK_BYTES",
+    "HEADROOM_BYTES",
+    "check_fraction",
+    "check_positive_int",
+    "split_indices",
+    "write_rows",
+]
 
 CHUNK_BYTES = 32 << 20  # bytes of samples converted at a time while writing
+# Added to the data bytes a prepare checks for: .npy headers, manifests, file-system blocks.
+HEADROOM_BYTES = 1 << 20
 
 
 def split_indices(

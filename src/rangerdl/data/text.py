@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rangerdl.data.splits import check_fraction, check_positive_int
+from rangerdl._fileio import check_free_space
+from rangerdl.data.splits import HEADROOM_BYTES, check_fraction, check_positive_int
 from rangerdl.data.writer import DEFAULT_SEGMENT_BYTES, SegmentWriter
 
 __all__ = ["default_text_sources", "prepare_text"]
@@ -104,6 +105,8 @@ def prepare_text(
                 f"text split {split!r}: its {len(split_files)} file(s) hold {num_bytes} bytes, "
                 f"fewer than seq_len + 1 = {seq_len + 1}; use a smaller seq_len or more files"
             )
+    total = sum(p.stat().st_size for p in files)
+    check_free_space(out, total + HEADROOM_BYTES, f"{total} bytes of text")
     for split, split_files in splits.items():
         metadata = {
             "task": "lm",

@@ -1,13 +1,16 @@
 """``SegmentWriter``: write a segmented dataset (format in ``manifest.py``).
 
-The writer fills one memory-mapped ``.npy`` per field and segment (``np.lib.format.open_memmap``,
-so numpy owns the headers) and publishes each finished file with tmp -> fsync -> rename; the
-manifest goes last and is the commit marker. Segment names carry a random per-write token, so
-a rewrite never touches the files the old manifest names.
+The writer appends to one ``.npy`` per field and segment with ordinary file writes (numpy writes
+the headers), so a full disk is an ``OSError`` (raised as ``DiskFullError`` naming the file),
+never the SIGBUS a write into a sparse memory map becomes; it publishes each finished file with
+tmp -> fsync -> rename; the manifest goes last and is the commit marker. Segment names carry a
+random per-write token, so a rewrite never touches the files the old manifest names. One writer
+per directory: a second one is refused (``rangerdl._lock.FolderLock``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,11 +19,13 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from rangerdl._fileio import atomic_write_text, fsync_dir
+from rangerdl._fileio import atomic_write_text, disk_full_error, fsync_dir
+from rangerdl._lock import FolderLock
+from rangerdl.data.integrity import file_identity, record_verified
 from rangerdl.data.manifest import (
     CHECKSUM_ALGORITHM,
     FORMAT,
@@ -49,11 +54,11 @@ DEFAULT_SEGMENT_BYTES = 512 << 20
 
 @dataclass
 class _OpenSegment:
-    """The segment being filled: one writable map per field, hashed as it is written."""
+    """The segment being filled: one open ``.npy.tmp`` file per field, hashed as it is written."""
 
     index: int
     capacity: int
-    maps: dict[str, np.memmap[Any, Any]]
+    files: dict[str, BinaryIO]
     hashes: dict[str, Any] = field(default_factory=dict)
     num_rows: int = 0
 
@@ -138,6 +143,7 @@ class SegmentWriter:
         self._token: str | None = None
         self._segments: list[SegmentInfo] = []
         self._current: _OpenSegment | None = None
+        self._lock = FolderLock(self.out_dir, what="dataset directory")
         self._state = "new"  # new -> open -> closed | aborted
 
     @property
@@ -182,9 +188,12 @@ class SegmentWriter:
             seg = self._current if self._current is not None else self._open_segment()
             take = min(total - offset, seg.capacity - seg.num_rows)
             for name, values in batch.items():
-                chunk = values[offset : offset + take]
-                seg.maps[name][seg.num_rows : seg.num_rows + take] = chunk
-                seg.hashes[name].update(chunk.data.cast("B"))
+                chunk = values[offset : offset + take].data.cast("B")
+                try:
+                    seg.files[name].write(chunk)
+                except OSError as exc:
+                    raise disk_full_error(exc, seg.files[name].name, len(chunk)) from exc
+                seg.hashes[name].update(chunk)
             seg.num_rows += take
             offset += take
             if seg.num_rows == seg.capacity:
@@ -234,6 +243,8 @@ class SegmentWriter:
         atomic_write_text(self.out_dir / MANIFEST_NAME, json.dumps(raw, indent=1) + "\n")
         self._state = "closed"
         self._remove_stale(keep={f.name for s in self._segments for f in s.files.values()})
+        record_verified(self.out_dir, self._written)
+        self._lock.release()
         logger.debug(
             "wrote %s: %d samples, %d segment(s), %.1f MiB",
             self.out_dir,
@@ -247,17 +258,24 @@ class SegmentWriter:
         """Delete this write's files; the directory keeps whatever dataset it had before."""
         if self._state in ("closed", "aborted"):
             return
-        self._current = None  # drops the maps
+        if self._current is not None:
+            for fh in self._current.files.values():
+                with contextlib.suppress(OSError):  # a full disk again; the file goes anyway
+                    fh.close()
+            self._current = None
         if self._token is not None:
             for path in self.out_dir.glob(f"seg-*-{self._token}.*"):
                 if SEGMENT_FILE.match(path.name):
                     path.unlink(missing_ok=True)
+        self._lock.release()
         self._state = "aborted"
 
     def _start(self) -> None:
         if self._state == "new":
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
             self._token = secrets.token_hex(4)
+            self._written: dict[str, tuple[tuple[int, ...], str]] = {}
             self._state = "open"
 
     def _file_name(self, index: int, name: str) -> str:
@@ -291,31 +309,41 @@ class SegmentWriter:
 
     def _open_segment(self) -> _OpenSegment:
         index = len(self._segments)
-        maps = {}
+        files: dict[str, BinaryIO] = {}
+        self._current = _OpenSegment(index, self.rows_per_segment, files)
         for name, spec in self.fields.items():
             tmp = self.out_dir / (self._file_name(index, name) + ".tmp")
-            # Sized for a full segment; a short last segment is cut down in _finish_segment.
-            # The file is sparse until written, so the size bound costs no disk up front.
-            maps[name] = np.lib.format.open_memmap(
-                tmp, mode="w+", dtype=spec.dtype, shape=(self.rows_per_segment, *spec.shape)
-            )
-        hashes = {name: hashlib.sha256() for name in self.fields}
-        self._current = _OpenSegment(index, self.rows_per_segment, maps, hashes)
+            # The header says a full segment; a short last segment gets its own in _finish_segment
+            # (numpy pads headers for growth, so the data offset does not move).
+            header = {
+                "descr": np.lib.format.dtype_to_descr(spec.dtype),
+                "fortran_order": False,
+                "shape": (self.rows_per_segment, *spec.shape),
+            }
+            files[name] = fh = open(tmp, "wb")  # noqa: SIM115 (closed by _finish_segment/abort)
+            try:
+                np.lib.format.write_array_header_1_0(fh, header)
+            except OSError as exc:
+                raise disk_full_error(exc, tmp, 128) from exc
+        self._current.hashes = {name: hashlib.sha256() for name in self.fields}
         return self._current
 
     def _finish_segment(self) -> None:
         seg = self._current
         assert seg is not None and seg.num_rows > 0
         files = {}
-        for values in seg.maps.values():
-            values.flush()
-        seg.maps.clear()  # unmaps: these were the only references
         for name, spec in self.fields.items():
             final = self.out_dir / self._file_name(seg.index, name)
             tmp = final.with_name(final.name + ".tmp")
-            _shrink_npy(tmp, spec, seg.num_rows, seg.capacity)
+            try:
+                seg.files.pop(name).close()
+                _shrink_npy(tmp, spec, seg.num_rows, seg.capacity)
+            except OSError as exc:
+                raise disk_full_error(exc, tmp, seg.num_rows * spec.sample_bytes) from exc
             os.replace(tmp, final)
-            files[name] = FileInfo(final.name, final.stat().st_size, seg.hashes[name].hexdigest())
+            digest = seg.hashes[name].hexdigest()
+            files[name] = FileInfo(final.name, final.stat().st_size, digest)
+            self._written[final.name] = (file_identity(final), digest)
         fsync_dir(self.out_dir)
         self._segments.append(SegmentInfo(seg.num_rows, files))
         self._current = None
