@@ -193,3 +193,33 @@ def test_changed_model_on_resume_names_the_checkpoint(
     assert main(["train", "--resume", str(run)]) == 1
     err = capsys.readouterr().err
     assert "state-rank0.pt: the saved model state does not fit" in err
+
+
+def test_second_job_in_a_run_folder_is_refused_naming_the_holder(
+    tiny: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """G1: two trainings in one run folder: the second is refused at once (an OS lock, released
+    when its holder dies), naming the holder's PID."""
+    import os
+
+    from rangerdl._lock import FolderLock
+
+    run = run_dir(tiny)
+    run.parent.mkdir(parents=True)
+    with FolderLock(run, what="run folder"):
+        assert main(["train", *tiny]) == 1
+        assert f"{os.getpid()}" in capsys.readouterr().err
+    assert main(["train", *tiny, "--train.stop_at=10"]) == 0
+    with FolderLock(run, what="run folder"):
+        assert main(["train", "--resume", str(run)]) == 1
+    assert main(["train", "--resume", str(run)]) == 0
+
+
+def test_run_resume_auto_continues_an_existing_run(tiny: list[str]) -> None:
+    """Multi-node elastic restarts: ``[run] resume = "auto"`` continues the named run (from its
+    latest checkpoint) instead of refusing the existing folder."""
+    assert main(["train", *tiny, "--train.stop_at=20"]) == 0
+    assert main(["train", *tiny]) == 1  # never: the folder exists
+    assert main(["train", *tiny, "--run.resume=auto"]) == 0
+    rows = [r["step"] for r in read_metrics(run_dir(tiny)) if "train/loss" in r]
+    assert rows == list(range(1, 31))

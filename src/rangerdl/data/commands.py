@@ -185,16 +185,15 @@ def _run_prepare(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _run_inspect(args: argparse.Namespace, extra: list[str]) -> int:
     from rangerdl.data.dataset import SegmentedDataset
-    from rangerdl.data.manifest import MANIFEST_NAME
+    from rangerdl.data.manifest import MANIFEST_NAME, split_order
 
     root: Path = args.dir
     if (root / MANIFEST_NAME).is_file() or not root.is_dir():
         paths = [root]
     else:
-        rank = {"train": 0, "val": 1, "test": 2}
         paths = sorted(
             (p for p in root.iterdir() if (p / MANIFEST_NAME).is_file()),
-            key=lambda p: (rank.get(p.name, 3), p.name),
+            key=lambda p: split_order(p.name),
         )
         if not paths:
             raise FileNotFoundError(

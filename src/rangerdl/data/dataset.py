@@ -45,6 +45,7 @@ from rangerdl.data.manifest import (
     FieldSpec,
     Manifest,
     sha256_file,
+    split_order,
     verify_file,
 )
 
@@ -630,6 +631,5 @@ def open_splits(
             f"{root / 'train' / MANIFEST_NAME} not found ({detail}); prepare one with "
             "'rangerdl data prepare KIND --out DIR'"
         )
-    rank = {"train": 0, "val": 1, "test": 2}
-    names = sorted(found, key=lambda n: (rank.get(n, 3), n))
+    names = sorted(found, key=split_order)
     return {name: SegmentedDataset(root / name, verify=verify) for name in names}

@@ -37,14 +37,25 @@ from typing import Any
 
 import numpy as np
 
+SPLITS = ("train", "val", "test")
+"""The usual split names, in the order they are listed (others follow, by name)."""
+
+
+def split_order(name: str) -> tuple[int, str]:
+    """Sort key for split names: train, val, test, then any other by name."""
+    return (SPLITS.index(name) if name in SPLITS else len(SPLITS), name)
+
+
 __all__ = [
     "FORMAT",
     "MANIFEST_NAME",
+    "SPLITS",
     "VERSION",
     "FieldSpec",
     "FileInfo",
     "Manifest",
     "SegmentInfo",
+    "split_order",
 ]
 
 FORMAT = "rangerdl-segments"

@@ -8,6 +8,8 @@ needs the fast weights too: they go into the per-rank training state.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import gc
 import json
 import logging
@@ -19,9 +21,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from rangerdl._fileio import atomic_write_text
-from rangerdl.optim.schedules import make_schedule
+from rangerdl._lock import FolderLock
+from rangerdl.optim.schedules import Multiplier, retarget_schedule
 from rangerdl.train import checkpoint as ckpt
 from rangerdl.train.choices import ON_NAN
 from rangerdl.train.config import Config, config_changes
@@ -51,16 +55,19 @@ def train(cfg: Config, *, resume: Path | None = None) -> dict[str, Any]:
     rt = init_runtime(
         cfg.train.device, cfg.distributed.backend, cfg.train.threads, cfg.distributed.timeout_s
     )
-    summary = _train(cfg, rt, resume)  # on an error the process exits and torchrun cleans up
+    with contextlib.ExitStack() as held:  # the run folder's lock (rank 0), released at the end
+        summary = _train(cfg, rt, resume, held)  # on an error torchrun ends the other ranks
     gc.collect()  # DDP's reducer (often in a reference cycle) must go before its process group
     rt.shutdown()
     return summary
 
 
-def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
+def _train(
+    cfg: Config, rt: Runtime, resume: Path | None, held: contextlib.ExitStack
+) -> dict[str, Any]:
     from rangerdl.data import GlobalBatchSampler, collate
 
-    run, start = _open_run(cfg, rt, resume)
+    run, start = _open_run(cfg, rt, resume, held)
     splits = open_data(cfg.data, rt)
     train_ds, val_ds = splits["train"], splits.get("val", splits.get("test"))
     task = Task.from_metadata(train_ds.metadata)
@@ -74,14 +81,14 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
     model = build_model(cfg.model.name, cfg.model.args, task.model_kwargs).to(rt.device)
     opt = build_optimizer(cfg, model, rt)
     s = cfg.schedule
-    schedule = make_schedule(
-        opt.optimizer,
+    planned = Multiplier(
         s.name,
         cfg.train.steps,
         warmup_steps=s.warmup_steps,
         anneal_start=s.anneal_start,
         min_lr_ratio=s.min_lr_ratio,
     )
+    schedule = LambdaLR(opt.optimizer, copy.copy(planned))
     sampler = GlobalBatchSampler(
         num_samples=len(train_ds),
         global_batch_size=cfg.data.batch_size,
@@ -100,6 +107,14 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
     if start is not None:
         step, elapsed_before = checkpointer.restore(start)
         log.info("resuming %s from %s (step %d)", run, start.name, step)
+        if step >= t.steps:
+            raise ValueError(
+                f"{run} is already at step {step} and [train] steps = {t.steps}: nothing to "
+                f"train. Extend it with --train.steps=N (N > {step}); `rangerdl eval {run}` "
+                "evaluates it"
+            )
+        for change in retarget_schedule(schedule, planned, cfg.optim.lr, step):
+            log.info("resume: %s", change)
     if rt.is_main:
         _record_config(run, cfg, step)
     rt.barrier()
@@ -201,9 +216,12 @@ def _train(cfg: Config, rt: Runtime, resume: Path | None) -> dict[str, Any]:
     return summary
 
 
-def _open_run(cfg: Config, rt: Runtime, resume: Path | None) -> tuple[RunFolder, Path | None]:
-    """The run folder (chosen on rank 0) and the checkpoint to continue from, if any; ranks
-    that disagree on the config fail here, naming the keys."""
+def _open_run(
+    cfg: Config, rt: Runtime, resume: Path | None, held: contextlib.ExitStack
+) -> tuple[RunFolder, Path | None]:
+    """The run folder (chosen and locked on rank 0: a second job in it is refused, naming the
+    holder's PID) and the checkpoint to continue from, if any; ranks that disagree on the config
+    fail here, naming the keys."""
     everyone = rt.all_gather_object(cfg.rank_agreed())
     differ = sorted({k for other in everyone for k, v in other.items() if everyone[0].get(k) != v})
     if differ:
@@ -216,6 +234,9 @@ def _open_run(cfg: Config, rt: Runtime, resume: Path | None) -> tuple[RunFolder,
         chosen = choose_run_folder(
             cfg.run.dir, cfg.run.name, cfg.model.name, resume, cfg.run.resume
         )
+    if chosen is not None:
+        chosen.path.parent.mkdir(parents=True, exist_ok=True)
+        held.enter_context(FolderLock(chosen.path, what="run folder"))
     run = RunFolder(Path(rt.broadcast_object(str(chosen.path) if chosen else None)))
     start = None
     if run.path.exists():
