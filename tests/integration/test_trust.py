@@ -45,7 +45,7 @@ def test_run_folder_cannot_make_rangerdl_import_code(
 
 def test_trusted_run_code_is_imported(tiny: list[str]) -> None:
     args = [*tiny, "--model.name=user_models:nan_after", "--model.args.after=1000"]
-    assert main(["train", *args, "--train.steps=10"]) == 0
+    assert main(["train", *args, "--train.steps=10", "--schedule.name=constant"]) == 0
     run = run_dir(tiny)
     assert main(["eval", str(run)]) == 1  # the run names code: refused
     assert main(["eval", str(run), "--trust-run-code"]) == 0
@@ -54,7 +54,8 @@ def test_trusted_run_code_is_imported(tiny: list[str]) -> None:
 
 def test_retention_never_deletes_the_good_checkpoints(tiny: list[str]) -> None:
     """C17: a damaged newest checkpoint is moved aside, never counted; keep=1 stays resumable."""
-    assert main(["train", *tiny, "--train.steps=20", "--train.checkpoint_every=5"]) == 0
+    steps = ["--train.steps=20", "--train.checkpoint_every=5", "--schedule.name=constant"]
+    assert main(["train", *tiny, *steps]) == 0
     run = run_dir(tiny)
     (run / "checkpoints" / "step-20" / "model.pt").write_bytes(b"x" * 100)
     resume = ["train", "--resume", str(run), "--train.steps=40"]

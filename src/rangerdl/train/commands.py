@@ -93,8 +93,8 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     except (TrainingError, CheckpointError) as exc:
         log.error("%s", exc)
         return 1
-    if summary.get("stopped"):
-        return 0
+    if summary.get("stopped"):  # stop_at: 0; a signal: 128 + its number, as a shell reports it
+        return 128 + summary["signal"] if summary.get("signal") else 0
     if _is_main():
         print(format_summary(summary))
     return 0

@@ -62,6 +62,10 @@ class DataConfig:
     """Global batch size: samples per optimizer step summed over all workers."""
     eval_batch_size: int = 256
     """Batch size for validation and test passes."""
+    val_fraction: float = 0.1
+    """When the dataset has no ``val`` split: this fraction of ``train`` (a random set, seeded by
+    ``[run] seed``) is held out for periodic validation, so the test split is evaluated once, at
+    the end. ``0``: validate on the test split instead (the log says so)."""
     num_workers: int = 0
     """DataLoader worker processes per training process."""
     drop_last: bool = True
@@ -274,6 +278,8 @@ class Config:
                 raise ValueError(f"[{table}] {key} must be >= 0")
         if len(self.optim.betas) != 2:
             raise ValueError(f"[optim] betas must be two numbers, got {self.optim.betas}")
+        if not 0.0 <= self.data.val_fraction < 1.0:
+            raise ValueError("[data] val_fraction must be in [0, 1)")
         if not 0.0 <= self.schedule.anneal_start <= 1.0:
             raise ValueError("[schedule] anneal_start must be in [0, 1]")
         if self.optim.lookahead and self.optim.name == "ranger":

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,9 @@ from rangerdl.optim.schedules import Multiplier, retarget_schedule
 from rangerdl.train import checkpoint as ckpt
 from rangerdl.train.choices import ON_NAN
 from rangerdl.train.config import Config, config_changes
-from rangerdl.train.data import open_data
+from rangerdl.train.data import open_data, training_splits
 from rangerdl.train.evaluate import validate
+from rangerdl.train.interrupt import StopRequest
 from rangerdl.train.metrics import MetricsLogger
 from rangerdl.train.models import build_model
 from rangerdl.train.nonfinite import NonFiniteGuard, TrainingError
@@ -69,8 +71,8 @@ def _train(
 
     run, start = _open_run(cfg, rt, resume, held)
     splits = open_data(cfg.data, rt)
-    train_ds, val_ds = splits["train"], splits.get("val", splits.get("test"))
-    task = Task.from_metadata(train_ds.metadata)
+    train_ds, val_ds, val_what = training_splits(splits, cfg.data.val_fraction, cfg.run.seed)
+    task = Task.from_metadata(splits["train"].metadata)
     if cfg.data.batch_size % rt.world_size:
         raise ValueError(
             f"[data] batch_size = {cfg.data.batch_size} (the global batch) must be divisible by "
@@ -96,7 +98,7 @@ def _train(
         world_size=rt.world_size,
         seed=cfg.run.seed,
         drop_last=cfg.data.drop_last,
-        manifest_checksum=train_ds.checksum,
+        manifest_checksum=splits["train"].checksum,
     )
     t = cfg.train
     checkpointer = ckpt.Checkpointer(
@@ -137,12 +139,17 @@ def _train(
         generator=torch.Generator().manual_seed(cfg.run.seed),  # keep the global RNG untouched
     )
 
-    def evaluation(split: str, dataset: Any, max_batches: int) -> dict[str, float]:
+    def evaluation(split: str, dataset: Any, max_batches: int = 0) -> dict[str, float]:
         size = cfg.data.eval_batch_size
         return validate(
             opt, dataset, task, rt, batch_size=size, max_batches=max_batches, prefix=split
         )
 
+    sample = f"; the first {t.eval_batches} batches" if t.eval_batches else ""
+    log.info(
+        "periodic validation (val/): %s%s; the final val/ and test/: whole splits", val_what, sample
+    )
+    stop = held.enter_context(StopRequest(rt, check_every=opt.agree_every))
     train_time, window_t0, window_samples = 0.0, time.perf_counter(), 0
     model.train()
     last_step = min(t.steps, t.stop_at or t.steps)
@@ -178,22 +185,25 @@ def _train(
             metrics.log(step, evaluation("val", val_ds, t.eval_batches))
         if checkpointer.due(step, last_step):
             checkpointer.save(step, elapsed_before + train_time)
+        if step < last_step and stop.agreed(step):
+            break
 
-    if step < t.steps:  # stop_at: leave as if interrupted, the checkpoint to resume from
+    if step < t.steps:  # stop_at or a signal: a checkpoint to resume from
         checkpointer.save(step, elapsed_before + train_time)
         metrics.close()
-        log.info(
-            "stopped at step %d of %d (stop_at); continue with --resume %s", step, t.steps, run
+        why = "stop_at" if stop.signum is None else signal.Signals(stop.signum).name
+        log.warning(
+            "stopped at step %d of %d (%s); continue with: rangerdl train --resume %s",
+            *(step, t.steps, why, run),
         )
-        return {"run_dir": str(run), "step": step, "stopped": True}
+        return {"run_dir": str(run), "step": step, "stopped": True, "signal": stop.signum}
     t0 = time.perf_counter()
     opt.finish()  # distributed: a final sync so every rank holds the global model
     train_time += time.perf_counter() - t0
     total_time = elapsed_before + train_time
     final = checkpointer.save(step, total_time)  # once, after the final sync, before evaluation
-    # Without a val split, periodic validation used the test split: report it once, as test/.
-    last_val = evaluation("val", splits["val"], t.eval_batches) if "val" in splits else {}
-    test = evaluation("test", splits["test"], t.eval_batches) if "test" in splits else {}
+    last_val = evaluation("val", val_ds) if val_ds is not splits.get("test") else {}
+    test = evaluation("test", splits["test"]) if "test" in splits else {}
     metrics.log(step, last_val | test | {"time/train_s": total_time})
     summary = {
         "run_dir": str(run),

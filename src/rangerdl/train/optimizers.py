@@ -108,6 +108,9 @@ class TrainOptimizer:
     """Distributed Lookahead's outer sync, when ``strategy = "lookahead"`` across processes."""
     counter: CommCounter | None = None
     """Byte accounting of the torch baselines."""
+    agree_every: int = 1
+    """Steps between the points where ranks can agree on something (a stop request) without an
+    extra round trip: every step under DDP, each sync for the local-update strategies."""
 
     def slow_weights(self) -> list[tuple[Tensor, Tensor]]:
         """``(parameter, slow weights)``: the model worth keeping; empty without Lookahead."""
@@ -139,7 +142,7 @@ def build_optimizer(cfg: Config, model: nn.Module, rt: Runtime) -> TrainOptimize
         import torch.distributed as dist
 
         sync = OuterSync(inner, dist.group.WORLD, options, buffers=model.buffers())
-        return TrainOptimizer(inner, model, model, sync=sync)
+        return TrainOptimizer(inner, model, model, sync=sync, agree_every=options.sync_every)
     counter = CommCounter(rt.world_size)
     if rt.is_main:  # DDP and PostLocalSGD broadcast rank 0's weights and buffers once
         tensors = [*model.parameters(), *model.buffers()]
@@ -149,7 +152,9 @@ def build_optimizer(cfg: Config, model: nn.Module, rt: Runtime) -> TrainOptimize
         optimizer = make_optimizer(cfg.optim, ddp.parameters())
         return TrainOptimizer(optimizer, ddp, model, counter=counter)
     assert strategy == "post_local_sgd", strategy
-    return TrainOptimizer(_post_local_sgd(cfg, model, counter), model, model, counter=counter)
+    period = cfg.distributed.resolved(k=cfg.optim.k, alpha=cfg.optim.alpha).sync_every
+    optimizer = _post_local_sgd(cfg, model, counter, period)
+    return TrainOptimizer(optimizer, model, model, counter=counter, agree_every=period)
 
 
 def _counting_ddp(model: nn.Module, rt: Runtime, counter: CommCounter) -> nn.Module:
@@ -171,7 +176,7 @@ def _counting_ddp(model: nn.Module, rt: Runtime, counter: CommCounter) -> nn.Mod
     return ddp
 
 
-def _post_local_sgd(cfg: Config, model: nn.Module, counter: CommCounter) -> Any:
+def _post_local_sgd(cfg: Config, model: nn.Module, counter: CommCounter, period: int) -> Any:
     import torch.distributed as dist
     from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
     from torch.distributed.optim import PostLocalSGDOptimizer
@@ -194,7 +199,6 @@ def _post_local_sgd(cfg: Config, model: nn.Module, counter: CommCounter) -> Any:
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             dist.broadcast(t, src=0)
-    period = cfg.distributed.resolved(k=cfg.optim.k, alpha=cfg.optim.alpha).sync_every
     # warmup_steps = period - 1: averages after steps k, 2k, ... as the Lookahead strategy syncs
     averager = CountingAverager(period=period, warmup_steps=period - 1)
     return PostLocalSGDOptimizer(

@@ -1,0 +1,106 @@
+"""Ctrl-C and SIGTERM keep the work (issue 12, item 4): the step finishes, every rank writes the
+same checkpoint, the exit code says which signal, and the resumed run equals one that never
+stopped, bit for bit. Real signals, on 1 and on 2 ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_distributed_train import TINY, cache, torchrun  # noqa: F401 - the fixture
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+STEPS = ["--train.steps=1200", "--train.checkpoint_every=0", "--train.eval_every=0"]
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen[str]) -> None:
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file():
+            lines = [x for x in metrics.read_text().splitlines() if x.strip()]
+            if lines and json.loads(lines[-1]).get("step", 0) >= step:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within the deadline (rc {proc.poll()})")
+
+
+def _states(run: Path, world: int) -> list[dict[str, torch.Tensor]]:
+    folder = run / "checkpoints" / "step-1200"
+    return [
+        torch.load(folder / f"state-rank{r}.pt", weights_only=True)["model"] for r in range(world)
+    ]
+
+
+def test_ctrl_c_checkpoints_and_the_resumed_run_is_bitwise_identical(
+    cache: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    env = {**os.environ, "RANGERDL_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "rangerdl", "train", *TINY, *STEPS, "--train.threads=1"]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(
+        [*base, f"--run.dir={cut}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    _wait_for_step(cut / "t", 100, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, out[-3000:]
+    assert "SIGINT: stopping after this step" in out
+    assert f"continue with: rangerdl train --resume {cut / 't'}" in out
+    done = [p.name for p in (cut / "t" / "checkpoints").iterdir()]
+    assert len(done) == 1 and 100 <= int(done[0].split("-")[1]) < 1200
+    resumed = subprocess.run(
+        [sys.executable, "-m", "rangerdl", "train", "--resume", str(cut / "t")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = tmp_path / "straight"
+    whole = subprocess.run(
+        [*base, f"--run.dir={straight}"], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    (a,), (b,) = _states(cut / "t", 1), _states(straight / "t", 1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_on_two_ranks_stops_both_at_one_step(cache: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Preemption: every worker gets SIGTERM; they agree on the step at the next sync, write one
+    checkpoint, and the resumed job equals an uninterrupted one."""
+    args = [*TINY, *STEPS, "--distributed.sync_every=4"]
+    cut = tmp_path / "cut"
+    proc = torchrun(cache, [*args, f"--run.dir={cut}"], wait=False)
+    _wait_for_step(cut / "t", 60, proc)
+    workers = subprocess.run(
+        ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+    ).stdout.split()
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(int(pid), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert out.count("SIGTERM: stopping after this step") == 2, out[-3000:]
+    done = [p.name for p in (cut / "t" / "checkpoints").iterdir()]
+    assert len(done) == 1, done
+    step = int(done[0].split("-")[1])
+    assert step % 4 == 0 and step < 1200  # at a sync: both ranks agreed there
+    torchrun(cache, ["--resume", str(cut / "t")])
+    straight = tmp_path / "straight"
+    torchrun(cache, [*args, f"--run.dir={straight}"])
+    for a, b in zip(_states(cut / "t", 2), _states(straight / "t", 2), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
