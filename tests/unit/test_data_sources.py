@@ -159,7 +159,13 @@ def test_arrays_from_npy_with_stratified_test_split(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", y)
     splits = open_splits(
-        prepare("arrays", tmp_path / "out", x=tmp_path / "x.npy", y=tmp_path / "y.npy")
+        prepare(
+            "arrays",
+            tmp_path / "out",
+            x=tmp_path / "x.npy",
+            y=tmp_path / "y.npy",
+            standardize=False,
+        )
     )
     assert (len(splits["train"]), len(splits["test"])) == (160, 40)
     meta = splits["train"].metadata
@@ -185,6 +191,7 @@ def test_arrays_from_one_csv_with_string_labels(tmp_path: Path) -> None:
             x=str(tmp_path / "iris.csv"),
             label_column="species",
             test_fraction=0.2,
+            standardize=False,
         )
     )
     meta = splits["test"].metadata
@@ -200,18 +207,121 @@ def test_arrays_from_npz_and_csv_pairs_and_regression(tmp_path: Path) -> None:
     x = np.arange(40, dtype=np.float64).reshape(20, 2)
     np.savez(tmp_path / "data.npz", x=x, y=np.arange(20) % 2)
     splits = open_splits(
-        prepare("arrays", tmp_path / "a", x=tmp_path / "data.npz", test_fraction=0)
+        prepare(
+            "arrays", tmp_path / "a", x=tmp_path / "data.npz", test_fraction=0, standardize=False
+        )
     )
     assert list(splits) == ["train"] and len(splits["train"]) == 20
     np.savetxt(tmp_path / "x.csv", x, delimiter=",")
     np.savetxt(tmp_path / "y.csv", x[:, 0] * 0.25, delimiter=",")
     splits = open_splits(
-        prepare("arrays", tmp_path / "b", x=tmp_path / "x.csv", y=tmp_path / "y.csv")
+        prepare(
+            "arrays", tmp_path / "b", x=tmp_path / "x.csv", y=tmp_path / "y.csv", standardize=False
+        )
     )
     assert splits["train"].metadata["task"] == "regression"
     assert splits["train"][0]["y"].dtype == torch.float32
     expected = Counter((tuple(r.tolist()), r[0] * 0.25) for r in x)
     assert _pairs(splits) == expected
+
+
+def _xy(ds: SegmentedDataset) -> tuple[np.ndarray, np.ndarray]:
+    items = ds.__getitems__(list(range(len(ds))))
+    return np.stack([i["x"].numpy() for i in items]), np.array([i["y"].item() for i in items])
+
+
+@pytest.mark.parametrize("chunk_bytes", [32 << 20, 200])  # one chunk; chunks of 6 rows merged
+def test_arrays_standardises_float_features_with_the_train_split_statistics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int
+) -> None:
+    import rangerdl.data.arrays
+
+    monkeypatch.setattr(rangerdl.data.arrays, "CHUNK_BYTES", chunk_bytes)
+    rng = np.random.default_rng(0)
+    n = 120
+    x = rng.normal(size=(n, 4)) * [1.0, 1e3, 1e-3, 1.0] + [0.0, 5e4, -7.0, 0.0]
+    x[:, 3] = 2.5  # constant: std 1, so it becomes 0
+    x[17, 0] = np.nan  # dropped before the statistics
+    # regression targets stay raw: y names each sample's row in x
+    rows = [",".join([*(repr(float(v)) for v in r), str(float(i))]) for i, r in enumerate(x)]
+    (tmp_path / "t.csv").write_text("a,b,c,d,row\n" + "\n".join(rows) + "\n")
+    splits = open_splits(
+        prepare(
+            "arrays",
+            tmp_path / "out",
+            x=tmp_path / "t.csv",
+            label_column="row",
+            task="regression",
+            drop_nonfinite=True,
+        )
+    )
+    (z_train, row_train), (z_test, row_test) = _xy(splits["train"]), _xy(splits["test"])
+    train_rows, test_rows = row_train.astype(int), row_test.astype(int)
+    assert 17 not in set(train_rows) | set(test_rows)
+    assert len(train_rows) == 95 and len(test_rows) == 24
+    raw_train = x[train_rows]
+    stats = splits["train"].metadata["standardize"]
+    assert splits["test"].metadata["standardize"] == stats
+    mean, std = np.array(stats["mean"]), np.array(stats["std"])
+    np.testing.assert_allclose(mean, raw_train.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(std[:3], raw_train[:, :3].std(axis=0), rtol=1e-9)
+    assert std[3] == 1.0
+    kept = np.delete(x, 17, axis=0)
+    assert not np.allclose(mean, kept.mean(axis=0), rtol=1e-6)  # not the statistics of all rows
+    np.testing.assert_allclose(z_train[:, :3].mean(axis=0), 0, atol=1e-6)
+    np.testing.assert_allclose(z_train[:, :3].std(axis=0), 1, atol=1e-5)
+    assert np.all(z_train[:, 3] == 0) and np.all(z_test[:, 3] == 0)
+    expected_test = ((x[test_rows] - mean) / std).astype(np.float32)
+    np.testing.assert_allclose(z_test, expected_test, rtol=1e-6, atol=1e-6)
+
+
+def test_arrays_standardisation_default_is_for_float_tables(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    y = np.arange(40) % 2
+    np.save(tmp_path / "y.npy", y)
+    cases = {
+        "f32": (rng.normal(5, 3, size=(40, 3)).astype(np.float32), {}, True),
+        "int": (rng.integers(0, 255, size=(40, 3)).astype(np.uint8), {}, False),
+        "image": (rng.normal(5, 3, size=(40, 1, 2, 2)), {}, False),
+        "int_forced": (rng.integers(0, 255, size=(40, 3)), {"standardize": True}, True),
+        "float_off": (rng.normal(5, 3, size=(40, 3)), {"standardize": False}, False),
+    }
+    for name, (x, options, standardised) in cases.items():
+        np.save(tmp_path / f"{name}.npy", x)
+        out = prepare(
+            "arrays", tmp_path / name, x=tmp_path / f"{name}.npy", y=tmp_path / "y.npy", **options
+        )
+        train = SegmentedDataset(out / "train")
+        stats = train.metadata["standardize"]
+        z, _ = _xy(train)
+        if standardised:
+            assert np.array(stats["mean"]).shape == x.shape[1:], name
+            np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-5, err_msg=name)
+        else:
+            assert stats is None, name
+            assert np.isin(z, x.astype(np.float32)).all(), name  # raw values
+
+
+def test_no_standardize_flag_keeps_raw_values_and_the_summary_says_which(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rangerdl.cli import main
+
+    x = np.arange(60.0).reshape(20, 3) * [1, 10, 100]
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", np.arange(20) % 2)
+    args = ["data", "prepare", "arrays", "--x", str(tmp_path / "x.npy")]
+    args += ["--y", str(tmp_path / "y.npy")]
+    assert main([*args, "--out", str(tmp_path / "raw"), "--no-standardize"]) == 0
+    assert "features stored as given, not standardised" in capsys.readouterr().out
+    splits = open_splits(tmp_path / "raw")
+    assert all(ds.metadata["standardize"] is None for ds in splits.values())
+    assert _pairs(splits) == Counter((tuple(r.tolist()), i % 2) for i, r in enumerate(x))
+    assert main([*args, "--out", str(tmp_path / "std")]) == 0
+    out = capsys.readouterr().out
+    assert "features standardised with the train split's statistics" in out
+    mean = SegmentedDataset(tmp_path / "std" / "train").metadata["standardize"]["mean"]
+    assert f"mean {mean}" in out
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import csv
 import logging
 import os
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,7 @@ def prepare_arrays(
     seed: int = 0,
     task: str | None = None,
     drop_nonfinite: bool = False,
+    standardize: bool | None = None,
 ) -> None:
     """User features and labels: ``x`` float32 as given per sample, ``y`` int64 or float32.
 
@@ -176,6 +178,18 @@ def prepare_arrays(
     (``MAX_CLASSES_PER_LABEL``). NaN and inf, in the input or after the cast to float32, are
     refused with the file, row and column, unless ``drop_nonfinite``.
 
+    Standardisation: each feature (each position of a sample) becomes ``(x - mean) / std``, with
+    ``mean`` and ``std`` (float64, ``ddof=0``; 1 for a feature constant on train) computed over
+    the train split only, after the split and after dropping non-finite rows, and applied to every
+    split. They are stored in every split's metadata as ``standardize = {"mean": [...], "std":
+    [...]}`` (nested in the sample shape) so new data can get the same transform; the stored
+    features are already standardised, so training and ``rangerdl eval`` need nothing more.
+    ``standardize=None`` (the default) standardises floating-point features (a CSV's always are)
+    whose samples are vectors, i.e. tables; it leaves integer features (counts, ids, ``uint8``
+    pixels) and samples of more dimensions (images, sequences: usually normalised per channel)
+    as given, with ``standardize`` None in the metadata. True and False force it on or off.
+    Regression targets are never scaled: losses and metrics stay in the target's units.
+
     Args:
         out: directory to write ``train/`` and ``test/`` into.
         segment_bytes: segment size bound.
@@ -187,6 +201,8 @@ def prepare_arrays(
         task: ``"classification"`` or ``"regression"``; None guesses from the labels.
         drop_nonfinite: drop the samples holding NaN or inf (their count is logged and kept in
             the metadata as ``dropped_nonfinite_rows``) instead of refusing them.
+        standardize: standardise the features with the train split's statistics; None decides
+            by dtype and shape as above.
     """
     x_path = Path(x)
     features, labels, class_names, origin = _read_arrays(x_path, y, label_column)
@@ -215,6 +231,13 @@ def prepare_arrays(
         labels = labels_full
     stratify = labels_kept if metadata["task"] == "classification" else None
     train, test = split_indices(stratify, len(kept), test_fraction, seed)
+    x_map = None
+    if _should_standardize(standardize, features):
+        mean, std = _train_statistics(features, kept[train])
+        metadata["standardize"] = {"mean": mean.tolist(), "std": std.tolist()}
+        x_map = _standardizer(mean, std, origin.x)
+    else:
+        metadata["standardize"] = None
     for name, rows in (("train", kept[train]), ("test", kept[test])):
         if len(rows):
             write_rows(
@@ -226,7 +249,72 @@ def prepare_arrays(
                 y_dtype=y_dtype,
                 metadata={**metadata, "split_name": name},
                 segment_bytes=segment_bytes,
+                x_map=x_map,
             )
+
+
+def _should_standardize(standardize: bool | None, features: np.ndarray[Any, Any]) -> bool:
+    """The choice given, or by default: floating-point features with one vector per sample."""
+    if standardize is not None:
+        if not isinstance(standardize, bool):
+            raise ValueError(f"standardize must be True, False or None, got {standardize!r}")
+        return standardize
+    if features.dtype.kind != "f":
+        logger.info(
+            "features are %s: stored as given (pass --standardize to standardise them)",
+            features.dtype,
+        )
+        return False
+    if features.ndim != 2:
+        logger.info(
+            "samples have shape %s, not vectors: stored as given (pass --standardize to "
+            "standardise each position)",
+            tuple(features.shape[1:]),
+        )
+        return False
+    return True
+
+
+def _train_statistics(
+    features: np.ndarray[Any, Any], rows: np.ndarray[Any, Any]
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Per-feature float64 mean and std (``ddof=0``) of ``features[rows]``, read in chunks
+    (``features`` may be a memmap larger than RAM); a feature constant up to rounding gets std 1."""
+    shape = features.shape[1:]
+    chunk_rows = max(1, CHUNK_BYTES // max(1, 8 * int(np.prod(shape))))
+    count = 0
+    mean = np.zeros(shape, np.float64)
+    m2 = np.zeros(shape, np.float64)  # sum of squared deviations from the mean
+    for start in range(0, len(rows), chunk_rows):
+        block = np.asarray(features[rows[start : start + chunk_rows]], dtype=np.float64)
+        # Chan et al.'s pairwise update: stable without a second pass over the file.
+        block_mean = block.mean(axis=0)
+        block_m2 = np.square(block - block_mean).sum(axis=0)
+        total = count + len(block)
+        delta = block_mean - mean
+        mean = mean + delta * (len(block) / total)
+        m2 = m2 + block_m2 + np.square(delta) * (count * len(block) / total)
+        count = total
+    std = np.sqrt(m2 / count)
+    std[std <= 10 * np.finfo(np.float64).eps * np.abs(mean)] = 1.0
+    return mean, std
+
+
+def _standardizer(
+    mean: np.ndarray[Any, Any], std: np.ndarray[Any, Any], path: Path
+) -> Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]:
+    def standardize(block: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        with np.errstate(over="ignore"):
+            z = ((np.asarray(block, np.float64) - mean) / std).astype(np.float32)
+        if not np.isfinite(z).all():
+            raise ValueError(
+                f"{path}: a feature standardised with the train split's mean and std does not "
+                "fit float32 (a feature nearly constant on train, far off elsewhere); pass "
+                "--no-standardize"
+            )
+        return z
+
+    return standardize
 
 
 def _finite_rows(

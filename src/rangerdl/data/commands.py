@@ -66,6 +66,18 @@ OPTIONS: dict[str, list[_Option]] = {
             {"action": "store_true", "help": "drop samples holding NaN or inf instead of failing"},
             False,
         ),
+        (
+            ("--standardize",),
+            "standardize",
+            {
+                "action": argparse.BooleanOptionalAction,
+                "help": "scale each feature to mean 0, std 1 with the train split's statistics "
+                "(stored in the metadata, applied to every split; default: on for float "
+                "features with one vector per sample, CSV included; off for integer features "
+                "and multi-dimensional samples)",
+            },
+            None,
+        ),
         _SEED,
     ],
     "synthetic": [
@@ -172,7 +184,9 @@ def _run_prepare(args: argparse.Namespace, extra: list[str]) -> int:
         **prepare_options(args),
     )
     # The writer has just hashed every file: check sizes only.
+    metadata: dict[str, Any] = {}
     for name, ds in open_splits(out, verify="sizes").items():
+        metadata = metadata or ds.metadata
         dropped = ds.metadata.get("dropped_nonfinite_rows")
         note = f" ({dropped} samples with NaN or inf dropped before the split)" if dropped else ""
         print(
@@ -180,7 +194,20 @@ def _run_prepare(args: argparse.Namespace, extra: list[str]) -> int:
             f"checksum {ds.checksum[:16]}{note}"
         )
         ds.close()
+    if "standardize" in metadata:
+        print(_standardize_note(metadata["standardize"]))
     return 0
+
+
+def _standardize_note(stats: dict[str, Any] | None) -> str:
+    """What ``prepare arrays`` did to the features."""
+    if stats is None:
+        return "features stored as given, not standardised (--standardize to standardise)"
+    return (
+        "features standardised with the train split's statistics, (x - mean) / std, in every "
+        f"split (--no-standardize to keep them raw); metadata 'standardize':\n"
+        f"  mean {_short(stats['mean'], 100)}\n  std  {_short(stats['std'], 100)}"
+    )
 
 
 def _run_inspect(args: argparse.Namespace, extra: list[str]) -> int:

@@ -8,7 +8,8 @@ Kinds (the same options as ``rangerdl data prepare KIND``):
   files (not windows) are assigned to train/val/test. Default source: the running interpreter's
   standard library sources (``Lib/**/*.py``, site-packages excluded).
 - ``arrays``: features and labels from ``.npy``, ``.npz`` or ``.csv``; classification when the
-  labels are integers or strings, else regression; a (stratified) test split.
+  labels are integers or strings, else regression; a (stratified) test split; float tabular
+  features standardised with the train split's statistics (kept in the metadata).
 - ``synthetic``: Gaussian class clusters of any size and shape, for memory and speed tests.
 
 ``out_dir`` receives ``train/``, ``test/`` (and ``val/`` for text), each a ``SegmentedDataset``.

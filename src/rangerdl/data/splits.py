@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +68,15 @@ def write_rows(
     y_dtype: str,
     metadata: dict[str, Any],
     segment_bytes: int,
+    x_map: Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]] | None = None,
 ) -> None:
-    """Write ``x[rows]``, ``y[rows]`` in chunks (``x`` may be a memmap larger than RAM)."""
+    """Write ``x[rows]``, ``y[rows]`` in chunks (``x`` may be a memmap larger than RAM);
+    ``x_map`` (e.g. standardisation) is applied to each chunk of ``x`` before the cast."""
     fields = {"x": (x_dtype, x.shape[1:]), "y": (y_dtype, y.shape[1:])}
     row_bytes = max(1, x[:1].nbytes + y[:1].nbytes)
     chunk = max(1, CHUNK_BYTES // row_bytes)
     with SegmentWriter(out, fields, segment_bytes=segment_bytes, metadata=metadata) as writer:
         for start in range(0, len(rows), chunk):
             take = rows[start : start + chunk]
-            writer.append(x=np.asarray(x[take], dtype=x_dtype), y=np.asarray(y[take], y_dtype))
+            x_take = x[take] if x_map is None else x_map(x[take])
+            writer.append(x=np.asarray(x_take, dtype=x_dtype), y=np.asarray(y[take], y_dtype))
