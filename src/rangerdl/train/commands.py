@@ -72,7 +72,6 @@ def _config_keys() -> str:
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
-    from rangerdl.train.checkpoint import CheckpointError
     from rangerdl.train.config import load_config
 
     if args.resume is not None:
@@ -86,7 +85,8 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         cfg = load_config(saved, extra, run_folder=True, trust_code=args.trust_run_code)
     else:
         cfg = load_config(args.config, extra)
-    from rangerdl.train.loop import TrainingError, train  # torch loads once the config is good
+    from rangerdl.train.checkpoint import CheckpointError  # torch loads once the config is good
+    from rangerdl.train.loop import TrainingError, train
 
     try:
         summary = train(cfg, resume=args.resume)
