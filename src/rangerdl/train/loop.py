@@ -14,7 +14,6 @@ import gc
 import json
 import logging
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -25,11 +24,10 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from rangerdl._fileio import atomic_write_text
-from rangerdl._lock import FolderLock
 from rangerdl.optim.schedules import Multiplier, retarget_schedule
 from rangerdl.train import checkpoint as ckpt
 from rangerdl.train.choices import ON_NAN
-from rangerdl.train.config import Config, config_changes
+from rangerdl.train.config import Config
 from rangerdl.train.data import open_data, training_splits
 from rangerdl.train.evaluate import validate
 from rangerdl.train.interrupt import StopRequest
@@ -37,7 +35,7 @@ from rangerdl.train.metrics import MetricsLogger
 from rangerdl.train.models import build_model
 from rangerdl.train.nonfinite import NonFiniteGuard, TrainingError
 from rangerdl.train.optimizers import build_optimizer
-from rangerdl.train.run_folder import RunFolder, choose_run_folder
+from rangerdl.train.run_folder import open_run, record_config
 from rangerdl.train.runtime import Runtime, init_runtime
 from rangerdl.train.task import Task
 
@@ -69,7 +67,7 @@ def _train(
 ) -> dict[str, Any]:
     from rangerdl.data import GlobalBatchSampler, collate
 
-    run, start = _open_run(cfg, rt, resume, held)
+    run, start = open_run(cfg, rt, resume, held)
     splits = open_data(cfg.data, rt)
     train_ds, val_ds, val_what = training_splits(splits, cfg.data.val_fraction, cfg.run.seed)
     task = Task.from_metadata(splits["train"].metadata)
@@ -118,7 +116,7 @@ def _train(
         for change in retarget_schedule(schedule, planned, cfg.optim.lr, step):
             log.info("resume: %s", change)
     if rt.is_main:
-        _record_config(run, cfg, step)
+        record_config(run, cfg, step)
     rt.barrier()
     guard = NonFiniteGuard(model, rt, t.on_nan, t.max_nan_skips)
     metrics = MetricsLogger(
@@ -224,57 +222,3 @@ def _train(
     if bad:
         raise TrainingError(f"the run ended with non-finite {', '.join(bad)}; see {run.summary}")
     return summary
-
-
-def _open_run(
-    cfg: Config, rt: Runtime, resume: Path | None, held: contextlib.ExitStack
-) -> tuple[RunFolder, Path | None]:
-    """The run folder (chosen and locked on rank 0: a second job in it is refused, naming the
-    holder's PID) and the checkpoint to continue from, if any; ranks that disagree on the config
-    fail here, naming the keys."""
-    everyone = rt.all_gather_object(cfg.rank_agreed())
-    differ = sorted({k for other in everyone for k, v in other.items() if everyone[0].get(k) != v})
-    if differ:
-        raise ValueError(
-            f"the ranks of this job were given different configs: {', '.join(differ)} differ "
-            "(every rank must get the same config file and overrides)"
-        )
-    chosen = None
-    if rt.is_main:
-        chosen = choose_run_folder(
-            cfg.run.dir, cfg.run.name, cfg.model.name, resume, cfg.run.resume
-        )
-    if chosen is not None:
-        chosen.path.parent.mkdir(parents=True, exist_ok=True)
-        held.enter_context(FolderLock(chosen.path, what="run folder"))
-    run = RunFolder(Path(rt.broadcast_object(str(chosen.path) if chosen else None)))
-    start = None
-    if run.path.exists():
-        start = ckpt.latest_valid(run.checkpoints, move_damaged=rt.is_main)
-        rt.barrier()
-    damaged = sorted(run.checkpoints.glob("damaged-step-*")) if start is None else []
-    if damaged:
-        raise FileNotFoundError(
-            f"{run} holds no complete checkpoint to resume from; the damaged ones were moved "
-            f"aside: {', '.join(d.name for d in damaged)}"
-        )
-    if start is None and run.config.is_file():
-        log.warning("%s has no complete checkpoint yet: starting it from step 0", run)
-    return run, start
-
-
-def _record_config(run: RunFolder, cfg: Config, step: int) -> None:
-    """Save the config (a resume's changes also go to the history) and this launch's torchrun id
-    (a restart of the same job continues the run: see ``choose_run_folder``)."""
-    run.path.mkdir(parents=True, exist_ok=True)
-    changed = {}
-    if run.config.is_file():
-        changed = config_changes(Config.from_dict(json.loads(run.config.read_text())), cfg)
-        if changed:
-            log.info("resuming at step %d with changes: %s", step, changed)
-            with open(run.config_history, "a") as fh:
-                fh.write(json.dumps({"step": step, "changed": changed}) + "\n")
-    if changed or not run.config.is_file():
-        cfg.save(run.config)
-    if os.environ.get("TORCHELASTIC_RUN_ID"):
-        atomic_write_text(run.launch_id, os.environ["TORCHELASTIC_RUN_ID"] + "\n")

@@ -14,12 +14,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["RunFolder", "choose_run_folder"]
+from rangerdl._fileio import atomic_write_text
+from rangerdl._lock import FolderLock
+from rangerdl.train.config import Config, config_changes
+
+if TYPE_CHECKING:
+    from rangerdl.train.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunFolder", "choose_run_folder", "open_run", "record_config"]
 
 
 @dataclass(frozen=True)
@@ -100,3 +113,65 @@ def choose_run_folder(
             "(or set --run.resume=auto), or choose another name with --run.name=NAME"
         )
     return folder
+
+
+def open_run(
+    cfg: Config, rt: Runtime, resume: Path | None, held: contextlib.ExitStack
+) -> tuple[RunFolder, Path | None]:
+    """The run folder (chosen and locked on rank 0: a second job in it is refused, naming the
+    holder's PID) and the checkpoint to continue from, if any; ranks that disagree on the config
+    fail here, naming the keys.
+
+    Raises:
+        ValueError: ranks with different configs; a fresh run in an existing folder; a folder
+            another job holds (naming its PID).
+        FileNotFoundError: a run whose checkpoints are all damaged.
+    """
+    from rangerdl.train.checkpoint import latest_valid  # (imports torch)
+
+    everyone = rt.all_gather_object(cfg.rank_agreed())
+    differ = sorted({k for other in everyone for k, v in other.items() if everyone[0].get(k) != v})
+    if differ:
+        raise ValueError(
+            f"the ranks of this job were given different configs: {', '.join(differ)} differ "
+            "(every rank must get the same config file and overrides)"
+        )
+    chosen = None
+    if rt.is_main:
+        chosen = choose_run_folder(
+            cfg.run.dir, cfg.run.name, cfg.model.name, resume, cfg.run.resume
+        )
+    if chosen is not None:
+        chosen.path.parent.mkdir(parents=True, exist_ok=True)
+        held.enter_context(FolderLock(chosen.path, what="run folder"))
+    run = RunFolder(Path(rt.broadcast_object(str(chosen.path) if chosen else None)))
+    start = None
+    if run.path.exists():
+        start = latest_valid(run.checkpoints, move_damaged=rt.is_main)
+        rt.barrier()
+    damaged = sorted(run.checkpoints.glob("damaged-step-*")) if start is None else []
+    if damaged:
+        raise FileNotFoundError(
+            f"{run} holds no complete checkpoint to resume from; the damaged ones were moved "
+            f"aside: {', '.join(d.name for d in damaged)}"
+        )
+    if start is None and run.config.is_file():
+        log.warning("%s has no complete checkpoint yet: starting it from step 0", run)
+    return run, start
+
+
+def record_config(run: RunFolder, cfg: Config, step: int) -> None:
+    """Save the config (a resume's changes also go to the history) and this launch's torchrun id
+    (a restart of the same job continues the run: see ``choose_run_folder``)."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    changed = {}
+    if run.config.is_file():
+        changed = config_changes(Config.from_dict(json.loads(run.config.read_text())), cfg)
+        if changed:
+            log.info("resuming at step %d with changes: %s", step, changed)
+            with open(run.config_history, "a") as fh:
+                fh.write(json.dumps({"step": step, "changed": changed}) + "\n")
+    if changed or not run.config.is_file():
+        cfg.save(run.config)
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        atomic_write_text(run.launch_id, os.environ["TORCHELASTIC_RUN_ID"] + "\n")

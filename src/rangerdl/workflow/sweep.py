@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rangerdl._lock import pid_alive
+
 log = logging.getLogger(__name__)
 
 __all__ = ["SearchParam", "SweepSpec", "dump_toml", "load_sweep", "run_sweep"]
@@ -427,15 +429,7 @@ def _fail_dead_local_trials(study: Any) -> None:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid == os.getpid() or pid_alive(pid)
 
 
 def run_sweep(spec: SweepSpec, storage: str | None = None) -> Any:
