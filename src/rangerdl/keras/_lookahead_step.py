@@ -1,0 +1,83 @@
+"""The Lookahead slow step, shared by ``Ranger`` and ``Lookahead``: written once for every backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+from keras import ops
+
+__all__ = ["add_slow_variables", "lerp", "lookahead_sync", "validate_k_alpha"]
+
+
+def validate_k_alpha(owner: str, k: Any, alpha: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{owner}: invalid k {k!r}; expected an int >= 1")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 < alpha <= 1.0:
+        raise ValueError(f"{owner}: invalid alpha {alpha!r}; expected a float in (0, 1]")
+
+
+def lerp(start: Any, end: Any, weight: float) -> Any:
+    """``start + weight (end - start)``, rounded as ``torch.lerp`` rounds it (bitwise the same)."""
+    if weight < 0.5:
+        return ops.add(start, ops.multiply(ops.subtract(end, start), weight))
+    return ops.subtract(end, ops.multiply(ops.subtract(end, start), 1.0 - weight))
+
+
+def add_slow_variables(optimizer: Any, variables: Sequence[Any]) -> list[Any]:
+    """One slow-weight optimizer variable per model variable, starting at its current value.
+
+    Optimizer variables are what ``model.save()`` stores and ``load_model`` restores, so the slow
+    weights survive a ``.keras`` round trip. ``None`` where a variable takes no optimizer state
+    (``overwrite_with_gradient``), as Keras' own ``add_optimizer_variables`` does.
+    """
+    slow = []
+    for variable in variables:
+        if getattr(variable, "overwrite_with_gradient", False):
+            slow.append(None)
+            continue
+        # phi_0 = theta_0: the value when the optimizer is built (fit builds it before step 1)
+        value = ops.copy(ops.convert_to_tensor(variable))  # a buffer of its own (JAX donates both)
+        slow.append(
+            optimizer.add_variable_from_reference(
+                variable, name="slow", initializer=lambda shape, dtype, value=value: value
+            )
+        )
+    return slow
+
+
+def lookahead_sync(
+    optimizer: Any, due: Any, variables: Sequence[Any], slow: Sequence[Any], alpha: float
+) -> None:
+    """Where ``due`` (a boolean scalar tensor): ``slow <- slow + alpha (theta - slow); theta <- slow``.
+
+    One conditional for all variables, so the slow weights are read and written only on sync steps.
+    On JAX an assignment inside ``lax.cond`` would leak a tracer out of the branch, so there the
+    branches return the new values and the assignments happen outside.
+    """
+    pairs = [(v, s) for v, s in zip(variables, slow, strict=True) if s is not None]
+    if not pairs:
+        return
+    if keras.backend.backend() == "jax":
+
+        def synced() -> tuple[list[Any], list[Any]]:
+            phis = [lerp(s.value, v.value, alpha) for v, s in pairs]
+            return phis, phis
+
+        def kept() -> tuple[list[Any], list[Any]]:
+            return [s.value for _, s in pairs], [v.value for v, _ in pairs]
+
+        new_slow, new_fast = ops.cond(due, synced, kept)
+        for (v, s), fast, phi in zip(pairs, new_fast, new_slow, strict=True):
+            optimizer.assign(s, phi)
+            optimizer.assign(v, fast)
+        return
+
+    def sync() -> None:
+        for v, s in pairs:
+            phi = lerp(s, v, alpha)
+            optimizer.assign(s, phi)
+            optimizer.assign(v, phi)
+
+    ops.cond(due, sync, lambda: None)
