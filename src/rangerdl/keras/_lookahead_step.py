@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,14 +38,24 @@ def add_slow_variables(optimizer: Any, variables: Sequence[Any]) -> list[Any]:
         if getattr(variable, "overwrite_with_gradient", False):
             slow.append(None)
             continue
-        # phi_0 = theta_0: the value when the optimizer is built (fit builds it before step 1)
-        value = ops.copy(ops.convert_to_tensor(variable))  # a buffer of its own (JAX donates both)
-        slow.append(
-            optimizer.add_variable_from_reference(
-                variable, name="slow", initializer=lambda shape, dtype, value=value: value
-            )
-        )
+        # phi_0 = theta_0: the value when the optimizer is built (fit builds it before step 1).
+        # A copy: JAX donates every state buffer to the step and refuses one buffer twice.
+        with _eager():
+            phi = optimizer.add_variable_from_reference(variable, name="slow")
+            phi.assign(ops.copy(ops.convert_to_tensor(variable)))
+        slow.append(phi)
     return slow
+
+
+def _eager() -> Any:
+    """TensorFlow builds the optimizer while tracing the first train step; an assignment there
+    would be an op of that graph (and XLA cannot lift a variable initialised from another), so
+    the slow weights are made and set in ``tf.init_scope()``: eagerly, at trace time."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.init_scope()
+    return contextlib.nullcontext()
 
 
 def lookahead_sync(
