@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 import pytest
 import torch
 from reference import keras_trajectory, torch_trajectory
 
+import keras
 import rangerdl.optim
 from rangerdl.keras import Lookahead, Ranger
 
@@ -24,9 +24,7 @@ def _max_diff_per_step(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_ranger_matches_torch_ranger(use_gc: bool, weight_decay: float) -> None:
     hyper = {"lr": 1e-2, "eps": 1e-5, "weight_decay": weight_decay, "use_gc": use_gc}
     ours = keras_trajectory(
-        Ranger(
-            learning_rate=1e-2, epsilon=1e-5, weight_decay=weight_decay, use_gc=use_gc
-        ),
+        Ranger(learning_rate=1e-2, epsilon=1e-5, weight_decay=weight_decay, use_gc=use_gc),
         STEPS,
     )
     ref = torch_trajectory(lambda p: rangerdl.optim.Ranger(p, **hyper), STEPS)

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 import pytest
 from reference import compiled_apply
 
+import keras
 from rangerdl.keras import Lookahead, Ranger
 
 BACKEND = keras.backend.backend()
@@ -177,9 +177,7 @@ def test_loss_scale_optimizer_unscales_and_skips_non_finite_steps() -> None:
     scaled.insert(5, inf_step)  # skipped: the clock stays at 5, the scale halves
     lso = keras.optimizers.LossScaleOptimizer(Ranger(learning_rate=0.05), initial_scale=scale)
     # after the skip the scale is 2^9: rescale the later gradients to it
-    scaled = [
-        [g / 2 for g in step] if i > 5 else step for i, step in enumerate(scaled)
-    ]
+    scaled = [[g / 2 for g in step] if i > 5 else step for i, step in enumerate(scaled)]
     ours = _run(lso, scaled)
     _assert_close(ours, _run(Ranger(learning_rate=0.05), grads))
     assert int(keras.ops.convert_to_numpy(lso.iterations)) == 8
@@ -198,7 +196,9 @@ def test_mixed_precision_fit_wraps_ranger_in_a_loss_scale_optimizer() -> None:
 
 def test_gradient_accumulation_equals_the_averaged_gradient() -> None:
     micro = _grads(0, 16)  # 8 real steps: rectified from 6, a sync at 6
-    averaged = [[(a + b) / 2 for a, b in zip(micro[i], micro[i + 1], strict=True)] for i in range(0, 16, 2)]
+    averaged = [
+        [(a + b) / 2 for a, b in zip(micro[i], micro[i + 1], strict=True)] for i in range(0, 16, 2)
+    ]
     _assert_close(
         _run(Ranger(learning_rate=0.05, gradient_accumulation_steps=2), micro),
         _run(Ranger(learning_rate=0.05), averaged),
@@ -211,9 +211,7 @@ def test_gradient_accumulation_equals_the_averaged_gradient() -> None:
 
 def test_clipnorm_clips_each_gradient_before_the_step() -> None:
     grads = _grads(0, 8, scale=10.0)
-    clipped = [
-        [g * min(1.0, 0.5 / float(np.linalg.norm(g))) for g in step] for step in grads
-    ]
+    clipped = [[g * min(1.0, 0.5 / float(np.linalg.norm(g))) for g in step] for step in grads]
     _assert_close(
         _run(Ranger(learning_rate=0.05, clipnorm=0.5), grads),
         _run(Ranger(learning_rate=0.05), clipped),
@@ -259,9 +257,9 @@ def test_invalid_arguments_are_refused_with_their_name() -> None:
             Ranger(**kwargs)
     with pytest.raises(ValueError, match="use_ema"):
         Lookahead(keras.optimizers.AdamW(use_ema=True))
-    with pytest.raises(ValueError, match="clipnorm.*inner optimizer"):
+    with pytest.raises(ValueError, match=r"clipnorm.*inner optimizer"):
         Lookahead(keras.optimizers.AdamW(), clipnorm=1.0)
-    with pytest.raises(TypeError, match="keras.optimizers.Optimizer"):
+    with pytest.raises(TypeError, match=r"keras\.optimizers\.Optimizer"):
         Lookahead("adamw")
 
 

@@ -33,7 +33,7 @@ def add_slow_variables(optimizer: Any, variables: Sequence[Any]) -> list[Any]:
     weights survive a ``.keras`` round trip. ``None`` where a variable takes no optimizer state
     (``overwrite_with_gradient``), as Keras' own ``add_optimizer_variables`` does.
     """
-    slow = []
+    slow: list[Any] = []
     for variable in variables:
         if getattr(variable, "overwrite_with_gradient", False):
             slow.append(None)

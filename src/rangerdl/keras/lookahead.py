@@ -6,7 +6,6 @@ from typing import Any
 
 import keras
 from keras import ops
-
 from rangerdl.keras._lookahead_step import add_slow_variables, lookahead_sync, validate_k_alpha
 
 __all__ = ["Lookahead"]
@@ -113,9 +112,7 @@ class Lookahead(keras.optimizers.Optimizer):
         before = ops.copy(self.inner_optimizer.iterations)
         self.inner_optimizer.apply(grads, trainable_variables)
         after = self.inner_optimizer.iterations
-        due = ops.logical_and(
-            ops.not_equal(after, before), ops.equal(ops.mod(after, self.k), 0)
-        )
+        due = ops.logical_and(ops.not_equal(after, before), ops.equal(ops.mod(after, self.k), 0))
         slow = [self._slow[self._get_variable_index(v)] for v in variables]
         lookahead_sync(self, due, variables, slow, self.alpha)
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import keras
 from keras import ops
-
 from rangerdl.keras._coefficients import TABLE_STEPS, first_rectified_step, step_factors
 from rangerdl.keras._lookahead_step import (
     add_slow_variables,
@@ -115,9 +114,11 @@ class Ranger(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
-        self._momentums, self._velocities = self.add_optimizer_variables(
-            var_list, ["momentum", "velocity"]
-        )
+        self._momentums, self._velocities = [], []
+        for variable in var_list:  # None where Keras overwrites a variable with its gradient
+            skip = getattr(variable, "overwrite_with_gradient", False)
+            for name, state in (("momentum", self._momentums), ("velocity", self._velocities)):
+                state.append(None if skip else self.add_variable_from_reference(variable, name))
         self._slow = add_slow_variables(self, var_list)
 
     def _apply_weight_decay(self, variables: list[Any]) -> None:
@@ -142,7 +143,9 @@ class Ranger(keras.optimizers.Optimizer):
             log_beta2 = math.log(self.beta_2)
             bias_correction2 = ops.negative(ops.expm1(ops.multiply(t, log_beta2)))
             beta2_t = ops.exp(ops.multiply(t, log_beta2))
-            rho_t = ops.subtract(rho_inf, ops.divide(ops.multiply(2.0 * t, beta2_t), bias_correction2))
+            rho_t = ops.subtract(
+                rho_inf, ops.divide(ops.multiply(2.0 * t, beta2_t), bias_correction2)
+            )
             rect_sq = ops.divide(
                 ops.multiply(ops.multiply(rho_t - 4.0, rho_t - 2.0), rho_inf),
                 ops.multiply((rho_inf - 4.0) * (rho_inf - 2.0), rho_t),
@@ -160,7 +163,9 @@ class Ranger(keras.optimizers.Optimizer):
         rectified = ops.where(in_table, table_rectified, late_rectified)
         return factor, rectified
 
-    def _backend_update_step(self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any) -> None:
+    def _backend_update_step(
+        self, grads: list[Any], trainable_variables: list[Any], learning_rate: Any
+    ) -> None:
         # The step scalars once per step, not once per variable; then RAdam + GC for every
         # variable (the backend's loop), then one Lookahead sync for all of them.
         self._coefficients = self._step_coefficients()
