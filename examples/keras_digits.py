@@ -21,12 +21,12 @@ if "KERAS_BACKEND" not in os.environ:
             os.environ["KERAS_BACKEND"] = _backend
             break
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
+import keras
+import numpy as np
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
-from rangerdl.keras import Ranger  # noqa: E402
+from rangerdl.keras import Ranger
 
 
 class ScalarBoard(keras.callbacks.Callback):

@@ -63,26 +63,21 @@ def lookahead_sync(
 ) -> None:
     """Where ``due`` (a boolean scalar tensor): ``slow <- slow + alpha (theta - slow); theta <- slow``.
 
-    One conditional for all variables, so the slow weights are read and written only on sync steps.
-    On JAX an assignment inside ``lax.cond`` would leak a tracer out of the branch, so there the
-    branches return the new values and the assignments happen outside.
+    TensorFlow and JAX (compiled by XLA): a select per element, which XLA fuses into the update
+    itself. A conditional would cost more there: XLA copies every variable through the branch
+    that keeps them (measured: 1.7x Keras AdamW's step on TensorFlow, against 1.1x this way),
+    and on JAX an assignment inside ``lax.cond`` would leak a tracer. PyTorch (eager): one
+    Python-level conditional, so the slow weights are touched only on sync steps.
     """
     pairs = [(v, s) for v, s in zip(variables, slow, strict=True) if s is not None]
     if not pairs:
         return
-    if keras.backend.backend() == "jax":
-
-        def synced() -> tuple[list[Any], list[Any]]:
-            phis = [lerp(s.value, v.value, alpha) for v, s in pairs]
-            return phis, phis
-
-        def kept() -> tuple[list[Any], list[Any]]:
-            return [s.value for _, s in pairs], [v.value for v, _ in pairs]
-
-        new_slow, new_fast = ops.cond(due, synced, kept)
-        for (v, s), fast, phi in zip(pairs, new_fast, new_slow, strict=True):
+    if keras.backend.backend() in ("tensorflow", "jax"):
+        for v, s in pairs:
+            theta, old = ops.convert_to_tensor(v), ops.convert_to_tensor(s)
+            phi = ops.where(due, lerp(old, theta, alpha), old)
+            optimizer.assign(v, ops.where(due, phi, theta))
             optimizer.assign(s, phi)
-            optimizer.assign(v, fast)
         return
 
     def sync() -> None:

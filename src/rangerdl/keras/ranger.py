@@ -114,7 +114,8 @@ class Ranger(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
-        self._momentums, self._velocities = [], []
+        self._momentums: list[Any] = []
+        self._velocities: list[Any] = []
         for variable in var_list:  # None where Keras overwrites a variable with its gradient
             skip = getattr(variable, "overwrite_with_gradient", False)
             for name, state in (("momentum", self._momentums), ("velocity", self._velocities)):

@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import keras
 import numpy as np
 import torch
-
-import keras
 
 # keras shape, and the permutation that takes a keras array to the torch layout
 KERAS_SHAPES: list[tuple[int, ...]] = [(5, 7), (7,), (3, 3, 2, 4)]

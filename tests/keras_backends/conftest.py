@@ -1,7 +1,7 @@
 """Keras tests: one backend per process, chosen by ``KERAS_BACKEND`` before Keras is imported.
 
 ``make test`` runs this folder three times: inside the main pytest run (PyTorch backend, the default
-set here) and as ``KERAS_BACKEND=tensorflow`` / ``KERAS_BACKEND=jax`` runs of ``tests/keras`` alone.
+set here), then as ``KERAS_BACKEND=tensorflow`` and ``KERAS_BACKEND=jax`` runs of this folder alone.
 Without Keras installed the folder is skipped.
 """
 

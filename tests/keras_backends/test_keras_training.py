@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 import pytest
 from reference import compiled_apply
 
-import keras
 from rangerdl.keras import Lookahead, Ranger
 
 BACKEND = keras.backend.backend()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import torch
 from reference import keras_trajectory, torch_trajectory
 
-import keras
 import rangerdl.optim
 from rangerdl.keras import Lookahead, Ranger
 
