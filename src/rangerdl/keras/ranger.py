@@ -7,6 +7,7 @@ from typing import Any
 
 import keras
 from keras import ops
+
 from rangerdl.keras._coefficients import TABLE_STEPS, first_rectified_step, step_factors
 from rangerdl.keras._lookahead_step import (
     add_slow_variables,
