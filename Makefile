@@ -26,8 +26,12 @@ lint: setup
 	$(PY) -m ruff format --check src tests benchmarks examples
 	$(PY) -m mypy
 
+# The main run covers tests/keras_backends on the PyTorch backend; Keras picks its backend at
+# import, so TensorFlow and JAX each get a process of their own.
 test: lint
 	$(PY) -m pytest -q
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -q tests/keras_backends
+	KERAS_BACKEND=jax $(PY) -m pytest -q tests/keras_backends
 
 bench: setup
 	bash benchmarks/run_all.sh

@@ -42,6 +42,9 @@ run optimizer_step "$PY" benchmarks/optimizer_step.py --threads 2 --repeats 15 $
 if [ -f benchmarks/data_loader.py ]; then
     run data_loader "$PY" benchmarks/data_loader.py $(out data_loader.json)
 fi
+if "$PY" -c "import keras" 2>/dev/null; then
+    run keras_step "$PY" benchmarks/keras_step.py $(out keras_step.json)
+fi
 run convergence "$PY" benchmarks/convergence.py $(out convergence.json)
 run time_to_quality "$PY" benchmarks/time_to_quality.py $(out time_to_quality.json)
 timings+=("total=$((SECONDS - start))")
