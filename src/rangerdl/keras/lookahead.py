@@ -6,6 +6,7 @@ from typing import Any
 
 import keras
 from keras import ops
+
 from rangerdl.keras._lookahead_step import add_slow_variables, lookahead_sync, validate_k_alpha
 
 __all__ = ["Lookahead"]
