@@ -156,3 +156,10 @@ def test_training_console_shows_params_validation_and_smoothed_speed(
     )
     assert any(line.startswith("step 20/20  test/loss ") for line in lines)
     assert any("samples/s" in line for line in lines)
+
+
+def test_an_override_with_a_space_says_to_use_equals(capsys: pytest.CaptureFixture[str]) -> None:
+    from rangerdl.cli import main
+
+    assert main(["train", "--train.steps", "5"]) == 1
+    assert "--train.steps=5" in capsys.readouterr().err

@@ -84,6 +84,12 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
             raise FileNotFoundError(f"{saved} does not exist; is {args.resume} a run folder?")
         cfg = load_config(saved, extra, run_folder=True, trust_code=args.trust_run_code)
     else:
+        dangling = extra and extra[-1].startswith("--") and "=" not in extra[-1]
+        if args.config is not None and not args.config.exists() and dangling:
+            raise ValueError(
+                f"{extra[-1]} {args.config}: overrides are written --table.key=value "
+                f"({extra[-1]}={args.config}); a CONFIG file comes first"
+            )
         cfg = load_config(args.config, extra)
     from rangerdl.train.checkpoint import CheckpointError  # torch loads once the config is good
     from rangerdl.train.loop import TrainingError, train

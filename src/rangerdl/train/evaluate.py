@@ -95,11 +95,19 @@ def validate(
     batch_size: int,
     max_batches: int,
     prefix: str,
+    progress: bool = False,
 ) -> dict[str, float]:
-    """:func:`evaluate` on the slow weights (swapped in for the pass), tags ``prefix/name``."""
+    """:func:`evaluate` on the slow weights (swapped in for the pass), tags ``prefix/name``;
+    ``progress``: report it on stderr (for long final passes)."""
     with use_slow_weights(train_optimizer):
         metrics = evaluate(
-            train_optimizer.raw_model, dataset, task, rt, batch_size, max_batches=max_batches
+            train_optimizer.raw_model,
+            dataset,
+            task,
+            rt,
+            batch_size,
+            max_batches=max_batches,
+            progress=f"final {prefix}" if progress else "",
         )
     return {f"{prefix}/{k}": v for k, v in metrics.items()}
 

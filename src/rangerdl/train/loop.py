@@ -138,15 +138,22 @@ def _train(
     )
 
     def evaluation(split: str, dataset: Any, max_batches: int = 0) -> dict[str, float]:
-        size = cfg.data.eval_batch_size
+        size, final = cfg.data.eval_batch_size, max_batches == 0 and step == t.steps
         return validate(
-            opt, dataset, task, rt, batch_size=size, max_batches=max_batches, prefix=split
+            opt,
+            dataset,
+            task,
+            rt,
+            batch_size=size,
+            max_batches=max_batches,
+            prefix=split,
+            progress=final,
         )
 
     sample = f"; the first {t.eval_batches} batches" if t.eval_batches else ""
-    log.info(
-        "periodic validation (val/): %s%s; the final val/ and test/: whole splits", val_what, sample
-    )
+    if rt.is_main:
+        what = "periodic validation (val/): %s%s; the final val/ and test/: whole splits"
+        log.info(what, val_what, sample)
     stop = held.enter_context(StopRequest(rt, check_every=opt.agree_every))
     train_time, window_t0, window_samples = 0.0, time.perf_counter(), 0
     model.train()

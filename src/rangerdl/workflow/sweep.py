@@ -23,8 +23,8 @@ Each trial runs ``python -m rangerdl train SWEEP/base.toml --run.dir=SWEEP/trial
 train`` would make (its log in ``SWEEP/logs/trial-N.log``). While it runs, the sweep tails its
 ``metrics.jsonl`` and reports ``metric`` at every evaluation to the trial; when the pruner says so,
 the subprocess is terminated and the trial marked pruned. The final value is read from the run's
-``summary.json`` (``val/X`` falls back to ``test/X`` for datasets without a val split, which
-validate on the test split).
+``summary.json`` (``val/X`` falls back to ``test/X`` only for runs with ``[data] val_fraction = 0``
+on a dataset without a val split, which validate on the test split).
 
 Storage: Optuna's RDB storage, by default the SQLite file ``SWEEP/study.db``. Running the same
 command again continues the study: finished trials (complete or pruned) count toward
@@ -361,8 +361,9 @@ def run_trial(spec: SweepSpec, trial: Any) -> float:
 
 
 def final_value(summary: dict[str, Any], metric: str, name: str = "run") -> float:
-    """``metric`` from a run's summary. A dataset without a val split validates on its test split
-    and reports the final pass as ``test/``, so ``val/X`` falls back to ``test/X`` there."""
+    """``metric`` from a run's summary. A run with ``[data] val_fraction = 0`` on a dataset without
+    a val split validates on its test split and has no final ``val/``: ``val/X`` falls back to
+    ``test/X`` there."""
     for key in (metric, metric.replace("val/", "test/", 1) if metric.startswith("val/") else None):
         if key is not None and key in summary:
             return float(summary[key])
