@@ -154,7 +154,7 @@ def test_training_console_shows_params_validation_and_smoothed_speed(
     assert any(
         line.startswith("step 10/20  val/loss ") and "val/accuracy" in line for line in lines
     )
-    assert any(line.startswith("step 20/20  test/loss ") for line in lines)
+    assert any(line.startswith("step 20/20  val/loss ") and " test/loss " in line for line in lines)
     assert any("samples/s" in line for line in lines)
 
 
