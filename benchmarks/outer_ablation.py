@@ -61,6 +61,17 @@ def _rows() -> dict[str, Contender]:
             "--distributed.outer_momentum=0.5",
             NESTEROV,
         ),
+        # the same momenta at Lookahead's effective step: outer_lr / (1 - momentum) = 0.5
+        "ranger_k8_nesterov_m09_lr005": (
+            "--distributed.outer_lr=0.05",
+            "--distributed.outer_momentum=0.9",
+            NESTEROV,
+        ),
+        "ranger_k8_nesterov_m05_lr025": (
+            "--distributed.outer_lr=0.25",
+            "--distributed.outer_momentum=0.5",
+            NESTEROV,
+        ),
     }
     out = {"ddp_adamw": Contender("ddp_adamw", "ddp", "adamw")}
     for name, extra in outer.items():
@@ -76,8 +87,11 @@ ROWS = _rows()
 DEFAULT_ROWS = ("ddp_adamw", "ranger_k8", "ranger_k8_nesterov_m09", "ranger_k8_nesterov_m05")
 
 
-def run_rows(names: list[str], steps: int, eval_every: int, seed: int, out: Path) -> None:
-    """Run ``names`` in one netsim cluster, writing the JSON after every run."""
+def run_rows(
+    names: list[str], steps: int, eval_every: int, seed: int, out: Path, target_steps: int
+) -> None:
+    """Run ``names`` in one netsim cluster, writing the JSON after every run. The target is DDP
+    AdamW's final loss at ``target_steps`` (a longer rung of a contender keeps DDP's budget)."""
     from netsim import Cluster, available
 
     ok, why = available()
@@ -98,6 +112,7 @@ def run_rows(names: list[str], steps: int, eval_every: int, seed: int, out: Path
                 t0 = time.time()
                 row = suite.run(WORKLOADS["gpt"], c, HOSTS, RATE, cluster, f"s{seed}-b{steps}")
                 row |= {"row": name, "seed": seed, "steps_budget": steps, "started": t0}
+                row["target_steps"] = target_steps
                 row["settings"] = {k: v for k, v in vars(ROWS[name]).items() if k != "name"}
                 key = (name, seed, steps)
                 payload["runs"] = [r for r in payload["runs"] if _key(r) != key] + [row]
@@ -129,13 +144,14 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def analyse(payload: dict[str, Any]) -> None:
-    """Per run: target = DDP AdamW's final loss at the same seed and budget; time to it; the
-    final-loss gap to the Lookahead baseline (``ranger_k8``) at the same seed and budget."""
+    """Per run: target = DDP AdamW's final loss at the same seed and the run's ``target_steps``
+    (its own budget unless it is a longer rung); time to it; the final-loss gap to the Lookahead
+    baseline (``ranger_k8``) at the same seed and budget."""
     by_key = {_key(r): r for r in payload["runs"] if r.get("ok")}
     for r in payload["runs"]:
         if not r.get("ok"):
             continue
-        ddp = by_key.get(("ddp_adamw", r["seed"], r["steps_budget"]))
+        ddp = by_key.get(("ddp_adamw", r["seed"], r.get("target_steps", r["steps_budget"])))
         base = by_key.get(("ranger_k8", r["seed"], r["steps_budget"]))
         r["target_val_loss"] = ddp["final_val_loss"] if ddp else None
         if ddp:
@@ -188,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1000, help="step budget of every row")
     parser.add_argument("--eval-every", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--target-steps", type=int, help="DDP AdamW budget that sets the target (default: --steps)"
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args(argv)
@@ -199,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             ["python", "benchmarks/outer_ablation.py", *sys.argv[1:]]
         )
         atomic_write_json(args.out, payload)
-        run_rows(args.rows, args.steps, args.eval_every, args.seed, args.out)
+        target_steps = args.target_steps or args.steps
+        run_rows(args.rows, args.steps, args.eval_every, args.seed, args.out, target_steps)
     print(table(load(args.out)))
     return 0
 
