@@ -7,6 +7,12 @@ pseudo-gradient (``[distributed]`` options) and in overlap. Launcher, run-folder
 time-to-target come from ``time_to_quality.py``; its definitions apply (time axis ``time/train_s``,
 validation on the slow weights, ``bytes_per_rank`` = ``comm/bytes``, ``others_cpu_share``).
 
+Protocol as run for the committed JSON (``PROTOCOL``, also written into it): every row at 1000
+steps, seed 0; the best non-overlapped Lookahead row by final validation loss was then run with
+overlap, and at 2000 steps (a longer rung, timed against DDP's 1000-step target); DDP AdamW, the
+Lookahead baseline and the best row again with seed 1 for the seed spread. One inner learning
+rate for all rows (``time_to_quality.WORKLOADS``), no per-row tuning beyond the rows themselves.
+
 Each run is written to the JSON as soon as it ends; running again with ``--rows`` replaces those
 rows (same seed and budget) and keeps the rest, so a table can be built up run by run::
 
@@ -87,6 +93,14 @@ ROWS = _rows()
 DEFAULT_ROWS = ("ddp_adamw", "ranger_k8", "ranger_k8_nesterov_m09", "ranger_k8_nesterov_m05")
 
 
+PROTOCOL = (
+    "all rows 1000 steps, seed 0, eval every 40 steps; the best non-overlapped Lookahead row by "
+    "final val loss then with overlap, and at 2000 steps (target: DDP AdamW at 1000); DDP AdamW, "
+    "ranger_k8 and the best row again with seed 1. Rows run one after another on one netsim "
+    "cluster per invocation; the machine's other load is in each run's others_cpu_share"
+)
+
+
 def run_rows(
     names: list[str], steps: int, eval_every: int, seed: int, out: Path, target_steps: int
 ) -> None:
@@ -116,6 +130,7 @@ def run_rows(
                 row["settings"] = {k: v for k, v in vars(ROWS[name]).items() if k != "name"}
                 key = (name, seed, steps)
                 payload["runs"] = [r for r in payload["runs"] if _key(r) != key] + [row]
+                payload["protocol"] = PROTOCOL
                 analyse(payload)
                 atomic_write_json(out, payload)
         finally:
@@ -165,8 +180,8 @@ def analyse(payload: dict[str, Any]) -> None:
             r["final_vs_baseline"] = r["final_val_loss"] / base["final_val_loss"] - 1
 
 
-def _f(v: float | None, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
+def _f(v: float | None, fmt: str, unit: str = "") -> str:
+    return "-" if v is None else format(v, fmt) + unit
 
 
 def table(payload: dict[str, Any]) -> str:
@@ -189,8 +204,8 @@ def table(payload: dict[str, Any]) -> str:
         vs_base = r.get("final_vs_baseline")
         lines.append(
             f"| {r['row']} | {r['steps_budget']} | {r['seed']} | {r['final_val_loss']:.4f} "
-            f"| {_f(None if vs_base is None else 100 * vs_base, '+.1f')}% "
-            f"| {_f(None if r.get('final_vs_target') is None else 100 * r['final_vs_target'], '+.1f')}% "
+            f"| {_f(None if vs_base is None else 100 * vs_base, '+.1f', '%')} "
+            f"| {_f(None if r.get('final_vs_target') is None else 100 * r['final_vs_target'], '+.1f', '%')} "
             f"| {ttt_s} | {r['train_time_s']:.1f} "
             f"| {_f((r.get('bytes_per_rank_counted') or 0) / 1e6, '.1f')} "
             f"| {_f(100 * (r.get('others_cpu_share') or 0), '.0f')}% |"
