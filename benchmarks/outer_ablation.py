@@ -9,8 +9,9 @@ validation on the slow weights, ``bytes_per_rank`` = ``comm/bytes``, ``others_cp
 
 Protocol as run for the committed JSON (``PROTOCOL``, also written into it): every row at 1000
 steps, seed 0; the best non-overlapped Lookahead row by final validation loss was then run with
-overlap, and at 2000 steps (a longer rung, timed against DDP's 1000-step target); DDP AdamW, the
-Lookahead baseline and the best row again with seed 1 for the seed spread. One inner learning
+overlap, and at 2000 then 1504 steps (longer rungs of the issue's ladder, timed against DDP's
+1000-step target; 1504, not 1500, so that k = 8 divides it); DDP AdamW, the Lookahead baseline and
+the best row again with seed 1 for the seed spread. One inner learning
 rate for all rows (``time_to_quality.WORKLOADS``), no per-row tuning beyond the rows themselves.
 
 Each run is written to the JSON as soon as it ends; running again with ``--rows`` replaces those
@@ -95,9 +96,9 @@ DEFAULT_ROWS = ("ddp_adamw", "ranger_k8", "ranger_k8_nesterov_m09", "ranger_k8_n
 
 PROTOCOL = (
     "all rows 1000 steps, seed 0, eval every 40 steps; the best non-overlapped Lookahead row by "
-    "final val loss then with overlap, and at 2000 steps (target: DDP AdamW at 1000); DDP AdamW, "
-    "ranger_k8 and the best row again with seed 1. Rows run one after another on one netsim "
-    "cluster per invocation; the machine's other load is in each run's others_cpu_share"
+    "final val loss then with overlap, and at 2000 and 1504 steps (target: DDP AdamW at 1000); "
+    "DDP AdamW, ranger_k8 and the best row again with seed 1. Rows run one after another on one "
+    "netsim cluster per invocation; the machine's other load is in each run's others_cpu_share"
 )
 
 
