@@ -17,7 +17,7 @@ rate for all rows (``time_to_quality.WORKLOADS``), no per-row tuning beyond the 
 Each run is written to the JSON as soon as it ends; running again with ``--rows`` replaces those
 rows (same seed and budget) and keeps the rest, so a table can be built up run by run::
 
-    python benchmarks/outer_ablation.py --steps 1000                 # every row (needs root)
+    python benchmarks/outer_ablation.py --steps 1000                 # DEFAULT_ROWS (needs root)
     python benchmarks/outer_ablation.py --steps 1000 --rows ranger_k8 --seed 1
     python benchmarks/outer_ablation.py --table                      # print the table only
 """
