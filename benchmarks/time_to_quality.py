@@ -123,13 +123,15 @@ class Contender:
     sync_every: int = 0
     overlap: bool = False
     comm_dtype: str = "fp32"
+    extra: tuple[str, ...] = ()
+    """More ``--key=value`` overrides, appended last (e.g. the outer optimizer's settings)."""
 
     def overrides(self, lr: float) -> list[str]:
         out = [f"--optim.name={self.optimizer}", f"--optim.lr={lr}"]
         if self.optimizer == "adamw":  # torch's defaults; Ranger keeps its own (0.95, 0.999), 1e-5
             out += ["--optim.betas=[0.9, 0.999]", "--optim.eps=1e-8"]
         if self.strategy is None:
-            return out
+            return out + list(self.extra)
         out.append(f"--distributed.strategy={self.strategy}")
         if self.strategy == "lookahead":
             out.append(f"--optim.k={self.sync_every}")  # Ranger's k; sync_every defaults to it
@@ -139,7 +141,7 @@ class Contender:
             out.append("--distributed.overlap=true")
         if self.comm_dtype != "fp32":
             out.append(f"--distributed.comm_dtype={self.comm_dtype}")
-        return out
+        return out + list(self.extra)
 
 
 def _contenders() -> dict[str, Contender]:

@@ -86,6 +86,17 @@ def test_sgd_k1_alpha1_equals_ddp(tmp_path: Path) -> None:
     assert (ours[0]["traj"][-1] - ours[0]["init"]).abs().max() > 1e-2
 
 
+def test_sync_every_warmup_averages_every_step_like_ddp(tmp_path: Path) -> None:
+    # during the warm-up every step ends with plain averaging, whatever the outer step after it
+    sync = {"outer_momentum": 0.9, "nesterov": True, "sync_every_warmup_steps": 12}
+    spec = {"kind": "sgd_lookahead", "k": 4, "alpha": 0.7, "steps": 12, "sync": sync}
+    ours = launch(tmp_path, spec)
+    ddp = launch(tmp_path, {"kind": "ddp", "steps": 12})
+    for r in range(2):
+        for a, b in zip(ours[r]["traj"], ddp[r]["traj"], strict=True):
+            assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
 def test_alpha1_without_momentum_equals_periodic_model_averager(tmp_path: Path) -> None:
     spec = {"k": 4, "steps": 16, "momentum": 0.9}
     ours = launch(tmp_path, {"kind": "sgd_lookahead", "alpha": 1.0, **spec})

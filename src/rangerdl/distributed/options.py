@@ -27,7 +27,9 @@ class SyncOptions:
         outer_momentum = 0:  phi <- phi + outer_lr * d          (outer_lr = 1: local SGD)
         outer_momentum = mu: m <- mu m + d;  phi <- phi + outer_lr * (d + mu m if nesterov else m)
 
-    then every theta_i <- phi.
+    then every theta_i <- phi. With ``sync_every_warmup_steps = N``, the first N steps each end
+    with a sync that sets phi <- mean_i(theta_i) (plain averaging, outer momentum untouched), as
+    in post-local SGD (Lin et al. 2020); the outer step above applies from then on.
     """
 
     sync_every: int = 0
@@ -38,6 +40,11 @@ class SyncOptions:
     """Outer momentum in [0, 1) (0: plain Lookahead; > 0: SlowMo; with ``nesterov``: DiLoCo)."""
     nesterov: bool = False
     """Nesterov outer momentum (needs ``outer_momentum > 0``)."""
+    sync_every_warmup_steps: int = 0
+    """Sync after each of the first N optimizer steps with plain averaging (outer lr 1, no
+    momentum: the workers stay together, like data parallel, while the loss falls fastest), then
+    every ``sync_every`` steps with the outer step (0: off). Costs one all-reduce per warm-up
+    step."""
     overlap: bool = False
     """All-reduce asynchronously while workers take their next local step; merge one step late,
     keeping the local progress made meanwhile."""
@@ -68,6 +75,9 @@ class SyncOptions:
         s = self.sync_every
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
             raise ValueError(f"{where}sync_every must be an int >= 1 (or 0: k), got {s!r}")
+        w = self.sync_every_warmup_steps
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ValueError(f"{where}sync_every_warmup_steps must be an int >= 0, got {w!r}")
         if not 0.0 <= self.outer_lr <= 2.0:
             raise ValueError(
                 f"{where}outer_lr must be in (0, 2] (or 0: alpha), got {self.outer_lr}"

@@ -163,8 +163,8 @@ class OuterSync:
             )
         self.step += 1
         if self._pending is not None:
-            self._merge_pending()
-        if self.step % self.options.sync_every == 0:
+            self._merge_pending(launched_at=self.step - 1)
+        if self._due(self.step):
             self._sync()
 
     def finish(self) -> None:
@@ -175,8 +175,8 @@ class OuterSync:
         if self._pending is not None:
             # Launched at the last step: nothing moved since the snapshot, so after the merge
             # every rank holds the slow weights. Launched earlier: the steps since then are synced.
-            self._merge_pending()
-        if self.step % self.options.sync_every != 0:
+            self._merge_pending(launched_at=self.step)
+        if not self._due(self.step):
             self._sync(blocking=True, checked=True)
 
     def close(self) -> None:
@@ -273,6 +273,14 @@ class OuterSync:
             )
 
     # ------------------------------------------------------------------ internals
+    def _due(self, step: int) -> bool:
+        """Whether a sync ends optimizer step ``step``."""
+        return step <= self.options.sync_every_warmup_steps or step % self.options.sync_every == 0
+
+    def _warm(self, step: int) -> bool:
+        """Whether the sync ending step ``step`` is a warm-up one (plain averaging)."""
+        return step <= self.options.sync_every_warmup_steps
+
     def _views(self, flat: Tensor) -> list[Tensor]:
         out, offset = [], 0
         for p in self.params:
@@ -398,7 +406,7 @@ class OuterSync:
         self._timed(dist.all_reduce, mean)
         self.stats["bytes"] += self._ring_bytes(self.numel, mean.element_size(), 2)
         mean = mean.to(self.device).div_(self.world_size)
-        self._outer_update(self._slow, mean)
+        self._outer_update(self._slow, mean, warm=self._warm(self.step))
         self._set_params(self._slow)
 
     def _launch_overlapped(self) -> None:
@@ -408,13 +416,13 @@ class OuterSync:
         self.stats["bytes"] += self._ring_bytes(self.numel, reduced.element_size(), 2)
         self._pending = (work, reduced, snapshot)
 
-    def _merge_pending(self) -> None:
+    def _merge_pending(self, launched_at: int) -> None:
         work, reduced, snapshot = self._pending
         self._pending = None
         if work is not None:
             self._timed_wait(work)
         mean = reduced.to(self.device).div_(self.world_size)
-        self._outer_update(self._slow, mean)
+        self._outer_update(self._slow, mean, warm=self._warm(launched_at))
         with torch.no_grad():
             now = self._flatten_params()
             now.sub_(snapshot).add_(self._slow)  # phi_new + local progress since the launch
@@ -427,7 +435,7 @@ class OuterSync:
         mean = self._to_comm(torch.empty(self.shard, dtype=self.dtype, device=self.device))
         self._timed(dist.reduce_scatter_tensor, mean, flat)
         mean = mean.to(self.device).div_(self.world_size)
-        self._outer_update(self._slow, mean)
+        self._outer_update(self._slow, mean, warm=self._warm(self.step))
         self._set_params(self._gather_slow())
         self.stats["bytes"] += self._ring_bytes(self.padded, flat.element_size(), 2)
 
@@ -447,16 +455,20 @@ class OuterSync:
         self._timed(dist.all_gather_into_tensor, gathered, mean_shard.to(torch.bfloat16))
         self.stats["bytes"] += 2 * self._ring_bytes(self.padded, 2, 1)
         mean_delta = gathered.to(self.device)[: self.numel].to(self.dtype)
-        self._outer_update(self._slow, mean_delta, is_delta=True)
+        self._outer_update(self._slow, mean_delta, is_delta=True, warm=self._warm(self.step))
         self._set_params(self._slow)
 
-    def _outer_update(self, slow: Tensor, target: Tensor, is_delta: bool = False) -> None:
-        """``slow`` moves toward the mean weights ``target`` (or by the mean ``delta``)."""
-        if self._momentum_buffer is None:
+    def _outer_update(
+        self, slow: Tensor, target: Tensor, is_delta: bool = False, warm: bool = False
+    ) -> None:
+        """``slow`` moves toward the mean weights ``target`` (or by the mean ``delta``); a
+        warm-up sync (``warm``) moves it onto the mean."""
+        if self._momentum_buffer is None or warm:
+            lr = 1.0 if warm else self.options.outer_lr
             if is_delta:
-                slow.add_(target, alpha=self.options.outer_lr)
+                slow.add_(target, alpha=lr)
             else:
-                slow.lerp_(target, self.options.outer_lr)  # lerp: lr = 1 copies the mean exactly
+                slow.lerp_(target, lr)  # lerp: lr = 1 copies the mean exactly
             return
         delta = target if is_delta else target.sub_(slow)
         self._momentum_buffer.mul_(self.options.outer_momentum).add_(delta)

@@ -179,8 +179,8 @@ class LogConfig:
 @dataclass
 class DistributedConfig(SyncOptions):
     """The sync options (``rangerdl.distributed.SyncOptions``: ``sync_every``, ``outer_lr``,
-    ``outer_momentum``, ``nesterov``, ``overlap``, ``shard_slow``, ``comm_dtype``,
-    ``buffer_policy``), plus how the job runs."""
+    ``outer_momentum``, ``nesterov``, ``sync_every_warmup_steps``, ``overlap``, ``shard_slow``,
+    ``comm_dtype``, ``buffer_policy``), plus how the job runs."""
 
     strategy: str = "lookahead"
     """``lookahead``: workers step locally and sync the Lookahead slow weights every
