@@ -12,24 +12,11 @@ import math
 
 import numpy as np
 
+from rangerdl.optim._radam_math import rectification
+
 __all__ = ["TABLE_STEPS", "first_rectified_step", "rectification", "step_factors"]
 
 TABLE_STEPS = 1024
-
-
-def rectification(step: int, beta2: float, threshold: float) -> float | None:
-    """RAdam's ``r_t`` at ``step`` (float64), or ``None`` while ``rho_t <= threshold``.
-
-    The formula of ``rangerdl.optim.Ranger`` (its docstring holds the algorithm).
-    """
-    rho_inf = 2.0 / (1.0 - beta2) - 1.0
-    beta2_t = beta2**step
-    rho_t = rho_inf - 2.0 * step * beta2_t / (1.0 - beta2_t)
-    if rho_t <= threshold:
-        return None
-    return math.sqrt(
-        (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)
-    )
 
 
 def first_rectified_step(beta2: float, threshold: float) -> int | None:

@@ -29,27 +29,12 @@ from torch.utils._foreach_utils import (
     _get_fused_kernels_supported_devices,
 )
 
+from rangerdl.optim._radam_math import rectification
 from rangerdl.optim.lookahead import lookahead_, slow_buffers
 
 __all__ = ["Ranger", "ranger", "rectification"]
 
 _FUSED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-def rectification(step: int, beta2: float, threshold: float) -> float | None:
-    """The RAdam variance rectification ``r_t`` at ``step``, or ``None`` while ``rho_t <= threshold``.
-
-    ``None`` means the step is an SGD step with bias-corrected momentum (steps 1-5 for any
-    ``beta2`` in [0.9, 0.9999] with the default threshold 5).
-    """
-    rho_inf = 2.0 / (1.0 - beta2) - 1.0
-    beta2_t = beta2**step
-    rho_t = rho_inf - 2.0 * step * beta2_t / (1.0 - beta2_t)
-    if rho_t <= threshold:
-        return None
-    return math.sqrt(
-        (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)
-    )
 
 
 class Ranger(Optimizer):
