@@ -26,7 +26,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from rangerdl._fileio import atomic_write_text
 from rangerdl.optim.schedules import Multiplier, retarget_schedule
 from rangerdl.train import checkpoint as ckpt
-from rangerdl.train.choices import ON_NAN
 from rangerdl.train.config import Config
 from rangerdl.train.data import open_data, training_splits
 from rangerdl.train.evaluate import validate
@@ -41,7 +40,7 @@ from rangerdl.train.task import Task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ON_NAN", "TrainingError", "train"]
+__all__ = ["TrainingError", "train"]
 
 
 def train(cfg: Config, *, resume: Path | None = None) -> dict[str, Any]:
