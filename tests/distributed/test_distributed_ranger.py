@@ -125,15 +125,14 @@ def test_shard_slow_equals_unsharded(tmp_path: Path, nproc: int) -> None:
     assert sharded[0]["comm"]["mem/outer_state_bytes"] <= full / nproc + 64
 
 
-def test_overlap_equals_delayed_merge_simulation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("delay", [1, 3, 4])
+def test_overlap_equals_delayed_merge_simulation(tmp_path: Path, delay: int) -> None:
     world, k, alpha, steps, lr = 2, 4, 0.5, 18, 0.05
-    recs = launch(
-        tmp_path,
-        {"kind": "ranger", "steps": steps, "lr": lr, "sync": {"overlap": True, "sync_every": k}},
-    )
+    sync = {"overlap": True, "sync_every": k, "overlap_steps": delay}
+    recs = launch(tmp_path, {"kind": "ranger", "steps": steps, "lr": lr, "sync": sync})
 
     # The simulation: W replicas in one process. At a sync step s each replica's weights are
-    # snapshotted and averaged; after step s+1 phi moves toward that mean and each replica
+    # snapshotted and averaged; after step s + delay phi moves toward that mean and each replica
     # becomes phi plus its own progress since the snapshot.
     replicas = [make_model(0) for _ in range(world)]
     opts = [Ranger(m.parameters(), lr=lr, k=10**9) for m in replicas]  # no local Lookahead
@@ -145,7 +144,7 @@ def test_overlap_equals_delayed_merge_simulation(tmp_path: Path) -> None:
             loss(m, x, y).backward()
             opt.step()
         count = step + 1
-        if pending is not None:
+        if pending is not None and count - launched >= delay:
             mean, snapshots = pending
             phi = phi.lerp(mean, alpha)
             for m, snap in zip(replicas, snapshots, strict=True):
@@ -153,7 +152,7 @@ def test_overlap_equals_delayed_merge_simulation(tmp_path: Path) -> None:
             pending = None
         if count % k == 0:
             snapshots = [flat(m) for m in replicas]
-            pending = (torch.stack(snapshots).sum(0) / world, snapshots)
+            pending, launched = (torch.stack(snapshots).sum(0) / world, snapshots), count
         for r in range(world):
             assert torch.allclose(recs[r]["traj"][step], flat(replicas[r]), atol=1e-6, rtol=0), (
                 step,
@@ -254,6 +253,12 @@ def test_options_that_cannot_combine_are_refused() -> None:
         OuterSync(opt, None, SyncOptions(sync_every=2, outer_lr=0.5))
     with pytest.raises(ValueError, match="overlap combines only with the plain fp32"):
         SyncOptions(overlap=True, shard_slow=True).validate()
+    with pytest.raises(ValueError, match="overlap_steps = 3 needs overlap = true"):
+        SyncOptions(overlap_steps=3).validate()
+    with pytest.raises(ValueError, match=r"overlap_steps \(9\) must be <= sync_every \(8\)"):
+        SyncOptions(overlap=True, overlap_steps=9).resolved(k=8, alpha=0.5)
+    with pytest.raises(ValueError, match="overlap_steps must be an int >= 1"):
+        SyncOptions(overlap=True, overlap_steps=0).validate()
 
 
 @pytest.mark.parametrize("name", ["ranger", "adamw", "sgd", "lion"])

@@ -79,12 +79,16 @@ def train_losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/loss"]) for r in read_metrics(run) if "train/loss" in r]
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_resume_is_bitwise_identical(cache: Path, tmp_path: Path, overlap: bool) -> None:
+@pytest.mark.parametrize(("overlap", "delay"), [(False, 1), (True, 1), (True, 4)])
+def test_resume_is_bitwise_identical(
+    cache: Path, tmp_path: Path, overlap: bool, delay: int
+) -> None:
     # Stop at step 18 = a sync step (sync_every 6): with overlap the all-reduce is still in
-    # flight at the checkpoint, and the resumed run must merge it exactly as the straight run did.
+    # flight at the checkpoint (and is merged `delay` steps later), and the resumed run must
+    # merge it exactly as the straight run did.
     common = [*TINY, "--train.steps=30", "--train.checkpoint_every=0", "--distributed.sync_every=6"]
     common.append(f"--distributed.overlap={str(overlap).lower()}")
+    common.append(f"--distributed.overlap_steps={delay}")
     torchrun(cache, [f"--run.dir={tmp_path / 'a'}", *common])
     torchrun(cache, [f"--run.dir={tmp_path / 'b'}", *common, "--train.stop_at=18"])
     torchrun(cache, ["--resume", str(tmp_path / "b" / "t")])

@@ -57,7 +57,11 @@ def test_local_rows_count_syncs_bytes_and_overlap() -> None:
     assert bf16.comm_s == pytest.approx(fp32.comm_s / 2, rel=1e-3)
     over = local_row(times, n, 2, link, 96, k=8, overlap=True)  # 12 syncs, the last exposed
     per = fp32.comm_s / 13
-    assert over.comm_s == pytest.approx(11 * (per - 0.05) + per, rel=1e-3)
+    # 7 steps of 0.05 s cover a 0.32 s all-reduce: only the last sync blocks
+    assert over.overlap_steps == 7 and over.comm_s == pytest.approx(per, rel=1e-3)
+    short = local_row(times, n, 2, link, 96, k=4, overlap=True)  # overlap_steps capped at k
+    assert short.overlap_steps == 4
+    assert short.comm_s == pytest.approx(23 * (per - 4 * 0.05) + per, rel=1e-3)
     plsgd = local_row(times, n, 2, link, 100, k=8, strategy="post_local_sgd")
     assert plsgd.syncs == 12
 

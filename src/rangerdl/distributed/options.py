@@ -46,8 +46,13 @@ class SyncOptions:
     every ``sync_every`` steps with the outer step (0: off). Costs one all-reduce per warm-up
     step."""
     overlap: bool = False
-    """All-reduce asynchronously while workers take their next local step; merge one step late,
-    keeping the local progress made meanwhile."""
+    """All-reduce asynchronously while workers take their next local steps; merge
+    ``overlap_steps`` steps late, keeping the local progress made meanwhile."""
+    overlap_steps: int = 1
+    """With ``overlap``: optimizer steps the all-reduce may take before its result is merged
+    (Streaming DiLoCo's tau, Douillard et al. 2025; torchft's ``fragment_sync_delay``), in
+    [1, sync_every]. Set it so that that many steps of compute cover the all-reduce's wire time
+    (``rangerdl plan`` prints both); a sync that falls due first merges at once."""
     shard_slow: bool = False
     """Reduce-scatter + all-gather: each rank keeps 1/W of the slow weights and outer momentum."""
     comm_dtype: str = "fp32"
@@ -66,6 +71,11 @@ class SyncOptions:
             outer_lr=self.outer_lr or alpha,
         )
         out.validate()
+        if out.overlap_steps > out.sync_every:
+            raise ValueError(
+                f"overlap_steps ({out.overlap_steps}) must be <= sync_every ({out.sync_every}): "
+                "a sync's result is merged before the next sync is launched"
+            )
         return out
 
     def validate(self, where: str = "") -> None:
@@ -78,6 +88,11 @@ class SyncOptions:
         w = self.sync_every_warmup_steps
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
             raise ValueError(f"{where}sync_every_warmup_steps must be an int >= 0, got {w!r}")
+        d = self.overlap_steps
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+            raise ValueError(f"{where}overlap_steps must be an int >= 1, got {d!r}")
+        if d > 1 and not self.overlap:
+            raise ValueError(f"{where}overlap_steps = {d} needs overlap = true")
         if not 0.0 <= self.outer_lr <= 2.0:
             raise ValueError(
                 f"{where}outer_lr must be in (0, 2] (or 0: alpha), got {self.outer_lr}"

@@ -11,7 +11,8 @@ rank, :func:`rangerdl.distributed.cost.ring_bytes`), or the same bytes as reduce
 all-gather with ``shard_slow`` (each rank keeps 1/W of the slow weights and outer momentum), or
 half of them with ``comm_dtype="bf16"`` (the pseudo-gradient in bf16 via all-to-all, summed in
 fp32, the mean all-gathered in bf16). ``overlap`` launches the all-reduce asynchronously and merges
-it one step later, keeping the local progress made meanwhile:
+it ``overlap_steps`` optimizer steps later (Streaming DiLoCo's tau, Douillard et al. 2025; torchft's
+``fragment_sync_delay``), keeping the local progress made meanwhile:
 theta_i <- phi_new + (theta_i(now) - theta_i(at launch)).
 
 The fp32 paths reduce the weights themselves and apply ``phi.lerp_(mean, outer_lr)``, the same
@@ -130,7 +131,7 @@ class OuterSync:
         self.padded = self.shard * self.world_size
         self.step = 0  # optimizer steps taken (all ranks equal)
         self.stats = {"bytes": 0, "syncs": 0, "time_s": 0.0, "broadcast_bytes": 0}
-        self._pending: Any = None  # overlap: (work handle or None, reduced buffer, snapshot)
+        self._pending: Any = None  # overlap: (work or None, reduced, snapshot, launched at step)
         self._check_ranks_agree()
         self._broadcast_initial()
         flat = self._flatten_params()
@@ -162,9 +163,12 @@ class OuterSync:
                 "diverge. Add every param group before creating OuterSync"
             )
         self.step += 1
-        if self._pending is not None:
-            self._merge_pending(launched_at=self.step - 1)
-        if self._due(self.step):
+        due = self._due(self.step)
+        if self._pending is not None and (
+            due or self.step - self._pending[3] >= self.options.overlap_steps
+        ):
+            self._merge_pending()
+        if due:
             self._sync()
 
     def finish(self) -> None:
@@ -175,7 +179,7 @@ class OuterSync:
         if self._pending is not None:
             # Launched at the last step: nothing moved since the snapshot, so after the merge
             # every rank holds the slow weights. Launched earlier: the steps since then are synced.
-            self._merge_pending(launched_at=self.step)
+            self._merge_pending()
         if not self._due(self.step):
             self._sync(blocking=True, checked=True)
 
@@ -233,11 +237,12 @@ class OuterSync:
         if self._momentum_buffer is not None:
             state["momentum_buffer"] = self._momentum_buffer.clone()
         if self._pending is not None:
-            work, reduced, snapshot = self._pending
+            work, reduced, snapshot, launched_at = self._pending
             if work is not None:
                 self._timed_wait(work)
-                self._pending = (None, reduced, snapshot)
+                self._pending = (None, reduced, snapshot, launched_at)
             state["pending_reduced"], state["pending_snapshot"] = reduced.clone(), snapshot.clone()
+            state["pending_launched_at"] = launched_at
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -270,6 +275,8 @@ class OuterSync:
                 None,
                 state["pending_reduced"].clone(),
                 state["pending_snapshot"].clone(),
+                # saved before overlap_steps existed: launched at the step the state was saved
+                int(state.get("pending_launched_at", state["step"])),
             )
 
     # ------------------------------------------------------------------ internals
@@ -414,10 +421,10 @@ class OuterSync:
         reduced = self._to_comm(snapshot.clone())
         work = self._timed(dist.all_reduce, reduced, async_op=True)
         self.stats["bytes"] += self._ring_bytes(self.numel, reduced.element_size(), 2)
-        self._pending = (work, reduced, snapshot)
+        self._pending = (work, reduced, snapshot, self.step)
 
-    def _merge_pending(self, launched_at: int) -> None:
-        work, reduced, snapshot = self._pending
+    def _merge_pending(self) -> None:
+        work, reduced, snapshot, launched_at = self._pending
         self._pending = None
         if work is not None:
             self._timed_wait(work)

@@ -179,7 +179,7 @@ class LogConfig:
 @dataclass
 class DistributedConfig(SyncOptions):
     """The sync options (``rangerdl.distributed.SyncOptions``: ``sync_every``, ``outer_lr``,
-    ``outer_momentum``, ``nesterov``, ``sync_every_warmup_steps``, ``overlap``, ``shard_slow``,
+    ``outer_momentum``, ``nesterov``, ``sync_every_warmup_steps``, ``overlap``, ``overlap_steps``, ``shard_slow``,
     ``comm_dtype``, ``buffer_policy``), plus how the job runs."""
 
     strategy: str = "lookahead"

@@ -24,8 +24,9 @@ Per strategy (``S`` = optimizer steps in the run, ``k`` = steps between syncs):
   ``T_ar(n, 4)`` plus a step-count check and the floating buffers (``T_ar(2, 8)``,
   ``T_ar(n_buf, 4)``). bf16: the pseudo-gradient by all-to-all then all-gather in bf16,
   ``2 T_ag(n, 2)``: half the bytes, twice the latency terms. Overlap: launched after the sync step
-  and waited for after the next step, so only ``max(0, T_sync - t_c)`` blocks; the sync launched at
-  the last step has nothing to hide behind.
+  and waited for ``d`` steps later (``[distributed] overlap_steps``; the row uses the smallest
+  ``d <= k`` with ``d t_c >= T_sync`` and names it), so only ``max(0, T_sync - d t_c)`` blocks; the
+  sync launched at the last step has nothing to hide behind.
 
 Share communicating = comm / (compute + comm), per run. The smallest ``k`` under a share is found
 by trying every ``k`` up to ``S``. Speedup over DDP = DDP's estimated run time / the row's; no
@@ -151,6 +152,7 @@ class Row:
     bytes_per_rank: float  # per run
     syncs: int
     step_bounds_s: tuple[float, float] | None = None  # DDP: (best, worst) per step
+    overlap_steps: int = 0  # overlap: steps of compute the all-reduce may take
 
     @property
     def run_s(self) -> float:
@@ -168,7 +170,9 @@ class Row:
     def label(self) -> str:
         if self.strategy != "lookahead":
             return {"ddp": "DDP", "post_local_sgd": f"PostLocalSGD k={self.k}"}[self.strategy]
-        extra = ", overlap" if self.overlap else (", bf16" if self.comm_dtype == "bf16" else "")
+        extra = ", bf16" if self.comm_dtype == "bf16" else ""
+        if self.overlap:
+            extra = f", overlap {self.overlap_steps}"
         return f"distributed Ranger k={self.k}{extra}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,9 +223,12 @@ def local_row(
         per_sync = sync_time(
             numel, world_size, link, comm_dtype=comm_dtype, buffer_numel=buffer_numel
         )
+        overlap_steps = 0
         if overlap and syncs:
+            # the smallest [distributed] overlap_steps whose compute covers the all-reduce
+            overlap_steps = min(k, max(1, math.ceil(per_sync / max(times.total_s, 1e-12))))
             hidden_syncs = steps // k - 1 if steps % k == 0 else steps // k
-            exposed = max(0.0, per_sync - times.total_s)
+            exposed = max(0.0, per_sync - overlap_steps * times.total_s)
             comm = hidden_syncs * exposed + (syncs - hidden_syncs) * per_sync
         else:
             comm = syncs * per_sync
@@ -230,7 +237,9 @@ def local_row(
         else:
             sent = syncs * ring_bytes(numel, 4, world_size)
         sent += syncs * ring_bytes(buffer_numel, 4, world_size)
-    return Row(strategy, k, comm_dtype, overlap, steps, steps * times.total_s, comm, sent, syncs)
+    row = Row(strategy, k, comm_dtype, overlap, steps, steps * times.total_s, comm, sent, syncs)
+    row.overlap_steps = overlap_steps if strategy == "lookahead" else 0
+    return row
 
 
 def smallest_k(max_share: float, build: Any, steps: int) -> int | None:
