@@ -66,8 +66,9 @@ from time_to_quality import (
 )
 
 OUT = RESULTS / "ttq_protocol.json"
-B = {"gpt": 1000, "digits": 160}
-"""DDP AdamW's step budget per workload: the target is its final loss."""
+B = {"gpt": 1024, "digits": 160}
+"""DDP AdamW's step budget per workload (the target is its final loss); every rung of the
+ladder is a multiple of every k used (8, 16, 32), so no run ends on a partial sync."""
 TUNE_SEED = 100
 TUNE_FACTORS = (0.5, 0.7071, 1.0, 1.4142, 2.0)
 LR_CENTRE = {"gpt": {"adamw": 2e-3, "ranger": 1.6e-2}, "digits": {"adamw": 1e-2, "ranger": 3e-2}}
@@ -90,7 +91,9 @@ class Entry:
 
 def _entries() -> dict[str, Entry]:
     def ranger(name: str, k: int, *extra: str, overlap: bool = False, dtype: str = "fp32") -> Entry:
-        c = Contender(name, "lookahead", "ranger", k, overlap=overlap, comm_dtype=dtype, extra=extra)
+        c = Contender(
+            name, "lookahead", "ranger", k, overlap=overlap, comm_dtype=dtype, extra=extra
+        )
         return Entry(name, c, "distributed Ranger")
 
     out = [
@@ -101,7 +104,11 @@ def _entries() -> dict[str, Entry]:
             "torch PostLocalSGDOptimizer over AdamW, averaging every 8 steps",
         ),
         ranger("ranger_k8", 8),
-        ranger("ranger_k8_bf16", 8, dtype="bf16"),
+        # overlapped: the all-reduce runs during the next `d` local steps (overlap_steps), chosen
+        # so that d steps of compute (~45 ms each here) cover its wire time at the cell's rate
+        ranger("ranger_k8_overlap4", 8, "--distributed.overlap_steps=4", overlap=True),
+        ranger("ranger_k16_overlap4", 16, "--distributed.overlap_steps=4", overlap=True),
+        ranger("ranger_k32_overlap16", 32, "--distributed.overlap_steps=16", overlap=True),
     ]
     return {e.name: e for e in out}
 
@@ -131,18 +138,22 @@ def save_run(path: Path, row: dict[str, Any]) -> dict[str, Any]:
 class Runner:
     """Runs one training of an entry (lr, seed, steps) in a cell; loopback or netsim."""
 
-    def __init__(self, workdir: Path, workload: str, hosts: int, rate: str | None) -> None:
+    def __init__(
+        self, workdir: Path, workload: str, hosts: int, rate: str | None, netsim: bool = True
+    ) -> None:
         self.workdir, self.workload, self.hosts, self.rate = workdir, workload, hosts, rate
+        self.netsim = netsim
         self.cluster: Any = None
         env = {"RANGERDL_CACHE": str(workdir / "cache"), "OMP_NUM_THREADS": "1"}
-        self.suite = Suite(workdir, rate is not None, False, timeout_s=3600.0, env=env)
+        self.suite = Suite(workdir, netsim, False, timeout_s=3600.0, env=env)
 
     @property
     def cell(self) -> str:
-        return f"{self.workload}-{self.hosts}h-{self.rate or 'loopback'}"
+        where = (self.rate or "nolimit") if self.netsim else "loopback"
+        return f"{self.workload}-{self.hosts}h-{where}"
 
     def __enter__(self) -> Runner:
-        if self.rate is not None:
+        if self.netsim:
             from netsim import Cluster
 
             self.cluster = Cluster(num_hosts=self.hosts, rate=self.rate).start()
@@ -173,7 +184,7 @@ def tune(names: list[str], workload: str, hosts: int, out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="rdl-ttq-tune-") as tmp:
         workdir = Path(tmp)
         prepare_data(workdir, False, {workload})
-        with Runner(workdir, workload, hosts, None) as runner:
+        with Runner(workdir, workload, hosts, None, netsim=False) as runner:
             for name in names:
                 e = ENTRIES[name]
                 centre = LR_CENTRE[workload][e.contender.optimizer]
@@ -194,6 +205,315 @@ def tuned_lr(payload: dict[str, Any], workload: str, hosts: int, name: str) -> f
     return min(runs, key=lambda r: r["final_val_loss"])["lr"] if runs else None
 
 
+# ---------------------------------------------------------------------------------- the cells
+@dataclass(frozen=True)
+class CellSpec:
+    """A (workload, hosts, rate) setting and the contenders run in it."""
+
+    workload: str
+    hosts: int
+    rate: str
+    entries: tuple[str, ...]
+    seeds: int = 1
+    """Seeds for DDP AdamW and the best two local contenders (3 in the headline cell)."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.workload}-{self.hosts}h-{self.rate}"
+
+
+HEADLINE = "gpt-2h-100mbit"
+CELLS = (
+    CellSpec(
+        "gpt",
+        2,
+        "100mbit",
+        (
+            "ddp_adamw",
+            "post_local_sgd_k8",
+            "ranger_k8",
+            "ranger_k8_overlap4",
+            "ranger_k16_overlap4",
+        ),
+        seeds=3,
+    ),
+    CellSpec("gpt", 2, "20mbit", ("ddp_adamw", "ranger_k16_overlap4", "ranger_k32_overlap16")),
+    CellSpec("gpt", 4, "100mbit", ("ddp_adamw", "ranger_k8_overlap4", "ranger_k16_overlap4")),
+    CellSpec("digits", 2, "100mbit", ("ddp_adamw", "post_local_sgd_k8", "ranger_k8_overlap4")),
+)
+TARGETS = {
+    "gpt-2h-100mbit": 2.5,
+    "gpt-2h-20mbit": 8.0,
+    "gpt-4h-100mbit": 2.0,
+}
+"""Issue 10's speedup targets (time to DDP AdamW's final loss)."""
+EVAL_EVERY = {"gpt": 32, "digits": 16}
+
+
+def rung_steps(workload: str, k: int) -> list[int]:
+    """The ladder: RUNGS x B rounded up to a multiple of k (no partial final sync)."""
+    return sorted({-(-round(r * B[workload]) // k) * k for r in RUNGS})
+
+
+def run_cell(spec: CellSpec, out: Path, redo: bool) -> None:
+    """Stage 2 for one cell: DDP's seeds (+ its no-limit time), every local contender's ladder at
+    seed 0, then the best two again at the other seeds (equal tokens and their target rung)."""
+    payload = load(out)
+    lrs = {n: tuned_lr(payload, spec.workload, 2, n) for n in spec.entries}
+    missing = [n for n, lr in lrs.items() if lr is None]
+    if missing:
+        raise SystemExit(f"{spec.key}: no tuning runs for {', '.join(missing)}: run `tune` first")
+    steps_b, every = B[spec.workload], EVAL_EVERY[spec.workload]
+    seeds = SEEDS[: spec.seeds]
+
+    def done(entry: str, seed: int, steps: int, cell: str) -> dict[str, Any] | None:
+        key = ("run", cell, entry, lrs[entry], seed, steps)
+        rows = [r for r in load(out)["runs"] if _key(r) == key and r.get("ok")]
+        return None if redo or not rows else rows[-1]
+
+    def go(runner: Runner, entry: str, seed: int, steps: int) -> dict[str, Any]:
+        row = done(entry, seed, steps, runner.cell)
+        if row is None:
+            row = runner.run(ENTRIES[entry], lrs[entry], seed, steps, "run", every)
+            save_run(out, row)
+        return row
+
+    with tempfile.TemporaryDirectory(prefix="rdl-ttq-run-") as tmp:
+        workdir = Path(tmp)
+        prepare_data(workdir, False, {spec.workload})
+        with Runner(workdir, spec.workload, spec.hosts, None) as runner:
+            go(runner, "ddp_adamw", 0, steps_b)  # the cell's limit: DDP with no rate limit
+        with Runner(workdir, spec.workload, spec.hosts, spec.rate) as runner:
+            ddp = [go(runner, "ddp_adamw", s, steps_b) for s in seeds]
+            target = statistics.mean(r["final_val_loss"] for r in ddp if r.get("ok"))
+            reached: dict[str, tuple[int, float]] = {}
+            for name in spec.entries[1:]:
+                for steps in rung_steps(spec.workload, ENTRIES[name].k):
+                    row = go(runner, name, 0, steps)
+                    t = time_to_target(row["curve"], target) if row.get("ok") else None
+                    if t is not None:
+                        reached[name] = (steps, t)
+                        break
+            best = sorted(reached, key=lambda n: reached[n][1])[:2]
+            for name in best:
+                for seed in seeds[1:]:
+                    for steps in sorted({steps_b, reached[name][0]}):
+                        go(runner, name, seed, steps)
+
+
+# ---------------------------------------------------------------------------------- analysis
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {
+        "values": values,
+        "mean": statistics.mean(values) if values else None,
+        "sd": statistics.stdev(values) if len(values) > 1 else None,
+    }
+
+
+def analyse(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per cell: target, DDP's time and the cell's limit; per contender: equal-token finals,
+    ladder, time to target per seed, speedup, fraction of the limit, bytes, comm share."""
+    runs = [r for r in payload["runs"] if r["stage"] == "run" and r.get("ok")]
+    out = []
+    for spec in CELLS:
+        cell = [r for r in runs if r["cell"] == spec.key]
+        free = [
+            r
+            for r in runs
+            if r["cell"] == f"{spec.workload}-{spec.hosts}h-nolimit" and r["entry"] == "ddp_adamw"
+        ]
+        steps_b = B[spec.workload]
+        ddp = [r for r in cell if r["entry"] == "ddp_adamw" and r["steps_budget"] == steps_b]
+        if not ddp:
+            continue
+        target = statistics.mean(r["final_val_loss"] for r in ddp)
+        ddp_time = statistics.mean(r["train_time_s"] for r in ddp)
+        limit = ddp_time / free[0]["train_time_s"] if free else None
+        ddp_finals = _stats([r["final_val_loss"] for r in ddp])
+        summary: dict[str, Any] = {
+            "cell": spec.key,
+            "target_val_loss": target,
+            "ddp_final": ddp_finals,
+            "ddp_train_time_s": _stats([r["train_time_s"] for r in ddp]),
+            "ddp_no_limit_train_time_s": free[0]["train_time_s"] if free else None,
+            "limit": limit,
+            "speedup_target": TARGETS.get(spec.key),
+            "rows": [],
+        }
+        lo = ddp_finals["mean"] - (ddp_finals["sd"] or 0.0)
+        hi = ddp_finals["mean"] + (ddp_finals["sd"] or 0.0)
+        for name in spec.entries:
+            mine = [r for r in cell if r["entry"] == name]
+            if not mine:
+                continue
+            equal = [r for r in mine if r["steps_budget"] == steps_b]
+            finals = _stats([r["final_val_loss"] for r in equal])
+            row: dict[str, Any] = {"entry": name, "lr": mine[0]["lr"], "k": ENTRIES[name].k}
+            row["what"] = ENTRIES[name].what
+            row["equal_tokens"] = finals
+            if finals["mean"] is not None:
+                row["vs_ddp"] = finals["mean"] / target - 1
+                row["matches_ddp"] = lo <= finals["mean"] <= hi or finals["mean"] < lo
+            ladder = sorted((r for r in mine if r["seed"] == 0), key=lambda r: r["steps_budget"])
+            row["ladder"] = [
+                {
+                    "steps": r["steps_budget"],
+                    "final_val_loss": r["final_val_loss"],
+                    "train_time_s": r["train_time_s"],
+                    "time_to_target_s": time_to_target(r["curve"], target),
+                }
+                for r in ladder
+            ]
+            hit = next((x for x in row["ladder"] if x["time_to_target_s"] is not None), None)
+            if name == "ddp_adamw":
+                row["time_to_target_s"] = ddp_time
+                hit_rows = ddp
+            elif hit is not None:
+                row["rung"] = hit["steps"]
+                hit_rows = [r for r in mine if r["steps_budget"] == hit["steps"]]
+                times = [time_to_target(r["curve"], target) for r in hit_rows]
+                row["time_to_target_per_seed"] = times
+                got = [t for t in times if t is not None]
+                row["time_to_target_s"] = statistics.mean(got) if len(got) == len(times) else None
+            else:
+                hit_rows = []
+            t = row.get("time_to_target_s")
+            if t:
+                row["speedup"] = ddp_time / t
+                row["fraction_of_limit"] = row["speedup"] / limit if limit else None
+            if hit_rows:
+                r0 = hit_rows[0]
+                row["bytes_per_rank"] = r0.get("bytes_per_rank_counted")
+                ddp_bytes = ddp[0].get("bytes_per_rank_counted")
+                if row["bytes_per_rank"] and ddp_bytes:
+                    row["bytes_fewer_than_ddp"] = ddp_bytes / row["bytes_per_rank"]
+                if r0.get("comm_time_s") is not None and name != "ddp_adamw":
+                    row["comm_share"] = r0["comm_time_s"] / r0["train_time_s"]
+                elif free:  # DDP overlaps its all-reduce with backward: 1 - T(no limit) / T
+                    row["comm_share"] = 1 - free[0]["train_time_s"] / r0["train_time_s"]
+                row["others_cpu_share"] = max(r.get("others_cpu_share") or 0 for r in hit_rows)
+            summary["rows"].append(row)
+        out.append(summary)
+    return out
+
+
+def _f(v: float | None, fmt: str, suffix: str = "") -> str:
+    return "-" if v is None else format(v, fmt) + suffix
+
+
+def tables(payload: dict[str, Any]) -> str:
+    """Markdown: the headline table per cell, then the tuning table."""
+    lines = []
+    for cell in analyse(payload):
+        d = cell["ddp_final"]
+        limit = cell["limit"]
+        lines.append(
+            f"**{cell['cell']}**: target {cell['target_val_loss']:.4f} (DDP AdamW, "
+            f"{len(d['values'])} seed(s){', sd ' + format(d['sd'], '.4f') if d['sd'] else ''}), "
+            f"DDP {cell['ddp_train_time_s']['mean']:.1f} s; limit {_f(limit, '.2f', 'x')}"
+            + (f"; target speedup {cell['speedup_target']}x" if cell["speedup_target"] else "")
+        )
+        lines.append("")
+        lines.append(
+            "| contender | lr | final loss at B steps (seeds) | vs DDP | rung (steps) "
+            "| time to target (s) | speedup | of limit | bytes fewer | comm share | others' CPU |"
+        )
+        lines.append("|---" * 11 + "|")
+        for r in cell["rows"]:
+            eq = r["equal_tokens"]
+            eq_s = "-"
+            if eq["mean"] is not None:
+                eq_s = f"{eq['mean']:.4f}" + (f" +- {eq['sd']:.4f}" if eq["sd"] else "")
+                eq_s += f" ({len(eq['values'])})"
+            vs = r.get("vs_ddp")
+            vs_s = "-" if vs is None else f"{100 * vs:+.1f}%"
+            if r["entry"] != "ddp_adamw" and r.get("matches_ddp"):
+                vs_s += " (within)"
+            t = r.get("time_to_target_s")
+            lines.append(
+                f"| {r['entry']} | {r['lr']:.3g} | {eq_s} | {vs_s} | {r.get('rung', '-')} "
+                f"| {_f(t, '.1f') if t is not None else 'not reached'} "
+                f"| {_f(r.get('speedup'), '.2f', 'x')} "
+                f"| {_f(None if r.get('fraction_of_limit') is None else 100 * r['fraction_of_limit'], '.0f', '%')} "
+                f"| {_f(r.get('bytes_fewer_than_ddp'), '.1f', 'x')} "
+                f"| {_f(None if r.get('comm_share') is None else 100 * r['comm_share'], '.0f', '%')} "
+                f"| {_f(None if r.get('others_cpu_share') is None else 100 * r['others_cpu_share'], '.0f', '%')} |"
+            )
+        lines.append("")
+    lines.append(tuning_table(payload))
+    return "\n".join(lines)
+
+
+def tuning_table(payload: dict[str, Any]) -> str:
+    runs = [r for r in payload["runs"] if r["stage"] == "tune" and r.get("ok")]
+    cells = sorted({r["cell"] for r in runs})
+    lines = []
+    for cell in cells:
+        mine = [r for r in runs if r["cell"] == cell]
+        lines.append(f"Tuning ({cell}, seed {TUNE_SEED}, final val loss after B steps; * = chosen)")
+        lines.append("")
+        lines.append("| contender | " + " | ".join(f"x{f:.3g}" for f in TUNE_FACTORS) + " |")
+        lines.append("|---" * (len(TUNE_FACTORS) + 1) + "|")
+        for name in ENTRIES:
+            rows = sorted((r for r in mine if r["entry"] == name), key=lambda r: r["lr"])
+            if not rows:
+                continue
+            best = min(rows, key=lambda r: r["final_val_loss"])
+            cells_s = [
+                f"{r['lr']:.3g}: {r['final_val_loss']:.4f}" + ("*" if r is best else "")
+                for r in rows
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells_s) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(payload: dict[str, Any], path: Path) -> None:
+    """Validation loss vs training wall time per cell: each contender's curve up to its
+    time-to-target rung (seed 0), DDP AdamW's seeds, the target line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = analyse(payload)
+    runs = [r for r in payload["runs"] if r["stage"] == "run" and r.get("ok")]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9), squeeze=False)
+    colours = {"ddp_adamw": "black", "post_local_sgd_k8": "tab:purple", "ranger_k8": "tab:blue"}
+    colours |= {"ranger_k8_overlap4": "tab:orange", "ranger_k16_overlap4": "tab:green"}
+    colours |= {"ranger_k32_overlap16": "tab:red"}
+    for ax, cell in zip(axes.flat, cells, strict=False):
+        for row in cell["rows"]:
+            steps = row.get("rung", B[cell["cell"].split("-")[0]])
+            if row["entry"] != "ddp_adamw" and "rung" not in row:
+                steps = max(x["steps"] for x in row["ladder"])  # never reached: longest rung
+            pick = [
+                r
+                for r in runs
+                if r["cell"] == cell["cell"]
+                and r["entry"] == row["entry"]
+                and r["steps_budget"] == steps
+                and r["seed"] == 0
+            ]
+            for r in pick:
+                _, t, loss = zip(*r["curve"], strict=True)
+                label = row["entry"] + (f" ({steps} steps)" if row["entry"] != "ddp_adamw" else "")
+                ax.plot(t, loss, color=colours.get(row["entry"]), lw=1.5, label=label)
+        ax.axhline(cell["target_val_loss"], color="k", ls="-.", lw=0.8, label="target")
+        ax.set_title(f"{cell['cell']} (limit {_f(cell['limit'], '.1f', 'x')})")
+        ax.set_xlabel("training wall time (s), rank 0")
+        ax.set_ylabel("validation loss")
+        lo = cell["target_val_loss"]
+        ax.set_ylim(0.9 * lo, 1.6 * lo)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(cells) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -201,11 +521,45 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--entries", nargs="+", choices=list(ENTRIES), default=list(ENTRIES))
     t.add_argument("--workload", choices=list(B), default="gpt")
     t.add_argument("--hosts", type=int, default=2)
-    for p in (t,):
+    r = sub.add_parser("run", help="stage 2: the cells on the simulated network (root)")
+    r.add_argument("--cells", nargs="+", choices=[c.key for c in CELLS])
+    r.add_argument("--redo", action="store_true", help="rerun runs already in the JSON")
+    rep = sub.add_parser("report", help="stage 3: tables and figure from the JSON")
+    for p in (t, r, rep):
         p.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     if args.stage == "tune":
         tune(args.entries, args.workload, args.hosts, args.out)
+    elif args.stage == "run":
+        from netsim import available
+
+        ok, why = available()
+        if not ok:
+            raise SystemExit(f"netsim unavailable ({why}): the cells need the rate limit")
+        for spec in CELLS:
+            if not args.cells or spec.key in args.cells:
+                run_cell(spec, args.out, args.redo)
+    payload = load(args.out)
+    payload |= {
+        "protocol": (__doc__ or "").split("::")[0].strip(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "constants": {
+            "B": B,
+            "tune_seed": TUNE_SEED,
+            "tune_factors": TUNE_FACTORS,
+            "lr_centre": LR_CENTRE,
+            "seeds": SEEDS,
+            "rungs": RUNGS,
+            "targets": TARGETS,
+        },
+        "entries": {n: {"what": e.what, **vars(e.contender)} for n, e in ENTRIES.items()},
+        "last_command": shlex.join(["python", "benchmarks/ttq_protocol.py", *sys.argv[1:]]),
+    }
+    payload["cells"] = analyse(payload)
+    atomic_write_json(args.out, payload)
+    if payload["cells"]:
+        plot(payload, args.out.with_suffix(".png"))
+    print(tables(payload))
     return 0
 
 

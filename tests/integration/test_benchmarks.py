@@ -126,3 +126,63 @@ def test_quick_modes_write_the_promised_fields(tmp_path: Path) -> None:
     evidence = (results / "EVIDENCE.md").read_text()
     assert data["command"] in evidence and conv["command"] in evidence
     assert "| ranger_k8 |" in evidence and "| adamw |" in evidence
+
+
+def _synthetic_run(**kw: object) -> dict[str, object]:
+    """A run row as ttq_protocol writes it; curve [step, seconds, loss] falls linearly in time."""
+    steps, secs, start, end = kw.pop("steps"), kw.pop("secs"), kw.pop("start"), kw.pop("end")
+    n = 4
+    curve = [
+        [steps * (i + 1) // n, secs * (i + 1) / n, start + (end - start) * (i + 1) / n]
+        for i in range(n)
+    ]
+    row = {"ok": True, "curve": curve, "final_val_loss": end, "train_time_s": secs}
+    return row | {"steps_budget": steps, "stage": "run", "others_cpu_share": 0.01} | kw
+
+
+def test_ttq_protocol_ladder_targets_and_speedups(tmp_path: Path) -> None:
+    """Analysis of the protocol on made-up runs with known answers: the target is DDP's mean
+    final loss over its seeds, the rung is the first that reaches it, speedup = DDP's time /
+    time to target, the limit = DDP's time / DDP's time with no rate limit."""
+    proto = importlib.import_module("ttq_protocol")
+    assert proto.rung_steps("gpt", 8) == [1024, 1280, 1536, 2048, 3072]
+    assert all(s % 32 == 0 for s in proto.rung_steps("gpt", 32))
+    cell, lr = "gpt-2h-100mbit", 1e-3
+    ddp = dict(entry="ddp_adamw", cell=cell, lr=lr, steps=1024, comm_time_s=None)
+    runs = [
+        _synthetic_run(**ddp, seed=s, secs=200.0, start=3.0, end=e, bytes_per_rank_counted=1e9)
+        for s, e in ((0, 1.9), (1, 2.0), (2, 2.1))
+    ]
+    runs.append(
+        _synthetic_run(
+            entry="ddp_adamw",
+            cell="gpt-2h-nolimit",
+            lr=lr,
+            seed=0,
+            steps=1024,
+            secs=50.0,
+            start=3.0,
+            end=2.0,
+        )
+    )
+    lk = dict(entry="ranger_k8_overlap4", cell=cell, lr=lr, seed=0, bytes_per_rank_counted=1e8)
+    runs.append(_synthetic_run(**lk, steps=1024, secs=50.0, start=3.0, end=2.2, comm_time_s=1.0))
+    # rung 1024 ends at 2.2 (not reached); rung 1280 reaches 2.0 at (3 - 2) / (3 - 1.8) of 60 s
+    runs.append(_synthetic_run(**lk, steps=1280, secs=60.0, start=3.0, end=1.8, comm_time_s=1.0))
+    analysed = {c["cell"]: c for c in proto.analyse({"runs": runs})}[cell]
+    assert analysed["target_val_loss"] == pytest.approx(2.0)
+    assert analysed["limit"] == pytest.approx(4.0)
+    rows = {r["entry"]: r for r in analysed["rows"]}
+    row = rows["ranger_k8_overlap4"]
+    assert row["rung"] == 1280
+    assert row["time_to_target_s"] == pytest.approx(50.0)  # between (45 s, 2.1) and (60 s, 1.8)
+    assert row["speedup"] == pytest.approx(200.0 / row["time_to_target_s"])
+    assert row["fraction_of_limit"] == pytest.approx(row["speedup"] / 4.0)
+    assert row["bytes_fewer_than_ddp"] == pytest.approx(10.0)
+    assert row["vs_ddp"] == pytest.approx(0.1) and not row["matches_ddp"]  # 2.2 vs 2.0 +- 0.1
+    assert rows["ddp_adamw"]["equal_tokens"]["sd"] == pytest.approx(0.1)
+    payload = {"runs": runs}
+    text = proto.tables(payload)
+    assert "ranger_k8_overlap4" in text and "1280" in text
+    proto.plot(payload, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
