@@ -216,8 +216,15 @@ def data_loader_tables(payload: dict[str, Any]) -> str:
     return "\n".join(text).strip()
 
 
+def ttq_protocol_tables(payload: dict[str, Any]) -> str:
+    from ttq_protocol import tables
+
+    return tables(payload)
+
+
 SECTIONS = (
-    ("Time to quality on a simulated slow network", "time_to_quality.json", ttq_tables),
+    ("Time to DDP's quality (issue 10 protocol)", "ttq_protocol.json", ttq_protocol_tables),
+    ("Time to quality at equal steps (400)", "time_to_quality.json", ttq_tables),
     ("Convergence, single process", "convergence.json", convergence_tables),
     ("Optimizer step time", "optimizer_step.json", optimizer_step_table),
     ("Data loader memory and speed", "data_loader.json", data_loader_tables),

@@ -259,10 +259,17 @@ def rung_steps(workload: str, k: int) -> list[int]:
     return sorted({-(-round(r * B[workload]) // k) * k for r in RUNGS})
 
 
-def run_cell(spec: CellSpec, out: Path, redo: bool) -> None:
+def run_cell(spec: CellSpec, out: Path, redo: bool, tuning: Path | None = None) -> None:
     """Stage 2 for one cell: DDP's seeds (+ its no-limit time), every local contender's ladder at
-    seed 0, then the best two again at the other seeds (equal tokens and their target rung)."""
-    payload = load(out)
+    seed 0, then the best two again at the other seeds (equal tokens and their target rung).
+    Learning rates: the tuning winners in ``tuning`` (default: ``out``), found with 2 hosts."""
+    payload = load(tuning or out)
+    if tuning is not None:  # carry the tuning runs along, so that `out` tells the whole story
+        tuned = [r for r in payload["runs"] if r["stage"] == "tune"]
+        mine = load(out)
+        keep = {_key(r) for r in tuned}
+        mine["runs"] = [r for r in mine["runs"] if _key(r) not in keep] + tuned
+        atomic_write_json(out, mine)
     lrs = {n: tuned_lr(payload, spec.workload, 2, n) for n in spec.entries}
     missing = [n for n, lr in lrs.items() if lr is None]
     if missing:
@@ -549,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="stage 2: the cells on the simulated network (root)")
     r.add_argument("--cells", nargs="+", choices=[c.key for c in CELLS])
     r.add_argument("--redo", action="store_true", help="rerun runs already in the JSON")
+    r.add_argument("--tuning", type=Path, help="JSON with the tune runs (default: --out)")
     rep = sub.add_parser("report", help="stage 3: tables and figure from the JSON")
     for p in (t, r, rep):
         p.add_argument("--out", type=Path, default=OUT)
@@ -571,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"netsim unavailable ({why}): the cells need the rate limit")
         for spec in CELLS:
             if not args.cells or spec.key in args.cells:
-                run_cell(spec, args.out, args.redo)
+                run_cell(spec, args.out, args.redo, args.tuning)
     payload = load(args.out)
     payload |= {
         "protocol": (__doc__ or "").split("::")[0].strip(),
@@ -588,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
         "entries": {n: {"what": e.what, **vars(e.contender)} for n, e in ENTRIES.items()},
         "last_command": shlex.join(["python", "benchmarks/ttq_protocol.py", *sys.argv[1:]]),
     }
+    payload["command"] = (
+        "python benchmarks/ttq_protocol.py tune; python benchmarks/ttq_protocol.py run"
+    )
     payload["cells"] = analyse(payload)
     atomic_write_json(args.out, payload)
     if payload["cells"]:

@@ -136,7 +136,7 @@ def test_overlap_equals_delayed_merge_simulation(tmp_path: Path, delay: int) -> 
     # becomes phi plus its own progress since the snapshot.
     replicas = [make_model(0) for _ in range(world)]
     opts = [Ranger(m.parameters(), lr=lr, k=10**9) for m in replicas]  # no local Lookahead
-    phi, pending = flat(replicas[0]), None
+    phi, pending, launched = flat(replicas[0]), None, 0
     for step in range(steps):
         for r, (m, opt) in enumerate(zip(replicas, opts, strict=True)):
             x, y = batch(r, step)
