@@ -531,6 +531,9 @@ def plot(payload: dict[str, Any], path: Path) -> None:
                 _, t, loss = zip(*r["curve"], strict=True)
                 label = row["entry"] + (f" ({steps} steps)" if row["entry"] != "ddp_adamw" else "")
                 ax.plot(t, loss, color=colours.get(row["entry"]), lw=1.5, label=label)
+            hit = time_to_target(pick[0]["curve"], cell["target_val_loss"]) if pick else None
+            if hit is not None:  # where seed 0 crosses the target
+                ax.plot([hit], [cell["target_val_loss"]], "x", color=colours.get(row["entry"]))
         ax.axhline(cell["target_val_loss"], color="k", ls="-.", lw=0.8, label="target")
         ax.set_title(f"{cell['cell']} (limit {_f(cell['limit'], '.1f', 'x')})")
         ax.set_xlabel("training wall time (s), rank 0")
