@@ -111,6 +111,19 @@ def _entries() -> dict[str, Entry]:
         ranger("ranger_k8_overlap4", 8, "--distributed.overlap_steps=4", overlap=True),
         ranger("ranger_k16_overlap4", 16, "--distributed.overlap_steps=4", overlap=True),
         ranger("ranger_k32_overlap16", 32, "--distributed.overlap_steps=16", overlap=True),
+        Entry(
+            "lookahead_adamw_k8_overlap4",
+            Contender(
+                "lookahead_adamw_k8_overlap4",
+                "lookahead",
+                "adamw",
+                8,
+                overlap=True,
+                extra=("--distributed.overlap_steps=4",),
+            ),
+            "OuterSync around AdamW (distributed Lookahead(AdamW), alpha 0.5): the inner-optimizer "
+            "ablation",
+        ),
     ]
     return {e.name: e for e in out}
 
@@ -238,10 +251,11 @@ CELLS = (
             "ranger_k8",
             "ranger_k8_overlap4",
             "ranger_k16_overlap4",
+            "lookahead_adamw_k8_overlap4",
         ),
         seeds=3,
     ),
-    CellSpec("gpt", 2, "20mbit", ("ddp_adamw", "ranger_k16_overlap4", "ranger_k32_overlap16")),
+    CellSpec("gpt", 2, "20mbit", ("ddp_adamw", "ranger_k16_overlap4")),
     CellSpec("gpt", 4, "100mbit", ("ddp_adamw", "ranger_k8_overlap4", "ranger_k16_overlap4")),
     CellSpec("digits", 2, "100mbit", ("ddp_adamw", "post_local_sgd_k8", "ranger_k8_overlap4")),
 )
@@ -513,7 +527,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), squeeze=False)
     colours = {"ddp_adamw": "black", "post_local_sgd_k8": "tab:purple", "ranger_k8": "tab:blue"}
     colours |= {"ranger_k8_overlap4": "tab:orange", "ranger_k16_overlap4": "tab:green"}
-    colours |= {"ranger_k32_overlap16": "tab:red"}
+    colours |= {"ranger_k32_overlap16": "tab:red", "lookahead_adamw_k8_overlap4": "tab:brown"}
     for ax, cell in zip(axes.flat, cells, strict=False):
         for row in cell["rows"]:
             steps = row.get("rung", B[cell["cell"].split("-")[0]])
