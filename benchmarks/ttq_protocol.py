@@ -106,6 +106,7 @@ def _entries() -> dict[str, Entry]:
             "torch PostLocalSGDOptimizer over AdamW, averaging every 8 steps",
         ),
         ranger("ranger_k8", 8),
+        ranger("ranger_k8_bf16", 8, dtype="bf16"),
         # overlapped: the all-reduce runs during the next `d` local steps (overlap_steps), chosen
         # so that d steps of compute (~45 ms each here) cover its wire time at the cell's rate
         ranger("ranger_k8_overlap4", 8, "--distributed.overlap_steps=4", overlap=True),
@@ -211,9 +212,15 @@ def tune(names: list[str], workload: str, hosts: int, out: Path) -> None:
                     save_run(out, row)
 
 
+TUNED_AS = {"ranger_k8_bf16": "ranger_k8"}
+"""Entries that take another's tuned lr: the same optimizer and sync, only the transport differs
+(bf16 pseudo-gradients instead of fp32 weights)."""
+
+
 def tuned_lr(payload: dict[str, Any], workload: str, hosts: int, name: str) -> float | None:
     """The tuning winner: lowest final val loss among the entry's tune runs."""
     cell = f"{workload}-{hosts}h-loopback"
+    name = TUNED_AS.get(name, name)
     runs = [
         r
         for r in payload["runs"]
@@ -249,14 +256,14 @@ CELLS = (
             "ddp_adamw",
             "post_local_sgd_k8",
             "ranger_k8",
+            "ranger_k8_bf16",
             "ranger_k8_overlap4",
-            "ranger_k16_overlap4",
             "lookahead_adamw_k8_overlap4",
         ),
         seeds=3,
     ),
-    CellSpec("gpt", 2, "20mbit", ("ddp_adamw", "ranger_k16_overlap4")),
-    CellSpec("gpt", 4, "100mbit", ("ddp_adamw", "ranger_k8_overlap4", "ranger_k16_overlap4")),
+    CellSpec("gpt", 2, "20mbit", ("ddp_adamw", "ranger_k8_bf16", "ranger_k16_overlap4")),
+    CellSpec("gpt", 4, "100mbit", ("ddp_adamw", "ranger_k8_bf16", "ranger_k8_overlap4")),
     CellSpec("digits", 2, "100mbit", ("ddp_adamw", "post_local_sgd_k8", "ranger_k8_overlap4")),
 )
 TARGETS = {
@@ -528,6 +535,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     colours = {"ddp_adamw": "black", "post_local_sgd_k8": "tab:purple", "ranger_k8": "tab:blue"}
     colours |= {"ranger_k8_overlap4": "tab:orange", "ranger_k16_overlap4": "tab:green"}
     colours |= {"ranger_k32_overlap16": "tab:red", "lookahead_adamw_k8_overlap4": "tab:brown"}
+    colours |= {"ranger_k8_bf16": "tab:cyan"}
     for ax, cell in zip(axes.flat, cells, strict=False):
         for row in cell["rows"]:
             steps = row.get("rung", B[cell["cell"].split("-")[0]])
