@@ -13,7 +13,9 @@ run (a rerun replaces the runs it repeats and keeps the rest):
    times 2^-1 ... 2^1, each trained for B steps with seed ``TUNE_SEED`` (not a scoring seed: no
    contender is tuned on the runs it is scored on); the lowest final validation loss wins. Runs on
    loopback (``torchrun --standalone``): a run's loss curve does not depend on the network (the
-   same seed gives the same curve at any rate; only its wall-clock changes).
+   same seed gives the same curve at any rate; only its wall-clock changes). ``TUNED_AS``: an
+   entry that differs from another only in transport (bf16) takes that one's lr. Every cell uses
+   the lrs tuned with 2 hosts.
 2. ``run``: per cell, on the simulated network:
    - equal tokens: every contender at B steps (DDP AdamW's budget); seeds ``SEEDS`` for DDP AdamW
      and the headline contenders in the headline cell, seed 0 elsewhere; mean +- sd of the final
@@ -258,7 +260,6 @@ CELLS = (
             "ranger_k8",
             "ranger_k8_bf16",
             "ranger_k8_overlap4",
-            "lookahead_adamw_k8_overlap4",
         ),
         seeds=3,
     ),
@@ -421,7 +422,7 @@ def analyse(payload: dict[str, Any]) -> list[dict[str, Any]]:
             else:
                 hit_rows = []
             t = row.get("time_to_target_s")
-            if t:
+            if t and name != "ddp_adamw":
                 row["speedup"] = ddp_time / t
                 row["fraction_of_limit"] = row["speedup"] / limit if limit else None
             if hit_rows:
