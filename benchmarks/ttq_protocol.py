@@ -75,6 +75,8 @@ TUNE_SEED = 100
 TUNE_FACTORS = (0.5, 0.7071, 1.0, 1.4142, 2.0)
 LR_CENTRE = {"gpt": {"adamw": 2e-3, "ranger": 1.6e-2}, "digits": {"adamw": 1e-2, "ranger": 3e-2}}
 SEEDS = (0, 1, 2)
+REDO_SINCE = time.time()
+"""With ``--redo``: runs of this invocation (started after this) are kept, earlier ones dropped."""
 QUICK = False
 """``--quick``: tiny models and budgets (a smoke test of the whole pipeline; numbers meaningless)."""
 RUNGS = (1.0, 1.25, 1.5, 2.0, 3.0)
@@ -292,6 +294,15 @@ def run_cell(spec: CellSpec, out: Path, redo: bool, tuning: Path | None = None) 
         keep = {_key(r) for r in tuned}
         mine["runs"] = [r for r in mine["runs"] if _key(r) not in keep] + tuned
         atomic_write_json(out, mine)
+    if redo:  # a fresh cell: no run of an earlier invocation mixes into this one's analysis
+        mine = load(out)
+        cells = {spec.key, f"{spec.workload}-{spec.hosts}h-nolimit"}
+        mine["runs"] = [
+            r
+            for r in mine["runs"]
+            if r["stage"] != "run" or r["cell"] not in cells or r["started"] >= REDO_SINCE
+        ]
+        atomic_write_json(out, mine)
     lrs = {n: tuned_lr(payload, spec.workload, 2, n) for n in spec.entries}
     missing = [n for n, lr in lrs.items() if lr is None]
     if missing:
@@ -302,7 +313,9 @@ def run_cell(spec: CellSpec, out: Path, redo: bool, tuning: Path | None = None) 
     def done(entry: str, seed: int, steps: int, cell: str) -> dict[str, Any] | None:
         key = ("run", cell, entry, lrs[entry], seed, steps)
         rows = [r for r in load(out)["runs"] if _key(r) == key and r.get("ok")]
-        return None if redo or not rows else rows[-1]
+        if redo:  # only this invocation's runs count
+            rows = [r for r in rows if r["started"] >= REDO_SINCE]
+        return rows[-1] if rows else None
 
     def go(runner: Runner, entry: str, seed: int, steps: int) -> dict[str, Any]:
         row = done(entry, seed, steps, runner.cell)
