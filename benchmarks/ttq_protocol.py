@@ -116,6 +116,7 @@ def _entries() -> dict[str, Entry]:
         ranger("ranger_k8_overlap4", 8, "--distributed.overlap_steps=4", overlap=True),
         ranger("ranger_k16_overlap4", 16, "--distributed.overlap_steps=4", overlap=True),
         ranger("ranger_k32_overlap16", 32, "--distributed.overlap_steps=16", overlap=True),
+        ranger("ranger_k32", 32),  # equal tokens at k = 32 (tuning table only)
         Entry(
             "lookahead_adamw_k8_overlap4",
             Contender(
@@ -487,7 +488,7 @@ def tables(payload: dict[str, Any]) -> str:
             vs = r.get("vs_ddp")
             vs_s = "-" if vs is None else f"{100 * vs:+.1f}%"
             if r["entry"] != "ddp_adamw" and r.get("matches_ddp"):
-                vs_s += " (within)"
+                vs_s += " (within)" if vs is not None and vs >= 0 else " (below)"
             lines.append(
                 f"| {r['entry']} | {r['lr']:.3g} | {eq_s} | {vs_s} | {r.get('rung', '-')} "
                 f"| {_time_cell(r)} "
