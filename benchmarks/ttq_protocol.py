@@ -40,6 +40,10 @@ run (a rerun replaces the runs it repeats and keeps the rest):
     python benchmarks/ttq_protocol.py tune              # ~25 min on 2 cores, loopback
     python benchmarks/ttq_protocol.py run               # needs root (netsim)
     python benchmarks/ttq_protocol.py report
+
+Over the house length: the contenders, the cells, the stages and the analysis are one protocol;
+the launcher and run-folder reading already live in ``time_to_quality.py``. The natural cut, if
+it grows, is the analysis/report half (``analyse``, ``tables``, ``plot``) into a module of its own.
 """
 
 from __future__ import annotations
