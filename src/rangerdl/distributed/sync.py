@@ -36,7 +36,7 @@ import logging
 import time
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,16 @@ from rangerdl.optim import Lookahead, Ranger
 log = logging.getLogger(__name__)
 
 __all__ = ["OuterSync", "distributed_ranger"]
+
+
+class _Pending(NamedTuple):
+    """An overlapped sync in flight: its all-reduce, the buffer it reduces, this rank's weights
+    when it was launched, and the optimizer step that launched it."""
+
+    work: Any  # the async work handle, None once waited for
+    reduced: Tensor
+    snapshot: Tensor
+    launched_at: int
 
 
 class OuterSync:
@@ -131,7 +141,7 @@ class OuterSync:
         self.padded = self.shard * self.world_size
         self.step = 0  # optimizer steps taken (all ranks equal)
         self.stats = {"bytes": 0, "syncs": 0, "time_s": 0.0, "broadcast_bytes": 0}
-        self._pending: Any = None  # overlap: (work or None, reduced, snapshot, launched at step)
+        self._pending: _Pending | None = None
         self._check_ranks_agree()
         self._broadcast_initial()
         flat = self._flatten_params()
@@ -165,7 +175,7 @@ class OuterSync:
         self.step += 1
         due = self._due(self.step)
         if self._pending is not None and (
-            due or self.step - self._pending[3] >= self.options.overlap_steps
+            due or self.step - self._pending.launched_at >= self.options.overlap_steps
         ):
             self._merge_pending()
         if due:
@@ -237,12 +247,12 @@ class OuterSync:
         if self._momentum_buffer is not None:
             state["momentum_buffer"] = self._momentum_buffer.clone()
         if self._pending is not None:
-            work, reduced, snapshot, launched_at = self._pending
-            if work is not None:
-                self._timed_wait(work)
-                self._pending = (None, reduced, snapshot, launched_at)
-            state["pending_reduced"], state["pending_snapshot"] = reduced.clone(), snapshot.clone()
-            state["pending_launched_at"] = launched_at
+            if self._pending.work is not None:
+                self._timed_wait(self._pending.work)
+                self._pending = self._pending._replace(work=None)
+            state["pending_reduced"] = self._pending.reduced.clone()
+            state["pending_snapshot"] = self._pending.snapshot.clone()
+            state["pending_launched_at"] = self._pending.launched_at
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -271,7 +281,7 @@ class OuterSync:
         self.stats = dict(state["stats"])
         self._pending = None
         if "pending_reduced" in state:
-            self._pending = (
+            self._pending = _Pending(
                 None,
                 state["pending_reduced"].clone(),
                 state["pending_snapshot"].clone(),
@@ -421,9 +431,10 @@ class OuterSync:
         reduced = self._to_comm(snapshot.clone())
         work = self._timed(dist.all_reduce, reduced, async_op=True)
         self.stats["bytes"] += self._ring_bytes(self.numel, reduced.element_size(), 2)
-        self._pending = (work, reduced, snapshot, self.step)
+        self._pending = _Pending(work, reduced, snapshot, self.step)
 
     def _merge_pending(self) -> None:
+        assert self._pending is not None
         work, reduced, snapshot, launched_at = self._pending
         self._pending = None
         if work is not None:

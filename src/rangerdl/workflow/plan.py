@@ -213,6 +213,7 @@ def local_row(
     """PostLocalSGD or distributed Ranger syncing every ``k`` steps (module docstring)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    overlap_steps = 0
     if strategy == "post_local_sgd":
         syncs = steps // k
         per_sync = allreduce_time(numel, 4, world_size, link)
@@ -223,7 +224,6 @@ def local_row(
         per_sync = sync_time(
             numel, world_size, link, comm_dtype=comm_dtype, buffer_numel=buffer_numel
         )
-        overlap_steps = 0
         if overlap and syncs:
             # the smallest [distributed] overlap_steps whose compute covers the all-reduce
             overlap_steps = min(k, max(1, math.ceil(per_sync / max(times.total_s, 1e-12))))
@@ -237,9 +237,18 @@ def local_row(
         else:
             sent = syncs * ring_bytes(numel, 4, world_size)
         sent += syncs * ring_bytes(buffer_numel, 4, world_size)
-    row = Row(strategy, k, comm_dtype, overlap, steps, steps * times.total_s, comm, sent, syncs)
-    row.overlap_steps = overlap_steps if strategy == "lookahead" else 0
-    return row
+    return Row(
+        strategy,
+        k,
+        comm_dtype,
+        overlap,
+        steps,
+        steps * times.total_s,
+        comm,
+        sent,
+        syncs,
+        overlap_steps=overlap_steps,
+    )
 
 
 def smallest_k(max_share: float, build: Any, steps: int) -> int | None:
