@@ -287,3 +287,24 @@ def test_wine_with_default_standardisation_trains_like_the_tabular_example(
     out_text = capsys.readouterr().out
     line = next(s for s in out_text.splitlines() if s.startswith("test/accuracy"))
     assert float(line.split()[-1]) == pytest.approx(summary["test/accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("final_batches", [0, 2])
+def test_final_eval_batches_scores_the_periodic_windows(
+    tiny: list[str], tmp_path: Path, final_batches: int
+) -> None:
+    """``final_eval_batches = eval_batches``: the final val/ point scores the same windows as the
+    periodic ones (one metric along the curve); 0 keeps the whole split. lr = 0: the weights do
+    not move, so equal windows give equal losses."""
+    args = ["train", *tiny, "--optim.lr=0", "--train.steps=20", "--train.eval_every=10"]
+    args.append("--data.eval_batch_size=16")  # 2 batches: 32 of the split's ~180 windows
+    assert main([*args, f"--train.final_eval_batches={final_batches}"]) == 0
+    rows = [r for r in read_metrics(run_dir(tiny)) if "val/loss" in r]
+    assert [r["step"] for r in rows] == [10, 20]
+    periodic, final = rows[0]["val/loss"], rows[1]["val/loss"]
+    summary = json.loads((run_dir(tiny) / "summary.json").read_text())
+    assert summary["val/loss"] == final and "test/loss" in summary
+    if final_batches:
+        assert final == periodic
+    else:  # the whole split: other windows, another mean
+        assert abs(final - periodic) > 1e-6

@@ -133,7 +133,11 @@ class TrainConfig:
     eval_every: int = 120
     """Validate every this many steps (0: only at the end)."""
     eval_batches: int = 0
-    """Limit validation to this many batches (0: the whole split)."""
+    """Limit the periodic validation to this many batches (0: the whole split)."""
+    final_eval_batches: int = 0
+    """Limit the final validation and test to this many batches each (0: the whole splits). Set
+    it to ``eval_batches`` for one metric along the whole curve (the final point then scores the
+    same windows as the periodic ones) and a cheap end of run."""
     checkpoint_every: int = 300
     """Write a checkpoint every this many steps (0: only at the end)."""
     keep_checkpoints: int = 2
@@ -270,6 +274,7 @@ class Config:
             ("train", "checkpoint_every"),
             ("train", "keep_checkpoints"),
             ("train", "eval_batches"),
+            ("train", "final_eval_batches"),
             ("train", "stop_at"),
             ("data", "num_workers"),
             ("schedule", "warmup_steps"),
@@ -392,6 +397,7 @@ RESUME_MAY_CHANGE: dict[str, tuple[str, ...] | None] = {
         "stop_at",
         "eval_every",
         "eval_batches",
+        "final_eval_batches",
         "checkpoint_every",
         "keep_checkpoints",
         "grad_clip",

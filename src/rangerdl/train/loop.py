@@ -137,7 +137,7 @@ def _train(
     )
 
     def evaluation(split: str, dataset: Any, max_batches: int = 0) -> dict[str, float]:
-        size, final = cfg.data.eval_batch_size, max_batches == 0 and step == t.steps
+        size, final = cfg.data.eval_batch_size, step == t.steps
         return validate(
             opt,
             dataset,
@@ -150,9 +150,12 @@ def _train(
         )
 
     sample = f"; the first {t.eval_batches} batches" if t.eval_batches else ""
+    final_what = "whole splits"
+    if t.final_eval_batches:
+        final_what = f"the first {t.final_eval_batches} batches of each split"
     if rt.is_main:
-        what = "periodic validation (val/): %s%s; the final val/ and test/: whole splits"
-        log.info(what, val_what, sample)
+        what = "periodic validation (val/): %s%s; the final val/ and test/: %s"
+        log.info(what, val_what, sample, final_what)
     stop = held.enter_context(StopRequest(rt, check_every=opt.agree_every))
     train_time, window_t0, window_samples = 0.0, time.perf_counter(), 0
     model.train()
@@ -206,8 +209,9 @@ def _train(
     train_time += time.perf_counter() - t0
     total_time = elapsed_before + train_time
     final = checkpointer.save(step, total_time)  # once, after the final sync, before evaluation
-    last_val = evaluation("val", val_ds) if val_ds is not splits.get("test") else {}
-    test = evaluation("test", splits["test"]) if "test" in splits else {}
+    n = t.final_eval_batches
+    last_val = evaluation("val", val_ds, n) if val_ds is not splits.get("test") else {}
+    test = evaluation("test", splits["test"], n) if "test" in splits else {}
     metrics.log(step, last_val | test | {"time/train_s": total_time})
     summary = {
         "run_dir": str(run),
