@@ -27,7 +27,9 @@ run (a rerun replaces the runs it repeats and keeps the rest):
      rung whose run reaches the target; its time to target is the first crossing on the training
      wall clock (``time/train_s``, interpolated between evaluations). Longer rungs are not run
      once a rung reaches it (a longer schedule stays at a high LR longer and reaches a given loss
-     later); the rungs that were run are all in the JSON.
+     later); the rungs that were run are all in the JSON. With several seeds, each climbs the
+     ladder from seed 0's rung, and the row's rung is the first that every seed reaches (its
+     time: the mean over seeds there).
    - per row: time to target, speedup over DDP (DDP AdamW's mean B-step training time / time to
      target), that speedup as a fraction of the cell's limit (DDP's time at the cell's rate /
      DDP's time with no rate limit: no method beats DDP by more), final loss at equal tokens,
@@ -115,12 +117,16 @@ def _entries() -> dict[str, Entry]:
         ),
         ranger("ranger_k8", 8),
         ranger("ranger_k8_bf16", 8, dtype="bf16"),
+        ranger("ranger_k16_bf16", 16, dtype="bf16"),  # the slow-link (20 Mbit/s) candidate
         # overlapped: the all-reduce runs during the next `d` local steps (overlap_steps), chosen
         # so that d steps of compute (~45 ms each here) cover its wire time at the cell's rate
         ranger("ranger_k8_overlap4", 8, "--distributed.overlap_steps=4", overlap=True),
         ranger("ranger_k16_overlap4", 16, "--distributed.overlap_steps=4", overlap=True),
         ranger("ranger_k32_overlap16", 32, "--distributed.overlap_steps=16", overlap=True),
         ranger("ranger_k32", 32),  # equal tokens at k = 32 (tuning table only)
+        # the outer step: alpha = 1 (plain averaging, as post-local SGD) instead of Lookahead's 0.5
+        ranger("ranger_k32_outer1", 32, "--distributed.outer_lr=1.0"),
+        ranger("ranger_k8_outer1", 8, "--distributed.outer_lr=1.0"),
         Entry(
             "lookahead_adamw_k8_overlap4",
             Contender(
@@ -193,6 +199,8 @@ class Runner:
     ) -> dict[str, Any]:
         w = WORKLOADS[self.workload]
         budget: tuple[str, ...] = (f"--train.steps={steps}", f"--train.eval_every={eval_every}")
+        if stage == "run":  # one metric along the whole curve: the final point on the same windows
+            budget += (f"--train.final_eval_batches={periodic_batches(self.workload)}",)
         if QUICK:  # the workload's tiny sizes, keeping this budget
             budget = (*(a for a in w.quick if not a.startswith("--train.")), *budget)
         c = replace(entry.contender, extra=(*entry.contender.extra, *budget, f"--run.seed={seed}"))
@@ -203,6 +211,14 @@ class Runner:
         row |= {"stage": stage, "cell": self.cell, "entry": entry.name, "lr": lr, "seed": seed}
         row |= {"steps_budget": steps, "started": t0, "eval_every": eval_every}
         return row
+
+
+def periodic_batches(workload: str) -> int:
+    """The workload's ``[train] eval_batches``: the run stage scores every point of a curve, the
+    final one included, on these validation batches (0: the whole split)."""
+    from rangerdl.train.config import load_config
+
+    return load_config(WORKLOADS[workload].config).train.eval_batches
 
 
 def tune(names: list[str], workload: str, hosts: int, out: Path) -> None:
@@ -270,7 +286,8 @@ CELLS = (
         ),
         seeds=3,
     ),
-    CellSpec("gpt", 2, "20mbit", ("ddp_adamw", "ranger_k8_bf16", "ranger_k16_overlap4")),
+    # at 20 Mbit/s a fp32 sync takes ~0.7 s, more than 4 steps of compute: bf16 and a longer k
+    CellSpec("gpt", 2, "20mbit", ("ddp_adamw", "ranger_k8_bf16", "ranger_k16_bf16")),
     CellSpec("gpt", 4, "100mbit", ("ddp_adamw", "ranger_k8_bf16", "ranger_k8_overlap4")),
     CellSpec("digits", 2, "100mbit", ("ddp_adamw", "post_local_sgd_k8", "ranger_k8_overlap4")),
 )
@@ -290,7 +307,8 @@ def rung_steps(workload: str, k: int) -> list[int]:
 
 def run_cell(spec: CellSpec, out: Path, redo: bool, tuning: Path | None = None) -> None:
     """Stage 2 for one cell: DDP's seeds (+ its no-limit time), every local contender's ladder at
-    seed 0, then the best two again at the other seeds (equal tokens and their target rung).
+    seed 0, then the best two again at the other seeds: at B (equal tokens) and up the ladder
+    from seed 0's rung until each reaches the target, then every seed at the highest such rung.
     Learning rates: the tuning winners in ``tuning`` (default: ``out``), found with 2 hosts."""
     payload = load(tuning or out)
     if tuning is not None:  # carry the tuning runs along, so that `out` tells the whole story
@@ -347,22 +365,44 @@ def run_cell(spec: CellSpec, out: Path, redo: bool, tuning: Path | None = None) 
                         break
             best = sorted(reached, key=lambda n: reached[n][1])[:2]
             for name in best:
+                ladder = rung_steps(spec.workload, ENTRIES[name].k)
+                first = {0: reached[name][0]}
                 for seed in seeds[1:]:
-                    for steps in sorted({steps_b, reached[name][0]}):
-                        go(runner, name, seed, steps)
+                    go(runner, name, seed, steps_b)  # equal tokens
+                    for steps in (s for s in ladder if s >= reached[name][0]):
+                        row = go(runner, name, seed, steps)
+                        first[seed] = steps
+                        if row.get("ok") and time_to_target(row["curve"], target) is not None:
+                            break
+                for seed in seeds:  # the row's rung: the first that every seed reaches
+                    go(runner, name, seed, max(first.values()))
 
 
 # ---------------------------------------------------------------------------------- analysis
 def final_loss(run: dict[str, Any]) -> float:
-    """The loss at the run's last step: the trainer's final validation, on the whole validation
-    split (the target is DDP's, measured the same way). The periodic evaluations before it use
-    the first ``eval_batches`` batches (512 windows), which score about 0.04 higher here, so a
-    crossing is found in the last segment of a curve at the earliest: time to target is an upper
-    bound for the local contenders (DDP's time is its whole training time)."""
+    """The validation loss at the run's last step (slow weights for Lookahead contenders). In the
+    run stage every point of a curve, this one included, scores the same validation windows (the
+    workload's ``eval_batches``: 512 fixed windows for GPT, the whole split for digits;
+    ``--train.final_eval_batches``), so the target (DDP's mean of these) and a contender's
+    crossing, wherever it falls, are measured alike. Tuning scores the whole split instead."""
     step, _, loss = run["curve"][-1]
     if step != run["steps_budget"]:
         raise ValueError(f"{run['entry']}: no evaluation at the final step {run['steps_budget']}")
     return float(loss)
+
+
+def rung_reached(runs: list[dict[str, Any]], target: float) -> int | None:
+    """The row's rung: the smallest step budget at which every seed the contender ran has a run
+    and every one of those runs reaches ``target`` (None: no such rung). A rung that seed 0
+    reaches but another seed does not is passed over: the ladder goes on for every seed."""
+    seeds = {r["seed"] for r in runs}
+    for steps in sorted({r["steps_budget"] for r in runs}):
+        at = [r for r in runs if r["steps_budget"] == steps]
+        if {r["seed"] for r in at} == seeds and all(
+            time_to_target(r["curve"], target) is not None for r in at
+        ):
+            return int(steps)
+    return None
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
@@ -428,19 +468,23 @@ def analyse(payload: dict[str, Any]) -> list[dict[str, Any]]:
                 }
                 for r in ladder
             ]
-            hit = next((x for x in row["ladder"] if x["time_to_target_s"] is not None), None)
+            hit = rung_reached(mine, target)
             if name == "ddp_adamw":
                 row["time_to_target_s"] = ddp_time
                 hit_rows = ddp
             elif hit is not None:
-                row["rung"] = hit["steps"]
-                hit_rows = [r for r in mine if r["steps_budget"] == hit["steps"]]
+                row["rung"] = hit
+                hit_rows = sorted(
+                    (r for r in mine if r["steps_budget"] == hit), key=lambda r: r["seed"]
+                )
                 times = [time_to_target(r["curve"], target) for r in hit_rows]
                 row["time_to_target_per_seed"] = times
-                got = [t for t in times if t is not None]
-                row["time_to_target_s"] = statistics.mean(got) if len(got) == len(times) else None
+                row["time_to_target_s"] = statistics.mean(times)  # type: ignore[arg-type]
             else:
                 hit_rows = []
+                first = next((x for x in row["ladder"] if x["time_to_target_s"] is not None), None)
+                if first is not None:  # seed 0 reached it, another seed not within the ladder
+                    row["seed0_rung"] = first["steps"]
             t = row.get("time_to_target_s")
             if t and name != "ddp_adamw":
                 row["speedup"] = ddp_time / t
@@ -511,10 +555,8 @@ def _time_cell(row: dict[str, Any]) -> str:
     t = row.get("time_to_target_s")
     if t is not None:
         return f"{t:.1f}"
-    per_seed = row.get("time_to_target_per_seed")
-    if per_seed:  # the rung reached it with seed 0 but not with every seed
-        got = [x for x in per_seed if x is not None]
-        return f"{len(got)}/{len(per_seed)} seeds reach it"
+    if row.get("seed0_rung"):
+        return f"seed 0 at {row['seed0_rung']} steps; not every seed within the ladder"
     return "not reached"
 
 

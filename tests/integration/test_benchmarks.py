@@ -186,3 +186,34 @@ def test_ttq_protocol_ladder_targets_and_speedups(tmp_path: Path) -> None:
     assert "ranger_k8_overlap4" in text and "1280" in text
     proto.plot(payload, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_ttq_protocol_rung_is_the_first_that_every_seed_reaches() -> None:
+    """Seed 0 reaches the target at B but seed 1 only at 1.25 B: the row's rung is 1.25 B (its
+    time the mean over seeds there); without every seed's run at a reaching rung, no time."""
+    proto = importlib.import_module("ttq_protocol")
+    cell, lr = "gpt-2h-100mbit", 1e-3
+    runs = [
+        _synthetic_run(
+            entry="ddp_adamw", cell=cell, lr=lr, seed=s, steps=1024, secs=200.0, start=3, end=2
+        )
+        for s in (0, 1)
+    ]
+    bf = dict(entry="ranger_k8_bf16", cell=cell, lr=lr)
+    seed0_b = _synthetic_run(**bf, seed=0, steps=1024, secs=40.0, start=3.0, end=1.9)
+    seed1_b = _synthetic_run(**bf, seed=1, steps=1024, secs=40.0, start=3.0, end=2.1)
+    seed1_r = _synthetic_run(**bf, seed=1, steps=1280, secs=50.0, start=3.0, end=1.5)
+    seed0_r = _synthetic_run(**bf, seed=0, steps=1280, secs=50.0, start=3.0, end=1.5)
+
+    def row(extra: list[dict[str, object]]) -> dict[str, object]:
+        analysed = {c["cell"]: c for c in proto.analyse({"runs": runs + extra})}[cell]
+        return {r["entry"]: r for r in analysed["rows"]}["ranger_k8_bf16"]
+
+    partial = row([seed0_b, seed1_b, seed1_r])  # seed 0 has no 1280 run yet
+    assert "rung" not in partial and partial["seed0_rung"] == 1024
+    assert partial.get("time_to_target_s") is None
+    full = row([seed0_b, seed1_b, seed1_r, seed0_r])
+    assert full["rung"] == 1280
+    # both 1280 runs fall 3 -> 1.5 in 50 s: 2.0 at (3 - 2) / 1.5 of 50 s
+    assert full["time_to_target_s"] == pytest.approx(50.0 * 2 / 3)
+    assert full["time_to_target_per_seed"] == pytest.approx([50.0 * 2 / 3] * 2)
