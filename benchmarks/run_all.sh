@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark on a 2-core machine: about 110 min (the 90-min budget is exceeded; see README):
+# Every benchmark on a 2-core machine: about 105 min (over the 90-min budget; see README):
 # optimizer step, data loader (if present), Keras step, convergence, the time-to-quality protocol;
 # then EVIDENCE.md.
 # Results: benchmarks/results/*.json and *.png (or $RESULTS_DIR). `make bench` runs this.
@@ -47,7 +47,7 @@ if "$PY" -c "import keras" 2>/dev/null; then
     run keras_step "$PY" benchmarks/keras_step.py $(out keras_step.json)
 fi
 run convergence "$PY" benchmarks/convergence.py $(out convergence.json)
-# the time-to-quality protocol's cells (~100 min with the 20 Mbit/s cell), with the learning rates its `tune` stage chose
+# the time-to-quality protocol's cells (~100 min), with the learning rates its `tune` stage chose
 # (committed in results/ttq_protocol.json; `python benchmarks/ttq_protocol.py tune` redoes them, ~30
 # min); the older equal-step comparison (benchmarks/time_to_quality.py, ~30 min) is not rerun
 # shellcheck disable=SC2046
