@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark on a 2-core machine: about 105 min (over the 90-min budget; see README):
+# Every benchmark on a 2-core machine: about 125 min (over the 90-min budget; see README):
 # optimizer step, data loader (if present), Keras step, convergence, the time-to-quality protocol;
 # then EVIDENCE.md.
 # Results: benchmarks/results/*.json and *.png (or $RESULTS_DIR). `make bench` runs this.
