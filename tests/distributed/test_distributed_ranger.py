@@ -125,15 +125,20 @@ def test_shard_slow_equals_unsharded(tmp_path: Path, nproc: int) -> None:
     assert sharded[0]["comm"]["mem/outer_state_bytes"] <= full / nproc + 64
 
 
-@pytest.mark.parametrize("delay", [1, 3, 4])
-def test_overlap_equals_delayed_merge_simulation(tmp_path: Path, delay: int) -> None:
+@pytest.mark.parametrize(
+    ("delay", "comm_dtype"), [(1, "fp32"), (3, "fp32"), (4, "fp32"), (1, "bf16"), (3, "bf16")]
+)
+def test_overlap_equals_delayed_merge_simulation(
+    tmp_path: Path, delay: int, comm_dtype: str
+) -> None:
     world, k, alpha, steps, lr = 2, 4, 0.5, 18, 0.05
-    sync = {"overlap": True, "sync_every": k, "overlap_steps": delay}
+    sync = {"overlap": True, "sync_every": k, "overlap_steps": delay, "comm_dtype": comm_dtype}
     recs = launch(tmp_path, {"kind": "ranger", "steps": steps, "lr": lr, "sync": sync})
 
     # The simulation: W replicas in one process. At a sync step s each replica's weights are
     # snapshotted and averaged; after step s + delay phi moves toward that mean and each replica
-    # becomes phi plus its own progress since the snapshot.
+    # becomes phi plus its own progress since the snapshot. With bf16 what is averaged is the
+    # pseudo-gradient (snapshot - phi) rounded to bf16, summed in fp32, the mean rounded to bf16.
     replicas = [make_model(0) for _ in range(world)]
     opts = [Ranger(m.parameters(), lr=lr, k=10**9) for m in replicas]  # no local Lookahead
     phi, pending, launched = flat(replicas[0]), None, 0
@@ -146,13 +151,21 @@ def test_overlap_equals_delayed_merge_simulation(tmp_path: Path, delay: int) -> 
         count = step + 1
         if pending is not None and count - launched >= delay:
             mean, snapshots = pending
-            phi = phi.lerp(mean, alpha)
+            if comm_dtype == "bf16":
+                phi = phi + alpha * mean
+            else:
+                phi = phi.lerp(mean, alpha)
             for m, snap in zip(replicas, snapshots, strict=True):
                 _set_flat(m, phi + (flat(m) - snap))
             pending = None
         if count % k == 0:
             snapshots = [flat(m) for m in replicas]
-            pending, launched = (torch.stack(snapshots).sum(0) / world, snapshots), count
+            if comm_dtype == "bf16":
+                deltas = torch.stack([(s - phi).bfloat16().float() for s in snapshots])
+                mean = (deltas.sum(0) / world).bfloat16().float()
+            else:
+                mean = torch.stack(snapshots).sum(0) / world
+            pending, launched = (mean, snapshots), count
         for r in range(world):
             assert torch.allclose(recs[r]["traj"][step], flat(replicas[r]), atol=1e-6, rtol=0), (
                 step,
@@ -170,14 +183,19 @@ def _set_flat(model: torch.nn.Module, values: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize(
-    ("steps", "overlap", "syncs"),
-    [(10, False, 3), (10, True, 3), (8, True, 2)],
-    ids=["partial-window", "overlap-partial-window", "overlap-launched-at-the-last-step"],
+    ("steps", "overlap", "syncs", "comm_dtype"),
+    [(10, False, 3, "fp32"), (10, True, 3, "fp32"), (8, True, 2, "fp32"), (10, True, 3, "bf16")],
+    ids=[
+        "partial-window",
+        "overlap-partial-window",
+        "overlap-launched-at-the-last-step",
+        "bf16-overlap-partial-window",
+    ],
 )
 def test_finish_leaves_every_rank_on_the_global_weights(
-    tmp_path: Path, steps: int, overlap: bool, syncs: int
+    tmp_path: Path, steps: int, overlap: bool, syncs: int, comm_dtype: str
 ) -> None:
-    sync = {"sync_every": 4, "overlap": overlap}
+    sync = {"sync_every": 4, "overlap": overlap, "comm_dtype": comm_dtype}
     recs = launch(tmp_path, {"kind": "ranger", "steps": steps, "finish": True, "sync": sync})
     assert torch.equal(recs[0]["final"], recs[1]["final"])
     # 8 steps with overlap: the sync launched at step 8 is merged by finish(), and no more is needed
@@ -251,8 +269,9 @@ def test_options_that_cannot_combine_are_refused() -> None:
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     with pytest.raises(ValueError, match=r"call torch\.distributed\.init_process_group"):
         OuterSync(opt, None, SyncOptions(sync_every=2, outer_lr=0.5))
-    with pytest.raises(ValueError, match="overlap combines only with the plain fp32"):
+    with pytest.raises(ValueError, match="overlap and shard_slow cannot combine"):
         SyncOptions(overlap=True, shard_slow=True).validate()
+    SyncOptions(overlap=True, comm_dtype="bf16").validate()  # the overlapped bf16 exchange
     with pytest.raises(ValueError, match="overlap_steps = 3 needs overlap = true"):
         SyncOptions(overlap_steps=3).validate()
     with pytest.raises(ValueError, match=r"overlap_steps \(9\) must be <= sync_every \(8\)"):

@@ -79,9 +79,12 @@ def train_losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/loss"]) for r in read_metrics(run) if "train/loss" in r]
 
 
-@pytest.mark.parametrize(("overlap", "delay"), [(False, 1), (True, 1), (True, 4)])
+@pytest.mark.parametrize(
+    ("overlap", "delay", "comm_dtype"),
+    [(False, 1, "fp32"), (True, 1, "fp32"), (True, 4, "fp32"), (True, 4, "bf16")],
+)
 def test_resume_is_bitwise_identical(
-    cache: Path, tmp_path: Path, overlap: bool, delay: int
+    cache: Path, tmp_path: Path, overlap: bool, delay: int, comm_dtype: str
 ) -> None:
     # Stop at step 18 = a sync step (sync_every 6): with overlap the all-reduce is still in
     # flight at the checkpoint (and is merged `delay` steps later), and the resumed run must
@@ -89,6 +92,7 @@ def test_resume_is_bitwise_identical(
     common = [*TINY, "--train.steps=30", "--train.checkpoint_every=0", "--distributed.sync_every=6"]
     common.append(f"--distributed.overlap={str(overlap).lower()}")
     common.append(f"--distributed.overlap_steps={delay}")
+    common.append(f"--distributed.comm_dtype={comm_dtype}")
     torchrun(cache, [f"--run.dir={tmp_path / 'a'}", *common])
     torchrun(cache, [f"--run.dir={tmp_path / 'b'}", *common, "--train.stop_at=18"])
     torchrun(cache, ["--resume", str(tmp_path / "b" / "t")])

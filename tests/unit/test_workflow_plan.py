@@ -64,6 +64,11 @@ def test_local_rows_count_syncs_bytes_and_overlap() -> None:
     assert short.comm_s == pytest.approx(23 * (per - 4 * 0.05) + per, rel=1e-3)
     plsgd = local_row(times, n, 2, link, 100, k=8, strategy="post_local_sgd")
     assert plsgd.syncs == 12
+    both = local_row(times, n, 2, link, 96, k=8, comm_dtype="bf16", overlap=True)
+    # a 0.16 s bf16 exchange: 4 steps cover it, half the bytes of fp32
+    assert both.label == "distributed Ranger k=8, bf16, overlap 4"
+    assert both.overlap_steps == 4 and both.bytes_per_rank == over.bytes_per_rank / 2
+    assert both.comm_s == pytest.approx(per / 2, rel=1e-3)
 
 
 def test_smallest_k_keeps_the_share_under_the_target() -> None:

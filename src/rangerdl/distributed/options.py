@@ -46,8 +46,9 @@ class SyncOptions:
     every ``sync_every`` steps with the outer step (0: off). Costs one all-reduce per warm-up
     step."""
     overlap: bool = False
-    """All-reduce asynchronously while workers take their next local steps; merge
-    ``overlap_steps`` steps late, keeping the local progress made meanwhile."""
+    """Sync asynchronously while workers take their next local steps (the fp32 all-reduce, or the
+    bf16 exchange on a worker thread); merge ``overlap_steps`` steps late, keeping the local
+    progress made meanwhile."""
     overlap_steps: int = 1
     """With ``overlap``: optimizer steps the all-reduce may take before its result is merged
     (Streaming DiLoCo's tau, Douillard et al. 2025; torchft's ``fragment_sync_delay``), in
@@ -116,8 +117,8 @@ class SyncOptions:
                 "the slow weights cannot form the pseudo-gradient (theta - phi) of the rest, so the "
                 "weights themselves would travel in bf16; use one or the other"
             )
-        if self.overlap and (self.shard_slow or self.comm_dtype != "fp32"):
+        if self.overlap and self.shard_slow:
             raise ValueError(
-                f"{where}overlap combines only with the plain fp32 all-reduce (not with shard_slow "
-                "or bf16): those need a second collective that depends on the first"
+                f"{where}overlap and shard_slow cannot combine: the sharded sync's all-gather of "
+                "the slow weights would have to wait for the reduce-scatter and the outer step"
             )

@@ -10,10 +10,14 @@ Communication per sync: one all-reduce of the parameters (ring: 2 (W-1)/W x valu
 rank, :func:`rangerdl.distributed.cost.ring_bytes`), or the same bytes as reduce-scatter +
 all-gather with ``shard_slow`` (each rank keeps 1/W of the slow weights and outer momentum), or
 half of them with ``comm_dtype="bf16"`` (the pseudo-gradient in bf16 via all-to-all, summed in
-fp32, the mean all-gathered in bf16). ``overlap`` launches the all-reduce asynchronously and merges
-it ``overlap_steps`` optimizer steps later (Streaming DiLoCo's tau, Douillard et al. 2025; torchft's
+fp32, the mean all-gathered in bf16). ``overlap`` launches the sync asynchronously and merges it
+``overlap_steps`` optimizer steps later (Streaming DiLoCo's tau, Douillard et al. 2025; torchft's
 ``fragment_sync_delay``), keeping the local progress made meanwhile:
-theta_i <- phi_new + (theta_i(now) - theta_i(at launch)).
+theta_i <- phi_new + (theta_i(now) - theta_i(at launch)). The fp32 all-reduce is one async
+collective; the bf16 exchange is two dependent ones (the all-gather needs the summed all-to-all),
+so it runs on a worker thread over a second process group with the same ranks, which nothing
+else uses (collectives on one group must be issued in the same order on every rank; the
+training loop's own collectives stay on ``process_group``).
 
 The fp32 paths reduce the weights themselves and apply ``phi.lerp_(mean, outer_lr)``, the same
 operation as single-process Lookahead, so one worker reproduces ``Ranger``/``Lookahead`` bit for
@@ -35,6 +39,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, NamedTuple
 
@@ -53,13 +58,16 @@ __all__ = ["OuterSync", "distributed_ranger"]
 
 
 class _Pending(NamedTuple):
-    """An overlapped sync in flight: its all-reduce, the buffer it reduces, this rank's weights
-    when it was launched, and the optimizer step that launched it."""
+    """An overlapped sync in flight: its work handle, the buffer that receives the result, this
+    rank's weights when it was launched, the optimizer step that launched it, and what the
+    buffer holds once done: the sum of the ranks' weights (fp32) or the mean pseudo-gradient,
+    padded (bf16)."""
 
-    work: Any  # the async work handle, None once waited for
+    work: Any  # the async work handle or the worker thread's Future, None once waited for
     reduced: Tensor
     snapshot: Tensor
     launched_at: int
+    is_delta: bool = False
 
 
 class OuterSync:
@@ -144,6 +152,16 @@ class OuterSync:
         self._pending: _Pending | None = None
         self._check_ranks_agree()
         self._broadcast_initial()
+        # The overlapped bf16 exchange runs on a worker thread over its own group (module docstring)
+        self._side_group: Any = None
+        self._executor: ThreadPoolExecutor | None = None
+        if self.options.overlap and self.options.comm_dtype == "bf16":
+            self._side_group = dist.new_group(
+                ranks=dist.get_process_group_ranks(process_group),
+                backend=backend,
+                use_local_synchronization=True,
+            )
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rangerdl-sync")
         flat = self._flatten_params()
         if self.options.shard_slow:
             lo = self.rank * self.shard
@@ -198,6 +216,9 @@ class OuterSync:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
 
     def __enter__(self) -> OuterSync:
         return self
@@ -253,6 +274,7 @@ class OuterSync:
             state["pending_reduced"] = self._pending.reduced.clone()
             state["pending_snapshot"] = self._pending.snapshot.clone()
             state["pending_launched_at"] = self._pending.launched_at
+            state["pending_is_delta"] = self._pending.is_delta
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -287,6 +309,7 @@ class OuterSync:
                 state["pending_snapshot"].clone(),
                 # saved before overlap_steps existed: launched at the step the state was saved
                 int(state.get("pending_launched_at", state["step"])),
+                bool(state.get("pending_is_delta", False)),
             )
 
     # ------------------------------------------------------------------ internals
@@ -342,7 +365,10 @@ class OuterSync:
 
     def _timed_wait(self, work: Any) -> None:
         t0 = time.perf_counter()
-        work.wait()
+        if isinstance(work, Future):
+            work.result()  # re-raises what failed on the worker thread
+        else:
+            work.wait()
         self.stats["time_s"] += time.perf_counter() - t0
 
     def _to_comm(self, t: Tensor) -> Tensor:
@@ -409,12 +435,12 @@ class OuterSync:
             self._check_step_counts()
         self._sync_buffers()
         self.stats["syncs"] += 1
-        if self.options.comm_dtype == "bf16":
+        if self.options.overlap and not blocking:
+            self._launch_overlapped()
+        elif self.options.comm_dtype == "bf16":
             self._sync_bf16()
         elif self.options.shard_slow:
             self._sync_sharded()
-        elif self.options.overlap and not blocking:
-            self._launch_overlapped()
         else:
             self._sync_allreduce()
 
@@ -428,6 +454,16 @@ class OuterSync:
 
     def _launch_overlapped(self) -> None:
         snapshot = self._flatten_params()
+        if self.options.comm_dtype == "bf16":
+            assert self._executor is not None
+            sent = self._bf16_delta(snapshot)
+            gathered = torch.empty_like(sent)
+            work: Any = self._executor.submit(
+                self._exchange_bf16, sent, gathered, self._side_group
+            )
+            self.stats["bytes"] += 2 * self._ring_bytes(self.padded, 2, 1)
+            self._pending = _Pending(work, gathered, snapshot, self.step, is_delta=True)
+            return
         reduced = self._to_comm(snapshot.clone())
         work = self._timed(dist.all_reduce, reduced, async_op=True)
         self.stats["bytes"] += self._ring_bytes(self.numel, reduced.element_size(), 2)
@@ -435,12 +471,17 @@ class OuterSync:
 
     def _merge_pending(self) -> None:
         assert self._pending is not None
-        work, reduced, snapshot, launched_at = self._pending
+        work, reduced, snapshot, launched_at, is_delta = self._pending
         self._pending = None
         if work is not None:
             self._timed_wait(work)
-        mean = reduced.to(self.device).div_(self.world_size)
-        self._outer_update(self._slow, mean, warm=self._warm(launched_at))
+        warm = self._warm(launched_at)
+        if is_delta:  # the mean pseudo-gradient, relative to phi at launch (phi has not moved)
+            mean_delta = reduced.to(self.device)[: self.numel].to(self.dtype)
+            self._outer_update(self._slow, mean_delta, is_delta=True, warm=warm)
+        else:
+            mean = reduced.to(self.device).div_(self.world_size)
+            self._outer_update(self._slow, mean, warm=warm)
         with torch.no_grad():
             now = self._flatten_params()
             now.sub_(snapshot).add_(self._slow)  # phi_new + local progress since the launch
@@ -462,15 +503,26 @@ class OuterSync:
         self._timed(dist.all_gather_into_tensor, full, self._to_comm(self._slow))
         return full.to(self.device)[: self.numel]
 
-    def _sync_bf16(self) -> None:
+    def _bf16_delta(self, flat: Tensor) -> Tensor:
+        """The pseudo-gradient theta - phi (computed in fp32), padded to W shards, in bf16."""
         delta = torch.zeros(self.padded, dtype=torch.float32, device=self.device)
-        delta[: self.numel].copy_(self._flatten_params()).sub_(self._slow)  # theta - phi, in fp32
-        sent = self._to_comm(delta.to(torch.bfloat16))
+        delta[: self.numel].copy_(flat).sub_(self._slow)
+        return self._to_comm(delta.to(torch.bfloat16))
+
+    def _exchange_bf16(self, sent: Tensor, gathered: Tensor, group: Any) -> None:
+        """``gathered`` <- the ranks' mean of ``sent``: all-to-all (shard j of every rank to rank
+        j), a sum in fp32, all-gather of the bf16 mean shards. Blocking, on ``group``."""
         received = torch.empty_like(sent)
-        self._timed(dist.all_to_all_single, received, sent)  # shard j of every rank -> rank j
+        dist.all_to_all_single(received, sent, group=group)
         mean_shard = received.view(self.world_size, self.shard).float().sum(0).div_(self.world_size)
+        dist.all_gather_into_tensor(gathered, mean_shard.to(torch.bfloat16), group=group)
+
+    def _sync_bf16(self) -> None:
+        sent = self._bf16_delta(self._flatten_params())
         gathered = torch.empty_like(sent)
-        self._timed(dist.all_gather_into_tensor, gathered, mean_shard.to(torch.bfloat16))
+        t0 = time.perf_counter()
+        self._exchange_bf16(sent, gathered, self.process_group)
+        self.stats["time_s"] += time.perf_counter() - t0
         self.stats["bytes"] += 2 * self._ring_bytes(self.padded, 2, 1)
         mean_delta = gathered.to(self.device)[: self.numel].to(self.dtype)
         self._outer_update(self._slow, mean_delta, is_delta=True, warm=self._warm(self.step))

@@ -26,7 +26,7 @@ Per strategy (``S`` = optimizer steps in the run, ``k`` = steps between syncs):
   ``2 T_ag(n, 2)``: half the bytes, twice the latency terms. Overlap: launched after the sync step
   and waited for ``d`` steps later (``[distributed] overlap_steps``; the row uses the smallest
   ``d <= k`` with ``d t_c >= T_sync`` and names it), so only ``max(0, T_sync - d t_c)`` blocks; the
-  sync launched at the last step has nothing to hide behind.
+  sync launched at the last step has nothing to hide behind. bf16 with overlap: both.
 
 Share communicating = comm / (compute + comm), per run. The smallest ``k`` under a share is found
 by trying every ``k`` up to ``S``. Speedup over DDP = DDP's estimated run time / the row's; no
@@ -172,7 +172,7 @@ class Row:
             return {"ddp": "DDP", "post_local_sgd": f"PostLocalSGD k={self.k}"}[self.strategy]
         extra = ", bf16" if self.comm_dtype == "bf16" else ""
         if self.overlap:
-            extra = f", overlap {self.overlap_steps}"
+            extra += f", overlap {self.overlap_steps}"
         return f"distributed Ranger k={self.k}{extra}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -325,7 +325,12 @@ def make_plan(
     plan = Plan(numel, buffer_numel, times, times_source, world_size, link, steps, max_share)
     plan.rows.append(ddp_row(*args))
     plan.rows.append(local_row(*args, strategy="post_local_sgd", k=plsgd_k))
-    variants = {"fp32": ("fp32", False), "bf16": ("bf16", False), "overlap": ("fp32", True)}
+    variants = {
+        "fp32": ("fp32", False),
+        "bf16": ("bf16", False),
+        "overlap": ("fp32", True),
+        "bf16 overlap": ("bf16", True),
+    }
     for k in sorted(set(ks)):
         for dtype, overlap in variants.values():
             plan.rows.append(
