@@ -11,7 +11,7 @@ thread per host). Contenders:
 - ``ranger_kK`` (K = 8, 16, 32): distributed Ranger (``strategy = "lookahead"``): local Ranger
   steps, the Lookahead slow weights synchronised every K steps (outer lr = alpha = 0.5);
   ``_overlap``: the all-reduce runs while the next local steps are taken; ``_bf16``: the
-  pseudo-gradient travels in bf16. (rangerdl refuses overlap + bf16, so there are 3 variants.)
+  pseudo-gradient travels in bf16. (Overlap + bf16 together is measured by ``ttq_protocol.py``.)
 - ``single_ranger``: one process, the whole global batch: the reference.
 
 Definitions (also written into the JSON):

@@ -62,11 +62,20 @@ def single_process_ranger(steps: int, **kwargs: Any) -> list[torch.Tensor]:
     return traj
 
 
-def test_one_worker_equals_single_process_ranger_bitwise(tmp_path: Path) -> None:
-    (rec,) = launch(tmp_path, {"kind": "ranger", "steps": 20, "lr": 0.05}, nproc=1)
+@pytest.mark.parametrize(
+    "sync", [{}, {"overlap": True, "overlap_steps": 3, "eager": True}], ids=["blocking", "eager"]
+)
+def test_one_worker_equals_single_process_ranger_bitwise(
+    tmp_path: Path, sync: dict[str, Any]
+) -> None:
+    # eager overlap: the outer step is taken at launch with the worker's own weights, which with
+    # one worker are the mean, so the late merge moves nothing
+    spec = {"kind": "ranger", "steps": 20, "lr": 0.05, "sync": sync}
+    (rec,) = launch(tmp_path, spec, nproc=1)
     ref = single_process_ranger(20, lr=0.05)
     assert all(torch.equal(a, b) for a, b in zip(rec["traj"], ref, strict=True))
-    assert rec["synced_equal"] == [True, True, True]
+    if not sync:
+        assert rec["synced_equal"] == [True, True, True]
 
 
 def test_parameters_start_identical_from_rank_zero(tmp_path: Path) -> None:
@@ -126,19 +135,31 @@ def test_shard_slow_equals_unsharded(tmp_path: Path, nproc: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("delay", "comm_dtype"), [(1, "fp32"), (3, "fp32"), (4, "fp32"), (1, "bf16"), (3, "bf16")]
+    ("delay", "comm_dtype", "eager"),
+    [
+        (1, "fp32", False),
+        (3, "fp32", False),
+        (4, "fp32", False),
+        (1, "bf16", False),
+        (3, "bf16", False),
+        (3, "fp32", True),
+        (4, "bf16", True),
+    ],
 )
 def test_overlap_equals_delayed_merge_simulation(
-    tmp_path: Path, delay: int, comm_dtype: str
+    tmp_path: Path, delay: int, comm_dtype: str, eager: bool
 ) -> None:
     world, k, alpha, steps, lr = 2, 4, 0.5, 18, 0.05
     sync = {"overlap": True, "sync_every": k, "overlap_steps": delay, "comm_dtype": comm_dtype}
+    sync["eager"] = eager
     recs = launch(tmp_path, {"kind": "ranger", "steps": steps, "lr": lr, "sync": sync})
 
     # The simulation: W replicas in one process. At a sync step s each replica's weights are
     # snapshotted and averaged; after step s + delay phi moves toward that mean and each replica
     # becomes phi plus its own progress since the snapshot. With bf16 what is averaged is the
     # pseudo-gradient (snapshot - phi) rounded to bf16, summed in fp32, the mean rounded to bf16.
+    # Eager: at the launch each replica takes the outer step with its own snapshot as the mean
+    # and trains on from that estimate; the merge adds (phi_new - estimate).
     replicas = [make_model(0) for _ in range(world)]
     opts = [Ranger(m.parameters(), lr=lr, k=10**9) for m in replicas]  # no local Lookahead
     phi, pending, launched = flat(replicas[0]), None, 0
@@ -150,13 +171,13 @@ def test_overlap_equals_delayed_merge_simulation(
             opt.step()
         count = step + 1
         if pending is not None and count - launched >= delay:
-            mean, snapshots = pending
+            mean, snapshots, estimates = pending
             if comm_dtype == "bf16":
                 phi = phi + alpha * mean
             else:
                 phi = phi.lerp(mean, alpha)
-            for m, snap in zip(replicas, snapshots, strict=True):
-                _set_flat(m, phi + (flat(m) - snap))
+            for m, snap, est in zip(replicas, snapshots, estimates, strict=True):
+                _set_flat(m, flat(m) + (phi - est) if eager else phi + (flat(m) - snap))
             pending = None
         if count % k == 0:
             snapshots = [flat(m) for m in replicas]
@@ -165,7 +186,14 @@ def test_overlap_equals_delayed_merge_simulation(
                 mean = (deltas.sum(0) / world).bfloat16().float()
             else:
                 mean = torch.stack(snapshots).sum(0) / world
-            pending, launched = (mean, snapshots), count
+            estimates = [
+                phi + alpha * (s - phi) if comm_dtype == "bf16" else phi.lerp(s, alpha)
+                for s in snapshots
+            ]
+            if eager:
+                for m, est in zip(replicas, estimates, strict=True):
+                    _set_flat(m, est)
+            pending, launched = (mean, snapshots, estimates), count
         for r in range(world):
             assert torch.allclose(recs[r]["traj"][step], flat(replicas[r]), atol=1e-6, rtol=0), (
                 step,
@@ -272,6 +300,8 @@ def test_options_that_cannot_combine_are_refused() -> None:
     with pytest.raises(ValueError, match="overlap and shard_slow cannot combine"):
         SyncOptions(overlap=True, shard_slow=True).validate()
     SyncOptions(overlap=True, comm_dtype="bf16").validate()  # the overlapped bf16 exchange
+    with pytest.raises(ValueError, match="eager = true needs overlap = true"):
+        SyncOptions(eager=True).validate()
     with pytest.raises(ValueError, match="overlap_steps = 3 needs overlap = true"):
         SyncOptions(overlap_steps=3).validate()
     with pytest.raises(ValueError, match=r"overlap_steps \(9\) must be <= sync_every \(8\)"):

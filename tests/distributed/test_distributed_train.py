@@ -80,11 +80,16 @@ def train_losses(run: Path) -> list[tuple[int, float]]:
 
 
 @pytest.mark.parametrize(
-    ("overlap", "delay", "comm_dtype"),
-    [(False, 1, "fp32"), (True, 1, "fp32"), (True, 4, "fp32"), (True, 4, "bf16")],
+    ("overlap", "delay", "comm_dtype", "eager"),
+    [
+        (False, 1, "fp32", False),
+        (True, 1, "fp32", False),
+        (True, 4, "fp32", False),
+        (True, 4, "bf16", True),
+    ],
 )
 def test_resume_is_bitwise_identical(
-    cache: Path, tmp_path: Path, overlap: bool, delay: int, comm_dtype: str
+    cache: Path, tmp_path: Path, overlap: bool, delay: int, comm_dtype: str, eager: bool
 ) -> None:
     # Stop at step 18 = a sync step (sync_every 6): with overlap the all-reduce is still in
     # flight at the checkpoint (and is merged `delay` steps later), and the resumed run must
@@ -93,6 +98,7 @@ def test_resume_is_bitwise_identical(
     common.append(f"--distributed.overlap={str(overlap).lower()}")
     common.append(f"--distributed.overlap_steps={delay}")
     common.append(f"--distributed.comm_dtype={comm_dtype}")
+    common.append(f"--distributed.eager={str(eager).lower()}")
     torchrun(cache, [f"--run.dir={tmp_path / 'a'}", *common])
     torchrun(cache, [f"--run.dir={tmp_path / 'b'}", *common, "--train.stop_at=18"])
     torchrun(cache, ["--resume", str(tmp_path / "b" / "t")])

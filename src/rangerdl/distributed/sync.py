@@ -13,7 +13,10 @@ half of them with ``comm_dtype="bf16"`` (the pseudo-gradient in bf16 via all-to-
 fp32, the mean all-gathered in bf16). ``overlap`` launches the sync asynchronously and merges it
 ``overlap_steps`` optimizer steps later (Streaming DiLoCo's tau, Douillard et al. 2025; torchft's
 ``fragment_sync_delay``), keeping the local progress made meanwhile:
-theta_i <- phi_new + (theta_i(now) - theta_i(at launch)). The fp32 all-reduce is one async
+theta_i <- phi_new + (theta_i(now) - theta_i(at launch)). With ``eager`` each rank applies the
+outer step at launch with its own pseudo-gradient standing in for the mean, phi_i, and trains on
+from there; the merge adds phi_new - phi_i (the same end point when the ranks agree; with one
+rank, single-process Lookahead exactly). The fp32 all-reduce is one async
 collective; the bf16 exchange is two dependent ones (the all-gather needs the summed all-to-all),
 so it runs on a worker thread over a second process group with the same ranks, which nothing
 else uses (collectives on one group must be issued in the same order on every rank; the
@@ -68,6 +71,7 @@ class _Pending(NamedTuple):
     snapshot: Tensor
     launched_at: int
     is_delta: bool = False
+    estimate: Tensor | None = None  # ``eager``: the slow weights this rank estimated at launch
 
 
 class OuterSync:
@@ -275,6 +279,8 @@ class OuterSync:
             state["pending_snapshot"] = self._pending.snapshot.clone()
             state["pending_launched_at"] = self._pending.launched_at
             state["pending_is_delta"] = self._pending.is_delta
+            if self._pending.estimate is not None:
+                state["pending_estimate"] = self._pending.estimate.clone()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -310,6 +316,7 @@ class OuterSync:
                 # saved before overlap_steps existed: launched at the step the state was saved
                 int(state.get("pending_launched_at", state["step"])),
                 bool(state.get("pending_is_delta", False)),
+                state["pending_estimate"].clone() if "pending_estimate" in state else None,
             )
 
     # ------------------------------------------------------------------ internals
@@ -463,15 +470,28 @@ class OuterSync:
             )
             self.stats["bytes"] += 2 * self._ring_bytes(self.padded, 2, 1)
             self._pending = _Pending(work, gathered, snapshot, self.step, is_delta=True)
-            return
-        reduced = self._to_comm(snapshot.clone())
-        work = self._timed(dist.all_reduce, reduced, async_op=True)
-        self.stats["bytes"] += self._ring_bytes(self.numel, reduced.element_size(), 2)
-        self._pending = _Pending(work, reduced, snapshot, self.step)
+        else:
+            reduced = self._to_comm(snapshot.clone())
+            work = self._timed(dist.all_reduce, reduced, async_op=True)
+            self.stats["bytes"] += self._ring_bytes(self.numel, reduced.element_size(), 2)
+            self._pending = _Pending(work, reduced, snapshot, self.step)
+        if self.options.eager:  # the outer step with this rank's weights as the mean, now
+            estimate = self._slow.clone()
+            momentum = None if self._momentum_buffer is None else self._momentum_buffer.clone()
+            own = snapshot.sub(self._slow) if self._pending.is_delta else snapshot.clone()
+            self._outer_update(
+                estimate,
+                own,
+                is_delta=self._pending.is_delta,
+                warm=self._warm(self.step),
+                momentum=momentum,
+            )
+            self._pending = self._pending._replace(estimate=estimate)
+            self._set_params(estimate)
 
     def _merge_pending(self) -> None:
         assert self._pending is not None
-        work, reduced, snapshot, launched_at, is_delta = self._pending
+        work, reduced, snapshot, launched_at, is_delta, estimate = self._pending
         self._pending = None
         if work is not None:
             self._timed_wait(work)
@@ -484,7 +504,10 @@ class OuterSync:
             self._outer_update(self._slow, mean, warm=warm)
         with torch.no_grad():
             now = self._flatten_params()
-            now.sub_(snapshot).add_(self._slow)  # phi_new + local progress since the launch
+            if estimate is not None:  # eager: trained on from the estimate; move by the error
+                now.add_(self._slow.sub(estimate))
+            else:
+                now.sub_(snapshot).add_(self._slow)  # phi_new + local progress since the launch
             self._set_params(now)
 
     def _sync_sharded(self) -> None:
@@ -529,11 +552,18 @@ class OuterSync:
         self._set_params(self._slow)
 
     def _outer_update(
-        self, slow: Tensor, target: Tensor, is_delta: bool = False, warm: bool = False
+        self,
+        slow: Tensor,
+        target: Tensor,
+        is_delta: bool = False,
+        warm: bool = False,
+        momentum: Tensor | None = None,
     ) -> None:
         """``slow`` moves toward the mean weights ``target`` (or by the mean ``delta``); a
-        warm-up sync (``warm``) moves it onto the mean."""
-        if self._momentum_buffer is None or warm:
+        warm-up sync (``warm``) moves it onto the mean. ``momentum``: the outer momentum buffer
+        to use (default: this object's)."""
+        buffer = self._momentum_buffer if momentum is None else momentum
+        if buffer is None or warm:
             lr = 1.0 if warm else self.options.outer_lr
             if is_delta:
                 slow.add_(target, alpha=lr)
@@ -541,11 +571,11 @@ class OuterSync:
                 slow.lerp_(target, lr)  # lerp: lr = 1 copies the mean exactly
             return
         delta = target if is_delta else target.sub_(slow)
-        self._momentum_buffer.mul_(self.options.outer_momentum).add_(delta)
+        buffer.mul_(self.options.outer_momentum).add_(delta)
         step = (
-            delta.add_(self._momentum_buffer, alpha=self.options.outer_momentum)
+            delta.add_(buffer, alpha=self.options.outer_momentum)
             if self.options.nesterov
-            else self._momentum_buffer
+            else buffer
         )
         slow.add_(step, alpha=self.options.outer_lr)
 

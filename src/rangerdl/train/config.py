@@ -183,8 +183,9 @@ class LogConfig:
 @dataclass
 class DistributedConfig(SyncOptions):
     """The sync options (``rangerdl.distributed.SyncOptions``: ``sync_every``, ``outer_lr``,
-    ``outer_momentum``, ``nesterov``, ``sync_every_warmup_steps``, ``overlap``, ``overlap_steps``, ``shard_slow``,
-    ``comm_dtype``, ``buffer_policy``), plus how the job runs."""
+    ``outer_momentum``, ``nesterov``, ``sync_every_warmup_steps``, ``overlap``,
+    ``overlap_steps``, ``eager``, ``shard_slow``, ``comm_dtype``, ``buffer_policy``), plus how the
+    job runs."""
 
     strategy: str = "lookahead"
     """``lookahead``: workers step locally and sync the Lookahead slow weights every
