@@ -122,6 +122,8 @@ class Contender:
     optimizer: str
     sync_every: int = 0
     overlap: bool = False
+    eager: bool = False
+    """With ``overlap``: ``[distributed] eager`` (the rows measured before it existed: false)."""
     comm_dtype: str = "fp32"
     extra: tuple[str, ...] = ()
     """More ``--key=value`` overrides, appended last (e.g. the outer optimizer's settings)."""
@@ -139,6 +141,7 @@ class Contender:
             out.append(f"--distributed.sync_every={self.sync_every}")
         if self.overlap:
             out.append("--distributed.overlap=true")
+            out.append(f"--distributed.eager={str(self.eager).lower()}")
         if self.comm_dtype != "fp32":
             out.append(f"--distributed.comm_dtype={self.comm_dtype}")
         return out + list(self.extra)

@@ -91,3 +91,20 @@ def test_resuming_to_fewer_steps_than_done_says_so(
     assert main(["train", *tiny]) == 0
     assert main(["train", "--resume", str(run_dir(tiny)), "--train.steps=20"]) == 1
     assert "already at step 30" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_eager_existed_resumes_without_it(tmp_path: Path) -> None:
+    # [distributed] eager defaults to true; a run folder whose config.json predates the key
+    # merged its overlapped syncs without it, and resuming must go on the same way
+    from rangerdl.train.config import load_config
+
+    saved = load_config(None).to_dict()
+    saved["distributed"] |= {"overlap": True}
+    del saved["distributed"]["eager"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(saved))
+    assert load_config(path, run_folder=True).distributed.eager is False
+    assert load_config(None).distributed.eager is True
+    saved["distributed"]["eager"] = True
+    path.write_text(json.dumps(saved))
+    assert load_config(path, run_folder=True).distributed.eager is True

@@ -12,11 +12,11 @@ all-gather with ``shard_slow`` (each rank keeps 1/W of the slow weights and oute
 half of them with ``comm_dtype="bf16"`` (the pseudo-gradient in bf16 via all-to-all, summed in
 fp32, the mean all-gathered in bf16). ``overlap`` launches the sync asynchronously and merges it
 ``overlap_steps`` optimizer steps later (Streaming DiLoCo's tau, Douillard et al. 2025; torchft's
-``fragment_sync_delay``), keeping the local progress made meanwhile:
-theta_i <- phi_new + (theta_i(now) - theta_i(at launch)). With ``eager`` each rank applies the
-outer step at launch with its own pseudo-gradient standing in for the mean, phi_i, and trains on
-from there; the merge adds phi_new - phi_i (the same end point when the ranks agree; with one
-rank, single-process Lookahead exactly). The fp32 all-reduce is one async
+``fragment_sync_delay``). With ``eager`` (the default) each rank takes the outer step at launch
+with its own pseudo-gradient standing in for the mean, phi_i, and trains on from there; the merge
+adds phi_new - phi_i (nothing when the ranks agree: one rank is single-process Lookahead exactly).
+Without it a rank trains on from its own weights and the merge keeps the progress made meanwhile:
+theta_i <- phi_new + (theta_i(now) - theta_i(at launch)). The fp32 all-reduce is one async
 collective; the bf16 exchange is two dependent ones (the all-gather needs the summed all-to-all),
 so it runs on a worker thread over a second process group with the same ranks, which nothing
 else uses (collectives on one group must be issued in the same order on every rank; the
@@ -465,9 +465,7 @@ class OuterSync:
             assert self._executor is not None
             sent = self._bf16_delta(snapshot)
             gathered = torch.empty_like(sent)
-            work: Any = self._executor.submit(
-                self._exchange_bf16, sent, gathered, self._side_group
-            )
+            work: Any = self._executor.submit(self._exchange_bf16, sent, gathered, self._side_group)
             self.stats["bytes"] += 2 * self._ring_bytes(self.padded, 2, 1)
             self._pending = _Pending(work, gathered, snapshot, self.step, is_delta=True)
         else:

@@ -457,6 +457,9 @@ def load_config(
                 f"{type(raw).__name__}"
             )
         apply_tables(cfg, raw, origin=str(path))
+        distributed = raw.get("distributed")
+        if run_folder and isinstance(distributed, dict) and "eager" not in distributed:
+            cfg.distributed.eager = False  # saved before [distributed] eager: merged without it
     saved = cfg.to_dict()
     if run_folder:
         cfg.train.stop_at = 0
