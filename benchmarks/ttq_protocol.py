@@ -171,6 +171,14 @@ def _entries() -> dict[str, Entry]:
             dtype="bf16",
         ),
         ranger(
+            "ranger_k8_bf16_overlap4_eager",
+            8,
+            "--distributed.overlap_steps=4",
+            overlap=True,
+            dtype="bf16",
+            eager=True,
+        ),
+        ranger(
             "ranger_k8_overlap4_eager",
             8,
             "--distributed.overlap_steps=4",
@@ -337,6 +345,7 @@ CELLS = (
             "ranger_k8",
             "ranger_k8_bf16",
             "ranger_k8_overlap4_eager",
+            "ranger_k8_bf16_overlap4_eager",
         ),
         seeds=3,
     ),
@@ -345,7 +354,9 @@ CELLS = (
     # than k=8 eager: ablation)
     CellSpec("gpt", 2, "20mbit", ("ddp_adamw", "ranger_k8_bf16", "ranger_k8_bf16_overlap8_eager")),
     CellSpec("gpt", 4, "100mbit", ("ddp_adamw", "ranger_k8_bf16")),
-    CellSpec("digits", 2, "100mbit", ("ddp_adamw", "post_local_sgd_k8", "ranger_k8_overlap4")),
+    CellSpec(
+        "digits", 2, "100mbit", ("ddp_adamw", "post_local_sgd_k8", "ranger_k8_overlap4_eager")
+    ),
 )
 TARGETS = {
     "gpt-2h-100mbit": 2.5,

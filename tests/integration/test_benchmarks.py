@@ -41,13 +41,16 @@ def test_time_to_target_interpolates_between_evaluations() -> None:
 def test_contender_overrides_reach_the_trainer() -> None:
     from rangerdl.train.config import load_config
 
-    for name, c in ttq.CONTENDERS.items():
+    proto = importlib.import_module("ttq_protocol")
+    contenders = [*ttq.CONTENDERS.values(), *(e.contender for e in proto.ENTRIES.values())]
+    for c in contenders:
         cfg = load_config(ttq.WORKLOADS["gpt"].config, c.overrides(1e-3))
-        assert cfg.optim.name == c.optimizer, name
+        assert cfg.optim.name == c.optimizer, c.name
         if c.strategy == "lookahead":
             assert cfg.optim.k == c.sync_every and cfg.distributed.sync_every == 0
             assert cfg.distributed.overlap == c.overlap
             assert cfg.distributed.comm_dtype == c.comm_dtype
+            assert not c.overlap or cfg.distributed.eager == c.eager, c.name
         elif c.strategy is not None:
             assert cfg.distributed.strategy == c.strategy
 
@@ -165,7 +168,9 @@ def test_ttq_protocol_ladder_targets_and_speedups(tmp_path: Path) -> None:
             end=2.0,
         )
     )
-    lk = dict(entry="ranger_k8_overlap4", cell=cell, lr=lr, seed=0, bytes_per_rank_counted=1e8)
+    lk = dict(
+        entry="ranger_k8_overlap4_eager", cell=cell, lr=lr, seed=0, bytes_per_rank_counted=1e8
+    )
     runs.append(_synthetic_run(**lk, steps=1024, secs=50.0, start=3.0, end=2.2, comm_time_s=1.0))
     # rung 1024 ends at 2.2 (not reached); rung 1280 reaches 2.0 at (3 - 2) / (3 - 1.8) of 60 s
     runs.append(_synthetic_run(**lk, steps=1280, secs=60.0, start=3.0, end=1.8, comm_time_s=1.0))
@@ -173,7 +178,7 @@ def test_ttq_protocol_ladder_targets_and_speedups(tmp_path: Path) -> None:
     assert analysed["target_val_loss"] == pytest.approx(2.0)
     assert analysed["limit"] == pytest.approx(4.0)
     rows = {r["entry"]: r for r in analysed["rows"]}
-    row = rows["ranger_k8_overlap4"]
+    row = rows["ranger_k8_overlap4_eager"]
     assert row["rung"] == 1280
     assert row["time_to_target_s"] == pytest.approx(50.0)  # between (45 s, 2.1) and (60 s, 1.8)
     assert row["speedup"] == pytest.approx(200.0 / row["time_to_target_s"])
@@ -183,7 +188,7 @@ def test_ttq_protocol_ladder_targets_and_speedups(tmp_path: Path) -> None:
     assert rows["ddp_adamw"]["equal_tokens"]["sd"] == pytest.approx(0.1)
     payload = {"runs": runs}
     text = proto.tables(payload)
-    assert "ranger_k8_overlap4" in text and "1280" in text
+    assert "ranger_k8_overlap4_eager" in text and "1280" in text
     proto.plot(payload, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
 
