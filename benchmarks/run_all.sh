@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark on a 2-core machine: about 125 min (over the 90-min budget; see README):
+# Every benchmark on a 2-core machine: about 88 min (projected from the measured runs; README):
 # optimizer step, data loader (if present), Keras step, convergence, the time-to-quality protocol;
 # then EVIDENCE.md.
 # Results: benchmarks/results/*.json and *.png (or $RESULTS_DIR). `make bench` runs this.
@@ -47,9 +47,9 @@ if "$PY" -c "import keras" 2>/dev/null; then
     run keras_step "$PY" benchmarks/keras_step.py $(out keras_step.json)
 fi
 run convergence "$PY" benchmarks/convergence.py $(out convergence.json)
-# the time-to-quality protocol's cells (~100 min), with the learning rates its `tune` stage chose
-# (committed in results/ttq_protocol.json; `python benchmarks/ttq_protocol.py tune` redoes them, ~30
-# min); the older equal-step comparison (benchmarks/time_to_quality.py, ~30 min) is not rerun
+# the time-to-quality protocol's cells (~80 min), with the learning rates its `tune` stage chose
+# (committed in results/ttq_protocol.json; `python benchmarks/ttq_protocol.py tune` redoes them, ~8 min
+# per entry); the older equal-step comparison (benchmarks/time_to_quality.py, ~30 min) is not rerun
 # shellcheck disable=SC2046
 run ttq_protocol "$PY" benchmarks/ttq_protocol.py run --redo \
     --tuning benchmarks/results/ttq_protocol.json $(out ttq_protocol.json)
