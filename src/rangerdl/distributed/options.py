@@ -59,8 +59,8 @@ class SyncOptions:
     own pseudo-gradient in place of the mean (single-process Lookahead's step) and trains on from
     there; when the mean arrives its weights move by the difference between the true and the
     estimated slow weights, so one worker is single-process Lookahead exactly. ``False``: a
-    worker trains on from its unsynchronised weights until the merge, which measured 3-13% worse
-    per step on the GPT benchmark (README, time-to-quality ablation). After Kale et al. 2025,
+    worker trains on from its unsynchronised weights until the merge, which ended 4-13% higher at
+    equal steps on the GPT benchmark (README, time-to-quality ablation). After Kale et al. 2025,
     "Eager updates for overlapped communication and computation in DiLoCo" (there the others'
     share comes from the previous round; here a worker's own fresh pseudo-gradient stands in for
     the whole mean)."""
