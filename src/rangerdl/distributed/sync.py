@@ -500,6 +500,9 @@ class OuterSync:
         else:
             mean = reduced.to(self.device).div_(self.world_size)
             self._outer_update(self._slow, mean, warm=warm)
+        if self.step == launched_at:  # no step since the launch: exactly the slow weights
+            self._set_params(self._slow)  # (eager's estimate + error would differ by rounding)
+            return
         with torch.no_grad():
             now = self._flatten_params()
             if estimate is not None:  # eager: trained on from the estimate; move by the error
