@@ -121,7 +121,8 @@ def evaluate_checkpoint(
 
     Raises:
         FileNotFoundError: no checkpoint, or the run's ``config.json`` is missing.
-        ValueError: the dataset has no such split; a damaged checkpoint.
+        ValueError: the dataset has no such split; a damaged checkpoint; one that does not fit
+            the model the config builds (``CheckpointMismatchError``, naming keys and shapes).
     """
     folder = ckpt.resolve(path)
     saved = RunFolder(folder.parent.parent).config
@@ -136,7 +137,16 @@ def evaluate_checkpoint(
         raise ValueError(f"the dataset has no {split!r} split; it has {', '.join(splits)}")
     task = Task.from_metadata(splits["train"].metadata)
     model = build_model(cfg.model.name, cfg.model.args, task.model_kwargs).to(rt.device)
-    model.load_state_dict(ckpt.load(folder / "model.pt"))
+    weights = folder / "model.pt"
+    ckpt.load_state(
+        model,
+        ckpt.load(weights, mmap=True),  # shapes are checked before any tensor data is read
+        path=weights,
+        part="model",
+        built_by=f"the model built from {saved} ([model] name={cfg.model.name!r}, "
+        f"args={cfg.model.args!r}; from the dataset: {task.model_kwargs!r})",
+        hint="was config.json's [model] or the dataset changed since the checkpoint was written?",
+    )
     dataset = splits[split]
     log.info("evaluating %s on the %s split (%d samples)", folder, split, len(dataset))
     metrics = evaluate(model, dataset, task, rt, cfg.data.eval_batch_size, progress=f"eval {split}")
