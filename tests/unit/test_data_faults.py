@@ -324,12 +324,68 @@ def test_many_segments_read_under_a_low_open_file_limit(tmp_path: Path) -> None:
     assert int(extra_fds) <= 200 // 4 + 200 // 8
 
 
+LOWERED_LIMIT_SCRIPT = """
+    import os, resource, sys
+    import numpy as np
+    from rangerdl.data import SegmentWriter, SegmentedDataset
+    out, first_limit, extra, max_open = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    n = 400
+    with SegmentWriter(out, {"x": ("float32", ()), "y": ("int64", ())}, segment_bytes=12) as w:
+        w.append(x=np.arange(n, dtype="float32") / 2, y=np.arange(n))  # 1 row per segment
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if first_limit:  # too low to keep the 800 files open: they are opened when mapped
+        resource.setrlimit(resource.RLIMIT_NOFILE, (first_limit, hard))
+    kwargs = {} if max_open == "default" else {"max_open_segments": int(max_open)}
+    ds = SegmentedDataset(out, **kwargs)
+    for i in range(0, n, 8):  # maps every eighth segment under the limit it was opened with
+        ds[i]
+    order, batches = np.random.default_rng(0).permutation(n), np.random.default_rng(1).permutation(n)
+    in_use = len(os.listdir("/proc/self/fd")) - 1  # less the one listing them
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + extra, hard))
+    for i in order.tolist():
+        sample = ds[i]
+        assert sample["y"].item() == i and sample["x"].item() == i / 2, (i, sample)
+    for batch in np.array_split(batches, 40):
+        got = ds.__getitems__(batch.tolist()).columns
+        assert got["y"].tolist() == batch.tolist() and got["x"].tolist() == (batch / 2).tolist()
+    assert len(os.listdir("/proc/self/fd")) - 1 <= in_use + extra
+    print("read", n, "samples twice")
+"""
+
+
+@pytest.mark.parametrize(
+    ("first_limit", "max_open"),
+    [(0, "default"), (1024, "default"), (0, "400")],
+    ids=["files-held-open", "files-opened-when-mapped", "max-open-above-the-limit"],
+)
+def test_dataset_reads_on_under_a_lower_open_file_limit_than_it_was_opened_with(
+    tmp_path: Path, first_limit: int, max_open: str
+) -> None:
+    # The limit drops to 4 above the files in use: a segment (2 files) still fits, so the map
+    # cache shrinks instead of failing, and every sample comes back right, in shuffled order.
+    proc = run_python(LOWERED_LIMIT_SCRIPT, str(tmp_path / "ds"), str(first_limit), "4", max_open)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "read 400 samples twice"
+
+
 def test_open_file_limit_error_names_the_dataset_and_the_limit(tmp_path: Path) -> None:
-    proc = run_python(FD_SCRIPT, str(tmp_path / "ds"), "40", "300")
+    # Not even one segment (2 files) can be mapped: the only case that is an error.
+    code = """
+        import os, resource, sys
+        import numpy as np
+        from rangerdl.data import SegmentWriter, SegmentedDataset
+        with SegmentWriter(sys.argv[1], {"x": ("float32", ()), "y": ("int64", ())}, segment_bytes=12) as w:
+            w.append(x=np.zeros(40, "float32"), y=np.arange(40))
+        ds = SegmentedDataset(sys.argv[1])
+        in_use = len(os.listdir("/proc/self/fd")) - 1
+        resource.setrlimit(resource.RLIMIT_NOFILE, (in_use, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        ds[0]
+    """
+    proc = run_python(code, str(tmp_path / "ds"))
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert f"{tmp_path / 'ds'}: too many open files" in last
-    assert "ulimit -n" in last and "is " in last and "max_open_segments" in last
+    assert "ulimit -n" in last and "is " in last and "not even one segment" in last
 
 
 def test_faulthandler_is_on_for_the_cli() -> None:

@@ -5,7 +5,10 @@ per file, remembered: see ``integrity.py``) and, when the file-descriptor limit 
 file open, so a dataset replaced or deleted under a running job (``prepare --overwrite``) still
 reads the data the job started with. Segments are mapped lazily in the process that reads (so
 DataLoader workers map their own, under fork and spawn), at most ``max_open_segments`` at a time
-(least recently used maps are closed; each map holds a file descriptor). Every sample is returned
+(least recently used maps are closed; each map holds a file descriptor). That cache is sized again
+from the limit in force whenever it is about to grow, and shrinks when a map fails for want of
+descriptors: a job whose limit was lowered reads on with fewer maps, and only a limit that leaves
+no room for even one segment is an error. Every sample is returned
 as a copy: a tensor that views a read-only map segfaults on the first in-place write, and a map
 with live views could not be closed. ``__getitems__`` gathers a whole batch per segment straight
 into the batch tensors, which ``collate`` passes through without another copy.
@@ -60,6 +63,9 @@ LABEL_FIELD = "y"
 _PINNED_SHARE = 4
 _MAPPED_SHARE = 8
 _PINNED = [0]  # files held open by the datasets of this process
+# Descriptors a growing map cache leaves free for the rest of the process (checkpoint and log
+# files, DataLoader pipes); only the floor of one mapped segment may dip into them.
+_FD_RESERVE = 32
 _LOG_HASH_BYTES = 256 << 20
 
 
@@ -72,6 +78,21 @@ def fd_limit() -> int:
     """The soft ``RLIMIT_NOFILE`` of this process (``ulimit -n``)."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return 1 << 20 if soft == resource.RLIM_INFINITY or soft < 0 else int(soft)
+
+
+def open_fd_count() -> int | None:
+    """File descriptors open in this process now (a directory listing: call it sparingly), or
+    None where that cannot be counted."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less the one listing them
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return fd_limit()  # not even one left to count them with
+        return None
+
+
+def _out_of_fds(exc: OSError) -> bool:
+    return exc.errno in (errno.EMFILE, errno.ENFILE)
 
 
 class SegmentedDataset(Dataset[dict[str, Tensor]]):
@@ -97,7 +118,8 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
             file is unchanged (same inode, size and times; in ``.verified.json`` and in memory);
             ``"checksum"`` hashes all data on every open.
         max_open_segments: segments mapped at a time (each map holds one file descriptor per
-            field); default an eighth of ``ulimit -n`` divided by the number of fields.
+            field); default an eighth of ``ulimit -n`` divided by the number of fields. Either
+            way fewer when the open-file limit in force leaves no room for more (at least one).
 
     Raises:
         FileNotFoundError: the directory, its manifest or a segment file is missing.
@@ -133,6 +155,9 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
         self._maps: OrderedDict[int, dict[str, np.ndarray[Any, Any]]] = OrderedDict()
         self._mmaps: dict[int, list[tuple[str, mmap.mmap]]] = {}
         self._checked: dict[int, int] = {}  # segment -> the batch that last checked its sizes
+        self._shrunk = False  # the open-file limit made the map cache smaller (said once)
+        self._fd_limit_seen = -1  # the limit when the descriptors in use were last counted
+        self._growth_left = 0  # maps that may be added before counting them again
         self._batch = 0
         self._identity: dict[tuple[int, str], Identity] = {}
         self._header: dict[tuple[int, str], int] = {}
@@ -171,7 +196,12 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
                     path, info, spec, manifest.segments[s].num_rows, checksum=False
                 )
                 if pin:
-                    fd = self._open_fd(path)
+                    try:
+                        fd = self._open_fd(path)
+                    except OSError as exc:
+                        if not _out_of_fds(exc):
+                            raise
+                        raise self._too_many_files(exc, f"opening {info.name}") from exc
                     self._fds[s, name] = fd
                     _PINNED[0] += 1
                     identity = file_identity(fd)
@@ -233,10 +263,6 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
                 f"{path}: segment file removed after the dataset was opened (was the dataset "
                 "re-prepared or deleted while this job ran?); reopen the dataset"
             ) from None
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                raise self._too_many_files(exc, path.name) from exc
-            raise
 
     def close(self) -> None:
         """Close the maps (samples are copies, so none is in use) and the files held open."""
@@ -387,8 +413,10 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
             seg_of = np.searchsorted(self._starts_array, idx, side="right") - 1
             for s in np.unique(seg_of).tolist():
                 rows = np.flatnonzero(seg_of == s)
-                maps = self._segment(s, check=True)
-                out[rows] = np.take(maps[name], idx[rows] - self._starts[s], axis=0)
+                # No reference to a map outlives the statement: an evicted map unmaps at once.
+                out[rows] = np.take(
+                    self._segment(s, check=True)[name], idx[rows] - self._starts[s], axis=0
+                )
         if name == LABEL_FIELD and self._label_limit is not None:
             self._check_labels(out, idx)
         wide = _torch_dtype(spec.dtype)
@@ -446,37 +474,99 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
         return maps
 
     def _map_segment(self, s: int) -> dict[str, np.ndarray[Any, Any]]:
-        while len(self._maps) >= self.max_open_segments:
-            # Samples are copies, so nothing views the evicted maps: dropping them unmaps.
-            old, _ = self._maps.popitem(last=False)
-            del self._mmaps[old]
+        if len(self._maps) < self.max_open_segments:  # about to grow
+            self._fit_to_fd_limit()
+        while True:
+            while len(self._maps) >= self.max_open_segments:
+                self._evict()
+            try:
+                mmaps = self._open_maps(s)
+                break
+            except OSError as exc:
+                if not _out_of_fds(exc):
+                    raise
+                if not self._maps:
+                    raise self._too_many_files(exc, f"mapping {exc.filename}") from exc
+                self._growth_left = 0
+                self._resize(len(self._maps))  # one map fewer, then try again
         segment = self._manifest.segments[s]
         maps: dict[str, np.ndarray[Any, Any]] = {}
-        mmaps = []
-        for name, info in segment.files.items():
+        for name, mm in mmaps:
             spec = self._manifest.fields[name]
-            pinned = self._fds.get((s, name))
-            fd = self._open_fd(self.path / info.name) if pinned is None else pinned
-            try:
-                identity = file_identity(fd)
-                if identity[:4] != self._identity[s, name][:4]:
-                    self._changed(s, name, identity)
-                try:
-                    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)  # dups fd
-                except OSError as exc:
-                    if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                        raise
-                    raise self._too_many_files(exc, info.name) from exc
-            finally:
-                if pinned is None:
-                    os.close(fd)
             count = segment.num_rows * int(np.prod(spec.shape, dtype=np.int64))
             array = np.frombuffer(mm, spec.dtype, count, self._header[s, name])
             maps[name] = array.reshape(segment.num_rows, *spec.shape)
-            mmaps.append((name, mm))
         self._maps[s] = maps
         self._mmaps[s] = mmaps
         return maps
+
+    def _open_maps(self, s: int) -> list[tuple[str, mmap.mmap]]:
+        """A read-only map of each file of segment ``s`` (each holds a descriptor). On an error
+        none stays open; one for want of descriptors names the file (``filename``)."""
+        mmaps: list[tuple[str, mmap.mmap]] = []
+        try:
+            for name, info in self._manifest.segments[s].files.items():
+                pinned = self._fds.get((s, name))
+                try:
+                    fd = self._open_fd(self.path / info.name) if pinned is None else pinned
+                    try:
+                        identity = file_identity(fd)
+                        if identity[:4] != self._identity[s, name][:4]:
+                            self._changed(s, name, identity)
+                        mmaps.append((name, mmap.mmap(fd, 0, access=mmap.ACCESS_READ)))  # dups fd
+                    finally:
+                        if pinned is None:
+                            os.close(fd)
+                except OSError as exc:
+                    if _out_of_fds(exc):
+                        raise OSError(exc.errno, exc.strerror, info.name) from exc
+                    raise
+        except BaseException:
+            for _, mm in mmaps:
+                mm.close()  # nothing views them yet
+            raise
+        return mmaps
+
+    def _evict(self) -> None:
+        # Samples are copies, so nothing views the evicted maps: dropping them unmaps.
+        old, _ = self._maps.popitem(last=False)
+        del self._mmaps[old]
+
+    def _fit_to_fd_limit(self) -> None:
+        """Size the map cache from the open-file limit in force. Reading the limit is cheap;
+        counting the descriptors in use (a directory listing, milliseconds with thousands open)
+        happens only when the limit changed or the growth the last count allowed is used up."""
+        limit = fd_limit()
+        if limit == self._fd_limit_seen and self._growth_left > 0:
+            self._growth_left -= 1
+            return
+        per_segment = len(self._manifest.fields)
+        cap = self._max_open_arg or max(1, limit // _MAPPED_SHARE // per_segment)
+        cap = min(cap, len(self._manifest.segments))
+        in_use = open_fd_count()
+        room = cap
+        if in_use is not None:
+            opening = 0 if self._fds else 1  # a file opened to be mapped, closed right after
+            room = (limit - in_use - _FD_RESERVE - opening) // per_segment
+            cap = min(cap, len(self._maps) + room)
+        # Half the room without counting again: the rest of the process may open files meanwhile.
+        self._fd_limit_seen, self._growth_left = limit, room // 2
+        self._resize(max(1, cap))
+
+    def _resize(self, capacity: int) -> None:
+        if capacity < self.max_open_segments and not self._shrunk:
+            self._shrunk = True
+            logger.warning(
+                "%s: the open-file limit (ulimit -n, RLIMIT_NOFILE) of %d with %s files open "
+                "leaves room for %d mapped segment(s) of this dataset, not %d; reading goes on "
+                "with fewer (raise the limit to restore them)",
+                self.path,
+                fd_limit(),
+                open_fd_count(),
+                capacity,
+                self.max_open_segments,
+            )
+        self.max_open_segments = capacity
 
     def _changed(self, s: int, name: str, now: Identity) -> None:
         path = self.path / self._manifest.segments[s].files[name].name
@@ -492,13 +582,17 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
             "must not be modified while a job reads it (prepare --overwrite writes new files)"
         )
 
-    def _too_many_files(self, exc: OSError, name: str) -> OSError:
+    def _too_many_files(self, exc: OSError, doing: str) -> OSError:
+        """The error when ``doing`` (``"mapping NAME"``, ...) failed for want of descriptors."""
+        in_use = open_fd_count()
+        files = len(self._manifest.fields)
+        mapping = doing.startswith("mapping")
         return OSError(
             exc.errno,
-            f"{self.path}: too many open files mapping {name}: the limit (ulimit -n, "
-            f"RLIMIT_NOFILE) is {fd_limit()}; this dataset maps at most {self.max_open_segments} "
-            f"segment(s) of {len(self._manifest.fields)} file(s) at a time: raise the limit, or "
-            "pass a smaller max_open_segments",
+            f"{self.path}: too many open files {doing}: the limit (ulimit -n, RLIMIT_NOFILE) is "
+            f"{fd_limit()}{'' if in_use is None else f' and {in_use} files are open'}"
+            + (f", so not even one segment ({files} file(s)) can be mapped" if mapping else "")
+            + ": raise the limit, or close other files",
         )
 
     def _tokens(self, start: int, stop: int) -> np.ndarray[Any, Any]:
@@ -527,8 +621,10 @@ class SegmentedDataset(Dataset[dict[str, Tensor]]):
             inside = np.flatnonzero((seg_first == s) & (seg_last == s))
             if len(inside):
                 local = starts[inside] - self._starts[s]
-                tokens = self._segment(s, check=True)[TOKENS_FIELD]
-                windows[inside] = tokens[local[:, None] + offsets]
+                # No reference to a map outlives the statement: an evicted map unmaps at once.
+                windows[inside] = self._segment(s, check=True)[TOKENS_FIELD][
+                    local[:, None] + offsets
+                ]
         for k in np.flatnonzero(seg_first != seg_last).tolist():
             windows[k] = self._tokens(int(starts[k]), int(starts[k]) + seq_len + 1)
         if self._label_limit is not None:
