@@ -1,14 +1,16 @@
 """Training configuration: one dataclass per TOML table, a docstring per field.
 
 Precedence: command line (``--table.key=value``) > TOML file > the defaults below. An unknown table
-or key, or a value of the wrong type, is a ``ValueError`` that names it and lists what is valid. The
-resolved configuration is saved with the run as ``config.json``.
+or key, a value of the wrong type, or a number outside its range (:data:`LIMITS`: finite, and
+bounded where a larger value would allocate or wait without end) is a ``ValueError`` that names it
+and says what is valid. The resolved configuration is saved with the run as ``config.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +20,8 @@ from typing import Any
 from rangerdl.distributed.options import SyncOptions
 
 __all__ = [
+    "LIMITS",
+    "Bounds",
     "Config",
     "DataConfig",
     "DistributedConfig",
@@ -233,7 +237,8 @@ class Config:
         return cfg
 
     def validate(self) -> None:
-        """Checks that span fields; single-field types are checked when values are applied."""
+        """Choices, number ranges (:data:`LIMITS`) and checks that span fields; types are
+        checked when values are applied."""
         from rangerdl.optim.schedules import SCHEDULES
         from rangerdl.train.choices import (
             BACKENDS,
@@ -260,38 +265,124 @@ class Config:
             value = getattr(getattr(self, table), key)
             if value not in valid:
                 raise ValueError(f"[{table}] {key} = {value!r}: expected one of {', '.join(valid)}")
-        self.distributed.validate(where="[distributed] ")
-        positive = [
-            ("train", "steps"),
-            ("train", "max_nan_skips"),
-            ("data", "batch_size"),
-            ("data", "eval_batch_size"),
-        ]
-        for table, key in positive:
-            if getattr(getattr(self, table), key) < 1:
-                raise ValueError(f"[{table}] {key} must be >= 1")
-        for table, key in [
-            ("train", "eval_every"),
-            ("train", "checkpoint_every"),
-            ("train", "keep_checkpoints"),
-            ("train", "eval_batches"),
-            ("train", "final_eval_batches"),
-            ("train", "stop_at"),
-            ("data", "num_workers"),
-            ("schedule", "warmup_steps"),
-        ]:
-            if getattr(getattr(self, table), key) < 0:
-                raise ValueError(f"[{table}] {key} must be >= 0")
+        for name, bounds in LIMITS.items():
+            table, key = name.split(".")
+            value = getattr(getattr(self, table), key)
+            for item in value if isinstance(value, list) else [value]:
+                bounds.check(item, f"[{table}] {key}")
         if len(self.optim.betas) != 2:
             raise ValueError(f"[optim] betas must be two numbers, got {self.optim.betas}")
-        if not 0.0 <= self.data.val_fraction < 1.0:
-            raise ValueError("[data] val_fraction must be in [0, 1)")
-        if not 0.0 <= self.schedule.anneal_start <= 1.0:
-            raise ValueError("[schedule] anneal_start must be in [0, 1]")
+        self.distributed.validate(where="[distributed] ")
         if self.optim.lookahead and self.optim.name == "ranger":
             raise ValueError(
                 "[optim] lookahead = true: Ranger has Lookahead built in; use k and alpha"
             )
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a number typed by a user may take: finite, ``low <= x <= high`` (``<`` at an
+    ``open`` end), an int when ``integer``. Every number from a config or the command line is
+    checked against one before anything loops, allocates or prints with it."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    integer: bool = False
+    open_low: bool = False
+    open_high: bool = False
+    unit: str = ""
+    note: str = ""
+    """Why the range ends where it does, for the error message."""
+
+    def check(self, value: Any, where: str) -> None:
+        """Raise ``ValueError`` naming ``where`` (a key or an option) unless ``value`` is in range."""
+        kind = int if self.integer else int | float
+        if isinstance(value, bool) or not isinstance(value, kind):
+            problem = f"must be {self}"
+        elif isinstance(value, float) and not math.isfinite(value):
+            problem = f"must be {self}"  # nan would pass the comparisons below
+        elif value < self.low or (self.open_low and value == self.low):
+            problem = f"must be {'>' if self.open_low else '>='} {_number(self.low)}{self.unit}"
+        elif value > self.high or (self.open_high and value == self.high):
+            problem = f"must be {'<' if self.open_high else '<='} {_number(self.high)}{self.unit}"
+        else:
+            return
+        note = f" ({self.note})" if self.note else ""
+        raise ValueError(f"{where} {problem}{note}, got {value!r}")
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        low, high = _number(self.low), _number(self.high)
+        if self.high == math.inf and self.low == -math.inf:
+            return kind
+        if self.high == math.inf:
+            return f"{kind} {'>' if self.open_low else '>='} {low}{self.unit}"
+        left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+        return f"{kind} in {left}{low}, {high}{right}{self.unit}"
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e9 else f"{x:g}"
+
+
+MAX_COUNT = 10**12
+"""Steps, periods, batches to evaluate: a million times more steps than any run takes, and small
+enough that step numbers stay exact in the float64 arithmetic of schedules and plans."""
+MAX_BATCH = 2**24
+"""Samples in one batch (global or evaluation): 256 times the largest published batches (64K);
+more is memory no machine has, asked for at every step."""
+MAX_SEQ_LEN = 2**20
+"""Tokens per window: the GPT's position table has a row for each."""
+MAX_CPU_WORKERS = 1024
+"""Threads or loader processes per training process: more than any machine has cores."""
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+"""A week: a longer collective timeout is a hang in effect (and inf is no timedelta)."""
+MAX_SEED = 2**63 - 1
+"""torch and NumPy seeds are 64-bit; each rank seeds ``seed + 1 + rank``."""
+
+_COUNT = Bounds(0, MAX_COUNT, integer=True)
+_POSITIVE_COUNT = Bounds(1, MAX_COUNT, integer=True)
+_FRACTION = Bounds(0.0, 1.0)
+_NON_NEGATIVE = Bounds(0.0)
+
+LIMITS: dict[str, Bounds] = {
+    "run.seed": Bounds(0, MAX_SEED, integer=True),
+    "data.seq_len": Bounds(1, MAX_SEQ_LEN, integer=True),
+    "data.batch_size": Bounds(1, MAX_BATCH, integer=True),
+    "data.eval_batch_size": Bounds(1, MAX_BATCH, integer=True),
+    "data.val_fraction": Bounds(0.0, 1.0, open_high=True),
+    "data.num_workers": Bounds(0, MAX_CPU_WORKERS, integer=True),
+    "optim.lr": _NON_NEGATIVE,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.betas": Bounds(0.0, 1.0, open_high=True),
+    "optim.eps": _NON_NEGATIVE,
+    "optim.momentum": _FRACTION,
+    "optim.k": _POSITIVE_COUNT,
+    "optim.alpha": Bounds(0.0, 1.0, open_low=True),
+    "optim.threshold": Bounds(),  # Ranger checks its own range; the others ignore it
+    "schedule.warmup_steps": _COUNT,
+    "schedule.anneal_start": _FRACTION,
+    "schedule.min_lr_ratio": _FRACTION,
+    "train.steps": _POSITIVE_COUNT,
+    "train.stop_at": _COUNT,
+    "train.eval_every": _COUNT,
+    "train.eval_batches": _COUNT,
+    "train.final_eval_batches": _COUNT,
+    "train.checkpoint_every": _COUNT,
+    "train.keep_checkpoints": _COUNT,
+    "train.grad_clip": _NON_NEGATIVE,
+    "train.max_nan_skips": _POSITIVE_COUNT,
+    "train.log_every": _POSITIVE_COUNT,
+    "train.threads": Bounds(0, MAX_CPU_WORKERS, integer=True),
+    # the sync options' ranges and combinations are SyncOptions.validate's; these cap the counts
+    "distributed.sync_every": _COUNT,
+    "distributed.outer_lr": Bounds(),
+    "distributed.outer_momentum": Bounds(),
+    "distributed.sync_every_warmup_steps": _COUNT,
+    "distributed.overlap_steps": _POSITIVE_COUNT,
+    "distributed.timeout_s": Bounds(1.0, MAX_TIMEOUT_S, unit=" s"),
+}
+"""``"table.key"``: the range of every number in a config (each item of a list)."""
 
 
 def _tables() -> dict[str, type]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,23 +56,32 @@ def _plan(args: argparse.Namespace, extra: list[str]) -> int:
     from rangerdl._fileio import atomic_write_text
     from rangerdl.distributed.cost import ETHERNET_EFFICIENCY, Link
     from rangerdl.train.config import load_config
-    from rangerdl.workflow.plan import DEFAULT_KS, StepTimes, format_plan, make_plan
+    from rangerdl.workflow.plan import DEFAULT_KS, StepTimes, check_option, format_plan, make_plan
     from rangerdl.workflow.units import parse_bandwidth, parse_count, parse_duration
+
+    def option(name: str, text: str, parse: Callable[[str], Any]) -> Any:
+        try:
+            value = parse(text)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        return check_option(name, value)
 
     cfg = load_config(args.config, extra)
     link = Link(
-        parse_bandwidth(args.bandwidth),
-        parse_duration(args.latency),
-        ETHERNET_EFFICIENCY if args.efficiency is None else args.efficiency,
+        option("--bandwidth", args.bandwidth, parse_bandwidth),
+        option("--latency", args.latency, parse_duration),
+        check_option(
+            "--efficiency", ETHERNET_EFFICIENCY if args.efficiency is None else args.efficiency
+        ),
     )
     if (args.params is None) != (args.step_time is None):
         raise ValueError(
             "give --params and --step-time together (or neither: time the config here)"
         )
     if args.params is not None:
-        numel, buffers = parse_count(args.params), 0
+        numel, buffers = option("--params", args.params, parse_count), 0
         times, source = (
-            StepTimes.from_total(parse_duration(args.step_time)),
+            StepTimes.from_total(option("--step-time", args.step_time, parse_duration)),
             "given: --step-time, backward 2/3",
         )
     else:
@@ -86,7 +96,7 @@ def _plan(args: argparse.Namespace, extra: list[str]) -> int:
         times=times,
         world_size=args.workers,
         link=link,
-        steps=args.steps or cfg.train.steps,
+        steps=cfg.train.steps if args.steps is None else args.steps,
         ks=ks,
         plsgd_k=k_cfg,
         max_share=args.max_share,

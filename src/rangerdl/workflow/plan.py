@@ -18,7 +18,9 @@ Per strategy (``S`` = optimizer steps in the run, ``k`` = steps between syncs):
   hidden behind backward), at worst ``t_c + comm`` (none hidden); the estimate simulates the
   buckets, each launched when backward has produced its gradients (gradients assumed to appear in
   proportion to their bytes) and sent one after the other (Li et al., "PyTorch Distributed", VLDB
-  2020, section 3.2.3).
+  2020, section 3.2.3). The full buckets are alike and become ready at a steady pace, so their
+  run is computed at once: the last one is done at the later of the run sent back to back from
+  its first bucket, and the last bucket sent as soon as it is ready.
 - PostLocalSGD(k): ``floor(S/k)`` blocking all-reduces of the parameters, ``T_ar(n, 4)`` each.
 - Distributed Ranger(k), fp32: ``ceil(S/k)`` syncs (``finish()`` syncs the remainder), each
   ``T_ar(n, 4)`` plus a step-count check and the floating buffers (``T_ar(2, 8)``,
@@ -29,7 +31,7 @@ Per strategy (``S`` = optimizer steps in the run, ``k`` = steps between syncs):
   sync launched at the last step has nothing to hide behind. bf16 with overlap: both.
 
 Share communicating = comm / (compute + comm), per run. The smallest ``k`` under a share is found
-by trying every ``k`` up to ``S``. Speedup over DDP = DDP's estimated run time / the row's; no
+by bisection over ``1..S``. Speedup over DDP = DDP's estimated run time / the row's; no
 method beats compute alone, so ``DDP / compute`` is the bound on any speedup.
 
 Where it errs (``benchmarks/plan_check.py``): it leaves out waiting for the slowest worker, TCP
@@ -52,15 +54,18 @@ from rangerdl.distributed.cost import (
     allreduce_time,
     ring_bytes,
 )
+from rangerdl.train.config import MAX_COUNT, Bounds
 from rangerdl.workflow.units import format_bandwidth, format_bytes, format_seconds
 
 __all__ = [
     "DDP_BUCKET_BYTES",
     "DDP_FIRST_BUCKET_BYTES",
     "DEFAULT_KS",
+    "LIMITS",
     "Plan",
     "Row",
     "StepTimes",
+    "check_option",
     "count_and_time",
     "ddp_step_time",
     "format_plan",
@@ -74,6 +79,26 @@ DEFAULT_KS = (4, 8, 16, 32, 64, 128)
 BACKWARD_SHARE = 2 / 3
 """When only a step time is given: backward is twice the forward (2N and 4N FLOPs per token of
 Kaplan et al., "Scaling laws for neural language models", 2020), the optimizer step folded in."""
+
+LIMITS: dict[str, Bounds] = {
+    "--params": Bounds(1, 10**15, integer=True, note="4 PB of fp32"),
+    "--workers": Bounds(2, 10**6, integer=True, note="one worker communicates nothing"),
+    "--bandwidth": Bounds(1.0, 1e15, unit=" bit/s"),
+    "--latency": Bounds(0.0, 3600.0, unit=" s"),
+    "--efficiency": Bounds(0.01, 1.0, note="the payload share of the bytes on the wire"),
+    "--step-time": Bounds(1e-9, 1e6, unit=" s"),
+    "--steps": Bounds(1, MAX_COUNT, integer=True),
+    "--k": Bounds(1, MAX_COUNT, integer=True),
+    "--max-share": Bounds(0.0, 1.0, open_low=True, open_high=True),
+}
+"""The range of each input of ``rangerdl plan``, by its option: far past any cluster, and narrow
+enough that every figure of the plan, at any corner, is a finite float far from overflow."""
+
+
+def check_option(option: str, value: Any) -> Any:
+    """``value`` if it is in the range of ``option`` (:data:`LIMITS`), else ``ValueError``."""
+    LIMITS[option].check(value, option)
+    return value
 
 
 @dataclass(frozen=True)
@@ -95,28 +120,30 @@ class StepTimes:
         return cls((1 - BACKWARD_SHARE) * step_s, BACKWARD_SHARE * step_s)
 
 
-def ddp_buckets(numel: int, element_size: int = 4) -> list[int]:
-    """DDP's gradient buckets in the order they are sent, in values."""
-    total, sizes, cap = numel * element_size, [], DDP_FIRST_BUCKET_BYTES
-    while total > 0:
-        size = min(cap, total)
-        sizes.append(math.ceil(size / element_size))
-        total -= size
-        cap = DDP_BUCKET_BYTES
-    return sizes
+def ddp_buckets(numel: int, element_size: int = 4) -> list[tuple[int, int]]:
+    """DDP's gradient buckets in the order they are sent, as runs of ``(values per bucket,
+    buckets)``: the first bucket, the full ones, the rest (at most three runs for any size)."""
+    total = numel * element_size
+    first = min(DDP_FIRST_BUCKET_BYTES, total)
+    full, rest = divmod(total - first, DDP_BUCKET_BYTES)
+    runs = [(first, 1 if first else 0), (DDP_BUCKET_BYTES, full), (rest, 1 if rest else 0)]
+    return [(math.ceil(size / element_size), count) for size, count in runs if count]
 
 
 def ddp_step_time(
     times: StepTimes, numel: int, world_size: int, link: Link
 ) -> tuple[float, float, float, float]:
     """``(best, estimate, worst, comm)`` seconds per DDP step (see the module docstring)."""
-    buckets = ddp_buckets(numel)
-    comm = sum(allreduce_time(b, 4, world_size, link) for b in buckets)
-    free, done = times.forward_s, 0
-    for b in buckets:
-        done += b
-        ready = times.forward_s + times.backward_s * done / numel
-        free = max(ready, free) + allreduce_time(b, 4, world_size, link)
+    free, done, comm = times.forward_s, 0, 0.0
+    for size, count in ddp_buckets(numel):
+        per_bucket = allreduce_time(size, 4, world_size, link)
+        first_ready = times.forward_s + times.backward_s * (done + size) / numel
+        done += size * count
+        last_ready = times.forward_s + times.backward_s * done / numel
+        # bucket j is done at max over i <= j of (ready_i + (j - i + 1) per_bucket), or at
+        # free + j per_bucket; with ready_i linear in i, the largest term is at i = 1 or i = j
+        free = max(max(free, first_ready) + count * per_bucket, last_ready + per_bucket)
+        comm += count * per_bucket
     end_of_backward = times.forward_s + times.backward_s
     estimate = max(free, end_of_backward) + times.optimizer_s
     best = times.forward_s + max(times.backward_s, comm) + times.optimizer_s
@@ -312,15 +339,23 @@ def make_plan(
     buffer_numel: int = 0,
     times_source: str = "given",
 ) -> Plan:
-    """Every row of ``rangerdl plan`` (see the module docstring)."""
-    if world_size < 2:
-        raise ValueError(
-            f"--workers must be >= 2 (one worker communicates nothing), got {world_size}"
-        )
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not 0 < max_share < 1:
-        raise ValueError(f"--max-share must be in (0, 1), got {max_share}")
+    """Every row of ``rangerdl plan`` (see the module docstring).
+
+    Raises:
+        ValueError: an input outside its range in :data:`LIMITS`, named by its option.
+    """
+    for option, value in (
+        ("--params", numel),
+        ("--workers", world_size),
+        ("--bandwidth", link.bandwidth_bps),
+        ("--latency", link.latency_s),
+        ("--efficiency", link.efficiency),
+        ("--step-time", times.total_s),
+        ("--steps", steps),
+        ("--max-share", max_share),
+        *(("--k", k) for k in ks),
+    ):
+        check_option(option, value)
     args = (times, numel, world_size, link, steps)
     plan = Plan(numel, buffer_numel, times, times_source, world_size, link, steps, max_share)
     plan.rows.append(ddp_row(*args))
@@ -381,7 +416,7 @@ def format_plan(plan: Plan) -> str:
                 f"{100 * r.comm_share:.0f}%",
                 format_seconds(r.run_s),
                 format_bytes(r.bytes_per_rank),
-                f"{ddp.run_s / r.run_s:.2f}x",
+                _ratio(ddp.run_s / r.run_s),
             )
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -401,13 +436,17 @@ def format_plan(plan: Plan) -> str:
         f"DDP step: {format_seconds(best)} if its all-reduce hid entirely behind backward, "
         f"{format_seconds(worst)} if none of it did; the row above ({format_seconds(ddp.step_s)}) "
         "simulates its buckets.",
-        f"speedup bound over DDP: {ddp.run_s / ddp.compute_s:.2f}x (DDP's run time / compute "
+        f"speedup bound over DDP: {_ratio(ddp.run_s / ddp.compute_s)} (DDP's run time / compute "
         "alone: no strategy does better)",
     ]
     for name, k in plan.smallest_k.items():
         what = f"k = {k}" if k is not None else f"none up to k = {plan.steps}"
         lines.append(f"smallest k with communication <= {100 * plan.max_share:g}% ({name}): {what}")
     return "\n".join(lines)
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}x" if x < 1e6 else f"{x:.3g}x"  # 3 significant digits, not 30 of them
 
 
 def count_and_time(cfg: Any, world_size: int, *, repeats: int = 5) -> tuple[int, int, StepTimes]:
@@ -421,6 +460,7 @@ def count_and_time(cfg: Any, world_size: int, *, repeats: int = 5) -> tuple[int,
     from rangerdl.train.runtime import Runtime
     from rangerdl.train.task import Task
 
+    check_option("--workers", world_size)
     if cfg.data.batch_size % world_size:
         raise ValueError(
             f"[data] batch_size = {cfg.data.batch_size} (the global batch) must be divisible by "

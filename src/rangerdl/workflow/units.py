@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 __all__ = [
@@ -17,6 +18,13 @@ _NUMBER = r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*"
 _SI = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
 
+def _finite(value: float, what: str, text: str) -> float:
+    # 1e400 reads as inf: no quantity, and no figure can be computed from it
+    if not math.isfinite(value):
+        raise ValueError(f"{what} {text!r} is too large: expected a finite number")
+    return value
+
+
 def parse_bandwidth(text: str) -> float:
     """Bits per second from ``100mbit``, ``10gbit``, ``10Gbit/s``, ``1.25GB/s`` (bytes) or a plain
     number of bits per second. SI prefixes (k = 1000), as ``tc`` reads ``mbit``."""
@@ -27,7 +35,7 @@ def parse_bandwidth(text: str) -> float:
             "or 1.25GB/s (bytes)"
         )
     value = float(m.group(1)) * _SI[m.group(2).lower()]
-    return value * 8 if m.group(3) == "B" else value
+    return _finite(value * 8 if m.group(3) == "B" else value, "bandwidth", text)
 
 
 def parse_duration(text: str) -> float:
@@ -36,7 +44,7 @@ def parse_duration(text: str) -> float:
     m = re.fullmatch(_NUMBER + r"([a-z]*)\s*", text)
     if not m or m.group(2) not in units:
         raise ValueError(f"duration {text!r}: expected a number with s, ms, us, min or h")
-    return float(m.group(1)) * units[m.group(2)]
+    return _finite(float(m.group(1)) * units[m.group(2)], "duration", text)
 
 
 def parse_count(text: str) -> int:
@@ -45,7 +53,7 @@ def parse_count(text: str) -> int:
     if not m:
         raise ValueError(f"count {text!r}: expected a number with an optional K, M, B or T")
     scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
-    value = round(float(m.group(1)) * scale[m.group(2).lower()])
+    value = round(_finite(float(m.group(1)) * scale[m.group(2).lower()], "count", text))
     if value < 1:
         raise ValueError(f"count {text!r} must be >= 1")
     return value
