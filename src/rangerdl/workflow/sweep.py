@@ -34,6 +34,32 @@ training exits with an error; the sweep goes on. ``--storage`` takes any SQLAlch
 ``postgresql+psycopg2://user:password@host/db``: several machines running the same command share
 one study.
 
+Workers: the same command started several times (on one machine, or on several with one
+``--storage``) runs one study together.
+
+- Distinct points: each trial is sampled by a fresh ``[sweep] sampler`` seeded from ``[sweep] seed``
+  and the trial's number, which the storage hands out once per study. Workers sample different
+  points, and a single worker samples the same points on every fresh run with the same seed.
+- ``n_trials`` in all: a worker starts a trial only while fewer than ``n_trials`` trials are
+  finished (complete or pruned) or running. When the others' running trials fill the rest, it
+  waits for them, since one that fails frees its place, and it exits once ``n_trials`` are
+  finished. Workers that pass that check at the same moment each create a trial. A created trial
+  with ``n_trials`` trials numbered below it that are finished, running or waiting (enqueued) is not
+  run: it is marked failed with the user attribute ``surplus`` and left out of ``trials.json``.
+  Trials numbered below a trial were created before it, and states only move forward (waiting,
+  running, then finished or failed): had ``n_trials + 1`` trials finished, the highest-numbered
+  of them would have counted the others at its check and not run. So the study never holds more
+  than ``n_trials`` finished trials, and it holds exactly ``n_trials`` when the workers exit
+  (unless trials keep failing: a worker stops with an error after ``n_trials`` failures of its
+  own).
+- One study, one set of outputs: the worker that creates the study enqueues ``[sweep] enqueue``,
+  once. Workers that share the sweep folder open the study and write the outputs in turn, holding
+  the lock file ``SWEEP/.sweep.lock``; a worker whose config differs from ``SWEEP/base.toml``
+  while trials run from it stops with an error. The outputs are written from the study's state,
+  every file replaced atomically and ``trials.json`` last, and a worker exits only once the study
+  is done: the first worker to finish writes the complete result, and the others find
+  ``trials.json`` already current and leave the files as they are.
+
 Outputs in the sweep folder: ``trials.json`` and a ranked table on stdout, ``best.toml`` (the base
 config with the best trial's values: ``rangerdl train SWEEP/best.toml`` reruns it), and
 ``history.png`` / ``importances.png`` (``optuna.visualization.matplotlib``).
@@ -42,6 +68,7 @@ config with the best trial's values: ``rangerdl train SWEEP/best.toml`` reruns i
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
@@ -52,11 +79,14 @@ import subprocess
 import sys
 import time
 import tomllib
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rangerdl._lock import pid_alive
+from rangerdl._lock import FolderInUseError, FolderLock, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +95,7 @@ __all__ = ["SearchParam", "SweepSpec", "dump_toml", "load_sweep", "run_sweep"]
 PRUNERS = ("none", "median", "hyperband")
 SAMPLERS = ("tpe", "random")
 POLL_S = 0.2
+WAIT_S = 1.0  # how often a worker whose remaining trials all run elsewhere looks at the study
 
 
 @dataclass
@@ -215,6 +246,8 @@ def load_sweep(
         )
     if spec.n_trials < 1:
         raise ValueError("[sweep] n_trials must be >= 1")
+    if spec.seed < 0:
+        raise ValueError(f"[sweep] seed = {spec.seed}: expected an integer >= 0")
     if "/" not in spec.metric:
         raise ValueError(
             f"[sweep] metric = {spec.metric!r}: expected a logged tag such as val/loss"
@@ -383,19 +416,133 @@ def _stop(proc: subprocess.Popen[Any]) -> None:
 # ---------------------------------------------------------------- the study
 
 
+@contextmanager
+def _sweep_lock(spec: SweepSpec) -> Iterator[None]:
+    """Held while a worker opens the study or writes the outputs, so that workers sharing the
+    sweep folder take turns; the kernel releases it if its holder dies."""
+    lock = FolderLock(spec.folder / "sweep", what="sweep folder")  # SWEEP/.sweep.lock
+    while True:
+        try:
+            lock.acquire()
+            break
+        except FolderInUseError:
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _storage(spec: SweepSpec, url: str | None) -> Any:
     import optuna
+    from sqlalchemy.exc import IntegrityError
 
     url = url or f"sqlite:///{(spec.folder / 'study.db').resolve()}"
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 60}  # several processes on one file wait, not fail
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=kwargs,
-        heartbeat_interval=spec.heartbeat_s,
-        grace_period=spec.grace_period_s,
-    )
+
+    def connect() -> Any:
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=kwargs,
+            heartbeat_interval=spec.heartbeat_s,
+            grace_period=spec.grace_period_s,
+        )
+
+    for _ in range(2):
+        try:
+            return connect()
+        except IntegrityError:
+            # Workers on other machines setting up the same new database at once: one of them
+            # writes its schema version first; the others find it on the next try.
+            time.sleep(1.0)
+    return connect()
+
+
+def _sampler(spec: SweepSpec) -> Any:
+    """``[sweep] sampler``, made anew for each trial and seeded from ``[sweep] seed`` and the
+    trial's number: unique in the study, so workers sharing it sample distinct points, and the
+    same for every fresh run, so a single worker is reproducible."""
+    import numpy as np
+    import optuna
+    from optuna.distributions import BaseDistribution
+    from optuna.trial import FrozenTrial, TrialState
+
+    def make(seed: int) -> optuna.samplers.BaseSampler:
+        if spec.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        # constant_liar: other workers' running trials count as bad guesses, so TPE samples away
+        # from them (the default from Optuna 5, experimental before)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+    class TrialSeeded(optuna.samplers.BaseSampler):
+        def __init__(self) -> None:
+            self._number: int | None = None
+            self._sampler: optuna.samplers.BaseSampler | None = None
+
+        def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+            if self._sampler is None or trial.number != self._number:
+                seed = np.random.SeedSequence([spec.seed, trial.number]).generate_state(1)[0]
+                self._number, self._sampler = trial.number, make(seed=int(seed))
+            return self._sampler
+
+        def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+            self._for(trial).before_trial(study, trial)
+
+        def infer_relative_search_space(
+            self, study: optuna.Study, trial: FrozenTrial
+        ) -> dict[str, BaseDistribution]:
+            return self._for(trial).infer_relative_search_space(study, trial)
+
+        def sample_relative(
+            self,
+            study: optuna.Study,
+            trial: FrozenTrial,
+            search_space: dict[str, BaseDistribution],
+        ) -> dict[str, Any]:
+            return self._for(trial).sample_relative(study, trial, search_space)
+
+        def sample_independent(
+            self,
+            study: optuna.Study,
+            trial: FrozenTrial,
+            param_name: str,
+            param_distribution: BaseDistribution,
+        ) -> Any:
+            return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+        def after_trial(
+            self,
+            study: optuna.Study,
+            trial: FrozenTrial,
+            state: TrialState,
+            values: Any,
+        ) -> None:
+            self._for(trial).after_trial(study, trial, state, values)
+
+    return TrialSeeded()
+
+
+def _open_study(spec: SweepSpec, storage: str | None) -> Any:
+    """Create the study, or load it where another worker (or an earlier run) created it."""
+    import optuna
+
+    kwargs: dict[str, Any] = {
+        "storage": _storage(spec, storage),
+        "study_name": spec.study_name,
+        "sampler": _sampler(spec),
+        "pruner": _pruner(spec),
+    }
+    try:
+        study = optuna.create_study(direction=spec.direction, **kwargs)  # type: ignore[arg-type]
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(**kwargs)
+    for params in spec.enqueue:  # by the one worker that created the study: each point once
+        study.enqueue_trial(params)
+    return study
 
 
 def _pruner(spec: SweepSpec) -> Any:
@@ -433,51 +580,99 @@ def _alive(pid: int) -> bool:
     return pid == os.getpid() or pid_alive(pid)
 
 
-def run_sweep(spec: SweepSpec, storage: str | None = None) -> Any:
-    """Run (or continue) the study until ``n_trials`` trials are complete or pruned; returns it."""
+class SurplusTrial(RuntimeError):
+    """Created by a worker while ``n_trials`` trials numbered below it were finished, running or
+    waiting (workers that started a trial at the same moment); marked failed, never run."""
+
+
+def _claim_place(trial: Any, n_trials: int) -> None:
+    """Raise :class:`SurplusTrial` unless fewer than ``n_trials`` trials numbered below ``trial``
+    may still finish."""
+    from optuna.trial import TrialState
+
+    may_finish = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    trials = trial.study.get_trials(deepcopy=False, states=may_finish)
+    ahead = sum(t.number < trial.number for t in trials)
+    if ahead >= n_trials:
+        trial.set_user_attr("surplus", True)
+        raise SurplusTrial(
+            f"trial {trial.number} is not run: {ahead} trials numbered below it make up "
+            f"n_trials = {n_trials} (workers started trials at the same moment)"
+        )
+
+
+def _wait_for_place(study: Any, spec: SweepSpec) -> bool:
+    """Whether this worker starts another trial: False once ``n_trials`` trials are finished;
+    while fewer are finished and other workers' running trials make up the rest, it waits, since
+    one of those may fail and leave its place to fill."""
     import optuna
+    from optuna.trial import TrialState
+
+    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    waiting = False
+    while True:
+        trials = study.get_trials(deepcopy=False, states=counted)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if len(trials) - running >= spec.n_trials:
+            return False
+        if len(trials) < spec.n_trials:
+            return True
+        if not waiting:
+            log.info("%d trials running in other workers make up n_trials: waiting", running)
+            waiting = True
+        time.sleep(WAIT_S)
+        _fail_dead_local_trials(study)
+        with warnings.catch_warnings():  # experimental; optimize calls it before every trial
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+
+
+def _write_base(study: Any, spec: SweepSpec) -> None:
+    """``SWEEP/base.toml``, the config every trial starts from. Another worker's running trials
+    read it too: a different config while they run is an error, not a silent switch."""
     from optuna.trial import TrialState
 
     from rangerdl._fileio import atomic_write_text
 
+    path, text = spec.folder / "base.toml", dump_toml(spec.base.to_dict())
+    if path.is_file() and path.read_text() != text:
+        running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+        if running:
+            raise ValueError(
+                f"{path} holds another config, and trials {running} of this study run from it "
+                "(another worker?): start every worker with the same sweep file and overrides"
+            )
+        log.warning("%s holds another config: trials from now on use this one", path)
+    atomic_write_text(path, text)
+
+
+def run_sweep(spec: SweepSpec, storage: str | None = None) -> Any:
+    """Run (or continue) the study until ``n_trials`` trials are finished (complete or pruned),
+    those of every worker on it counted; returns it. See the module doc on workers."""
     spec.folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(spec.folder / "base.toml", dump_toml(spec.base.to_dict()))
-    sampler = (
-        optuna.samplers.TPESampler(seed=spec.seed)
-        if spec.sampler == "tpe"
-        else optuna.samplers.RandomSampler(seed=spec.seed)
-    )
-    study = optuna.create_study(
-        storage=_storage(spec, storage),
-        study_name=spec.study_name,
-        direction=spec.direction,  # type: ignore[arg-type]  # checked in load_sweep
-        sampler=sampler,
-        pruner=_pruner(spec),
-        load_if_exists=True,
-    )
-    _fail_dead_local_trials(study)
-    if spec.enqueue and not study.trials:
-        for params in spec.enqueue:
-            study.enqueue_trial(params)
-    done_states = (TrialState.COMPLETE, TrialState.PRUNED)
+    with _sweep_lock(spec):
+        study = _open_study(spec, storage)
+        _fail_dead_local_trials(study)
+        _write_base(study, spec)
     failures = 0
-    while True:
-        done = len(study.get_trials(deepcopy=False, states=done_states))
-        remaining = spec.n_trials - done
-        if remaining <= 0:
-            break
+
+    def objective(trial: Any) -> float:
+        nonlocal failures
+        _claim_place(trial, spec.n_trials)
+        try:
+            return run_trial(spec, trial)
+        except TrialCrashed:
+            failures += 1
+            raise
+
+    while _wait_for_place(study, spec):
         if failures >= spec.n_trials:
             raise RuntimeError(
                 f"{failures} trials failed in this sweep; see {spec.folder / 'logs'}"
             )
-        before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
         study.optimize(
-            lambda trial: run_trial(spec, trial),
-            n_trials=1,
-            catch=(TrialCrashed,),
-            gc_after_trial=False,
+            objective, n_trials=1, catch=(TrialCrashed, SurplusTrial), gc_after_trial=False
         )
-        failures += len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
     return study
 
 
@@ -485,12 +680,15 @@ def run_sweep(spec: SweepSpec, storage: str | None = None) -> Any:
 
 
 def ranked(study: Any, spec: SweepSpec) -> list[dict[str, Any]]:
-    """Every trial, best first: complete ones by value, then pruned (by last value), then others."""
+    """Every trial, best first: complete ones by value, then pruned (by last value), then others.
+    Surplus trials (never run, see :class:`SurplusTrial`) are left out."""
     from optuna.trial import TrialState
 
     sign = 1.0 if spec.direction == "minimize" else -1.0
     rows = []
     for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("surplus"):
+            continue
         value = t.value
         if value is None and t.intermediate_values:
             value = t.intermediate_values[max(t.intermediate_values)]
@@ -541,15 +739,28 @@ def _fmt(value: Any) -> str:
 
 
 def write_outputs(study: Any, spec: SweepSpec) -> dict[str, Path]:
-    """``trials.json``, ``best.toml`` and the plots; returns what was written."""
+    """``best.toml``, the plots and ``trials.json``, from the study's state now, each file
+    replaced atomically while this worker holds the sweep folder's lock; returns their paths.
+
+    ``trials.json`` is written last, so when it already holds this state's rows, the files beside
+    it were written for the same state (by another worker that finished the study with this one)
+    and are left as they are."""
+    with _sweep_lock(spec):
+        return _write_outputs(study, spec)
+
+
+def _write_outputs(study: Any, spec: SweepSpec) -> dict[str, Path]:
     from optuna.trial import TrialState
 
     from rangerdl._fileio import atomic_write_text
 
+    trials_path = spec.folder / "trials.json"
+    trials_text = json.dumps(ranked(study, spec), indent=1) + "\n"
+    if trials_path.is_file() and trials_path.read_text() == trials_text:
+        names = ("best.toml", "history.png", "importances.png")
+        present = {Path(n).stem: spec.folder / n for n in names if (spec.folder / n).is_file()}
+        return {"trials": trials_path, **present}
     out: dict[str, Path] = {}
-    rows = ranked(study, spec)
-    out["trials"] = spec.folder / "trials.json"
-    atomic_write_text(out["trials"], json.dumps(rows, indent=1) + "\n")
     if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         best = study.best_trial
         cfg = config_with(spec.base, best.params)
@@ -561,7 +772,8 @@ def write_outputs(study: Any, spec: SweepSpec) -> dict[str, Path]:
         out["best"] = spec.folder / "best.toml"
         atomic_write_text(out["best"], header + dump_toml(cfg.to_dict()))
     out |= _plots(study, spec)
-    return out
+    atomic_write_text(trials_path, trials_text)
+    return {"trials": trials_path, **out}
 
 
 def _plots(study: Any, spec: SweepSpec) -> dict[str, Path]:
@@ -571,6 +783,8 @@ def _plots(study: Any, spec: SweepSpec) -> dict[str, Path]:
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
     from optuna.trial import TrialState
+
+    from rangerdl._fileio import atomic_write_bytes
 
     written: dict[str, Path] = {}
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -586,8 +800,10 @@ def _plots(study: Any, spec: SweepSpec) -> dict[str, Path]:
         fig: Any = ax.figure
         fig.tight_layout()
         path = spec.folder / f"{name}.png"
-        fig.savefig(path, dpi=110)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
         plt.close(fig)
+        atomic_write_bytes(path, png.getvalue())
         written[name] = path
     return written
 
@@ -624,8 +840,8 @@ def _sweep(args: argparse.Namespace, extra: list[str]) -> int:
     if args.n_trials is not None:
         spec.n_trials = args.n_trials
     study = run_sweep(spec, args.storage)
-    rows = ranked(study, spec)
     written = write_outputs(study, spec)
+    rows = ranked(study, spec)
     print(format_table(rows, spec.metric))
     print()
     for what, path in written.items():
