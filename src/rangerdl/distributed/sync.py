@@ -38,9 +38,11 @@ clock shared by all ranks (the count of ``step()`` calls), flat buffers for coll
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
+import weakref
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
@@ -51,6 +53,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from rangerdl.distributed import release
 from rangerdl.distributed.cost import ring_bytes
 from rangerdl.distributed.options import SyncOptions
 from rangerdl.optim import Lookahead, Ranger
@@ -72,6 +75,60 @@ class _Pending(NamedTuple):
     launched_at: int
     is_delta: bool = False
     estimate: Tensor | None = None  # ``eager``: the slow weights this rank estimated at launch
+    baseline: int = -1  # ``reduced``'s reference count before the launch (``release.settle``)
+
+
+class _SideChannel:
+    """The overlapped bf16 exchange's worker thread and its own process group (same ranks).
+    Closed by ``OuterSync.finish``/``close``, and by a finalizer when an ``OuterSync`` that was
+    never closed is garbage collected or the interpreter exits: no thread outlives it, nor does
+    the group, with one exception: see :func:`_side_group`."""
+
+    def __init__(self, process_group: dist.ProcessGroup, backend: str) -> None:
+        self.group, self.owned = _side_group(process_group, backend)
+        self.executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="rangerdl-sync"
+        )
+
+    def close(self) -> None:
+        """Join the thread (it finishes an exchange in flight: every collective it runs has
+        settled when it returns), then destroy the group, which joins gloo's threads."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
+        if self.group is not None and self.owned:
+            group, self.group = self.group, None
+            # destroy_process_group() (all groups) may have done it, or the job is gone
+            with contextlib.suppress(ValueError, RuntimeError, KeyError):
+                dist.destroy_process_group(group)
+
+
+_subgroup_sides: dict[tuple[int, ...], Any] = {}
+
+
+def _side_group(process_group: dist.ProcessGroup, backend: str) -> tuple[Any, bool]:
+    """A new group with the ranks of ``process_group``, and whether the caller owns it.
+
+    Over the whole job the new group is named by torch's group counter, which every rank advances
+    alike, so a group made again after one was destroyed (``finish``, then training goes on; a
+    second ``OuterSync``) is a new rendezvous. Over a subgroup only its members call, so torch
+    names the group by a hash of its ranks: a second group of the same ranks would meet the
+    first one's stale rendezvous keys and hang. That group is made once per process and kept
+    until ``destroy_process_group()``.
+    """
+    ranks = dist.get_process_group_ranks(process_group)
+    if len(ranks) == dist.get_world_size():
+        return dist.new_group(ranks=ranks, backend=backend), True
+    key = tuple(sorted(ranks))
+    group = _subgroup_sides.get(key)
+    try:
+        if group is not None and dist.get_process_group_ranks(group) == ranks:
+            return group, False
+    except (ValueError, RuntimeError, KeyError):
+        pass  # destroyed with all groups since
+    group = dist.new_group(ranks=ranks, backend=backend, use_local_synchronization=True)
+    _subgroup_sides[key] = group
+    return group, False
 
 
 class OuterSync:
@@ -156,16 +213,10 @@ class OuterSync:
         self._pending: _Pending | None = None
         self._check_ranks_agree()
         self._broadcast_initial()
-        # The overlapped bf16 exchange runs on a worker thread over its own group (module docstring)
-        self._side_group: Any = None
-        self._executor: ThreadPoolExecutor | None = None
-        if self.options.overlap and self.options.comm_dtype == "bf16":
-            self._side_group = dist.new_group(
-                ranks=dist.get_process_group_ranks(process_group),
-                backend=backend,
-                use_local_synchronization=True,
-            )
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rangerdl-sync")
+        self._backend = backend
+        self._side: _SideChannel | None = None
+        self._side_finalizer: weakref.finalize | None = None
+        self._open_side()
         flat = self._flatten_params()
         if self.options.shard_slow:
             lo = self.rank * self.shard
@@ -214,15 +265,22 @@ class OuterSync:
             self._merge_pending()
         if not self._due(self.step):
             self._sync(blocking=True, checked=True)
+        self._close_side()  # opened again by a later overlapped sync, if training goes on
 
     def close(self) -> None:
-        """Detach from the optimizer (remove the hooks); the optimizer goes on as a local one."""
+        """Detach from the optimizer (remove the hooks); the optimizer goes on as a local one.
+        An overlapped sync still in flight is waited for (not merged), and the overlapped
+        exchange's thread and process group are shut down. Not a collective: safe after an
+        error, when other ranks may be gone. Idempotent."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-            self._executor = None
+        if self._pending is not None and self._pending.work is not None:
+            try:
+                self._wait_pending()
+            except Exception as exc:  # a peer died mid-sync: nothing to merge any more
+                log.debug("an overlapped sync failed while closing: %s", exc)
+        self._close_side()
 
     def __enter__(self) -> OuterSync:
         return self
@@ -235,6 +293,7 @@ class OuterSync:
     ) -> None:
         if exc_type is None:  # after an error other ranks may be gone: no collective then
             self.finish()
+        self.close()
 
     def slow_weights(self) -> list[tuple[Tensor, Tensor]]:
         """``(parameter, slow weights)`` for every parameter, the model worth evaluating and
@@ -272,9 +331,7 @@ class OuterSync:
         if self._momentum_buffer is not None:
             state["momentum_buffer"] = self._momentum_buffer.clone()
         if self._pending is not None:
-            if self._pending.work is not None:
-                self._timed_wait(self._pending.work)
-                self._pending = self._pending._replace(work=None)
+            self._wait_pending()
             state["pending_reduced"] = self._pending.reduced.clone()
             state["pending_snapshot"] = self._pending.snapshot.clone()
             state["pending_launched_at"] = self._pending.launched_at
@@ -364,18 +421,40 @@ class OuterSync:
         self.load_state_dict(outer)
         return state
 
-    def _timed(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _timed(self, fn: Any, *tensors: Tensor, **kwargs: Any) -> None:
+        """The blocking collective ``fn(*tensors, group=process_group, **kwargs)``, timed; it
+        returns once gloo's threads let go of ``tensors`` (:mod:`rangerdl.distributed.release`)."""
         t0 = time.perf_counter()
-        out = fn(*args, group=self.process_group, **kwargs)
+        release.blocking(fn, tensors, *tensors, group=self.process_group, **kwargs)
         self.stats["time_s"] += time.perf_counter() - t0
-        return out
 
-    def _timed_wait(self, work: Any) -> None:
+    def _open_side(self) -> None:
+        """The overlapped bf16 exchange's thread and group (a collective on ``process_group``:
+        every rank opens it at the same point)."""
+        if self._side is None and self.options.overlap and self.options.comm_dtype == "bf16":
+            self._side = _SideChannel(self.process_group, self._backend)
+            self._side_finalizer = weakref.finalize(self, self._side.close)
+
+    def _close_side(self) -> None:
+        if self._side_finalizer is not None:
+            self._side_finalizer()  # calls _SideChannel.close once, then detaches
+            self._side_finalizer, self._side = None, None
+
+    def _wait_pending(self) -> None:
+        """Wait (timed) for the overlapped sync in flight; its buffer is then free of the
+        process group's threads."""
+        assert self._pending is not None
+        work = self._pending.work
+        self._pending = self._pending._replace(work=None)
+        if work is None:
+            return
         t0 = time.perf_counter()
         if isinstance(work, Future):
-            work.result()  # re-raises what failed on the worker thread
+            work.result()  # re-raises what failed on the worker thread (which settled)
         else:
             work.wait()
+            del work  # the handle holds the buffer too
+            release.settle([self._pending.reduced], [self._pending.baseline])
         self.stats["time_s"] += time.perf_counter() - t0
 
     def _to_comm(self, t: Tensor) -> Tensor:
@@ -462,17 +541,22 @@ class OuterSync:
     def _launch_overlapped(self) -> None:
         snapshot = self._flatten_params()
         if self.options.comm_dtype == "bf16":
-            assert self._executor is not None
+            self._open_side()  # after finish(), training went on
+            assert self._side is not None and self._side.executor is not None
             sent = self._bf16_delta(snapshot)
             gathered = torch.empty_like(sent)
-            work: Any = self._executor.submit(self._exchange_bf16, sent, gathered, self._side_group)
+            side = self._side.group
+            work: Any = self._side.executor.submit(self._exchange_bf16, sent, gathered, side)
             self.stats["bytes"] += 2 * self._ring_bytes(self.padded, 2, 1)
             self._pending = _Pending(work, gathered, snapshot, self.step, is_delta=True)
         else:
             reduced = self._to_comm(snapshot.clone())
-            work = self._timed(dist.all_reduce, reduced, async_op=True)
+            baseline = release.use_counts([reduced])[0]
+            t0 = time.perf_counter()
+            work = dist.all_reduce(reduced, group=self.process_group, async_op=True)
+            self.stats["time_s"] += time.perf_counter() - t0
             self.stats["bytes"] += self._ring_bytes(self.numel, reduced.element_size(), 2)
-            self._pending = _Pending(work, reduced, snapshot, self.step)
+            self._pending = _Pending(work, reduced, snapshot, self.step, baseline=baseline)
         if self.options.eager:  # the outer step with this rank's weights as the mean, now
             estimate = self._slow.clone()
             momentum = None if self._momentum_buffer is None else self._momentum_buffer.clone()
@@ -489,10 +573,9 @@ class OuterSync:
 
     def _merge_pending(self) -> None:
         assert self._pending is not None
-        work, reduced, snapshot, launched_at, is_delta, estimate = self._pending
+        self._wait_pending()
+        _, reduced, snapshot, launched_at, is_delta, estimate, _ = self._pending
         self._pending = None
-        if work is not None:
-            self._timed_wait(work)
         warm = self._warm(launched_at)
         if is_delta:  # the mean pseudo-gradient, relative to phi at launch (phi has not moved)
             mean_delta = reduced.to(self.device)[: self.numel].to(self.dtype)
@@ -537,9 +620,12 @@ class OuterSync:
         """``gathered`` <- the ranks' mean of ``sent``: all-to-all (shard j of every rank to rank
         j), a sum in fp32, all-gather of the bf16 mean shards. Blocking, on ``group``."""
         received = torch.empty_like(sent)
-        dist.all_to_all_single(received, sent, group=group)
+        release.blocking(dist.all_to_all_single, [received, sent], received, sent, group=group)
         mean_shard = received.view(self.world_size, self.shard).float().sum(0).div_(self.world_size)
-        dist.all_gather_into_tensor(gathered, mean_shard.to(torch.bfloat16), group=group)
+        mean_shard = mean_shard.to(torch.bfloat16)
+        release.blocking(
+            dist.all_gather_into_tensor, [gathered, mean_shard], gathered, mean_shard, group=group
+        )
 
     def _sync_bf16(self) -> None:
         sent = self._bf16_delta(self._flatten_params())

@@ -79,6 +79,7 @@ def _train(
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg.model.name, cfg.model.args, task.model_kwargs).to(rt.device)
     opt = build_optimizer(cfg, model, rt)
+    held.callback(opt.close)  # normal end, error or signal: no sync thread or group outlives it
     s = cfg.schedule
     planned = Multiplier(
         s.name,

@@ -129,6 +129,12 @@ class TrainOptimizer:
         if self.sync is not None:
             self.sync.finish()
 
+    def close(self) -> None:
+        """Distributed Lookahead: shut down the sync's thread and process group (not a
+        collective; safe on every path that ends a run, errors and signals included)."""
+        if self.sync is not None:
+            self.sync.close()
+
 
 def build_optimizer(cfg: Config, model: nn.Module, rt: Runtime) -> TrainOptimizer:
     """Single process: the ``[optim]`` optimizer. Several processes: per ``[distributed]

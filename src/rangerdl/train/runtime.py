@@ -69,8 +69,10 @@ class Runtime:
     def all_sum(self, values: list[float]) -> list[float]:
         if not self.distributed:
             return values
+        from rangerdl.distributed.release import blocking
+
         t = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
-        dist.all_reduce(t)
+        blocking(dist.all_reduce, [t], t)
         return t.tolist()
 
     @property

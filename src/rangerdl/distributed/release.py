@@ -1,0 +1,79 @@
+"""Collectives whose tensors are free again when they return.
+
+A gloo process group runs each collective on one of its worker threads, which drops its
+reference to the work, and with it to the work's tensors, a moment *after* waking the caller.
+When the caller has dropped its own Python reference by then, the worker thread is the last owner
+of a tensor that still carries its Python object, and must take the GIL to free it. If the
+interpreter has started shutting down meanwhile (the collective was the last thing a rank did),
+CPython ends that thread with ``pthread_exit`` inside a C++ destructor, and the process aborts with
+``terminate called without an active exception`` (SIGABRT) although its work was done. torchrun
+then reports the whole job as failed.
+
+:func:`settle` closes that window: it returns once the process group's threads have let go of
+the tensors (each tensor's reference count is back where it was before the collective), so every
+tensor is freed by the thread that made it. It costs a few microseconds per collective: the
+worker lets go right after waking the caller. NCCL keeps its own references until its watchdog
+collects the work, without Python involved, so only CPU (gloo) tensors are waited for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RELEASE_TIMEOUT_S", "blocking", "settle", "use_counts"]
+
+RELEASE_TIMEOUT_S = 30.0
+"""How long :func:`settle` waits for a worker thread to let go before keeping the tensors alive
+for the rest of the process instead (they can then never be freed off the main thread)."""
+
+_kept: list[Tensor] = []  # tensors a worker thread did not let go of in time
+
+
+def use_counts(tensors: Sequence[Tensor]) -> list[int]:
+    """The C++ reference count of each tensor (``-1`` where torch cannot tell)."""
+    return [_use_count(t) for t in tensors]
+
+
+def settle(
+    tensors: Sequence[Tensor], baseline: Sequence[int], timeout_s: float = RELEASE_TIMEOUT_S
+) -> None:
+    """Return once no process-group thread holds a reference to ``tensors`` any more: each
+    tensor's reference count is back to its ``baseline`` (taken with :func:`use_counts` before the
+    collective), or the tensor is not a CPU tensor. Call it after the collective completed and
+    after the caller dropped its work handle. After ``timeout_s`` the tensors are kept alive for
+    the life of the process (a debug log line says so) rather than risk the abort above."""
+    waiting = [
+        (t, b) for t, b in zip(tensors, baseline, strict=True) if t.device.type == "cpu" and b >= 0
+    ]
+    delay, deadline = 1e-5, time.monotonic() + timeout_s
+    while waiting:
+        waiting = [(t, b) for t, b in waiting if _use_count(t) > b]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            log.debug("a collective's worker thread still holds %d tensors", len(waiting))
+            _kept.extend(t for t, _ in waiting)
+            return
+        time.sleep(delay)  # releases the GIL, which the worker may need
+        delay = min(delay * 2, 1e-3)
+
+
+def blocking(fn: Callable[..., Any], tensors: Sequence[Tensor], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, a blocking ``torch.distributed`` collective on ``tensors``,
+    followed by :func:`settle`."""
+    baseline = use_counts(tensors)
+    out = fn(*args, **kwargs)
+    settle(tensors, baseline)
+    return out
+
+
+def _use_count(t: Tensor) -> int:
+    count = getattr(t, "_use_count", None)
+    return int(count()) if count is not None else -1
