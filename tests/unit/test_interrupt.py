@@ -15,7 +15,7 @@ from rangerdl.train.runtime import Runtime
 def test_first_signal_requests_a_stop_the_second_aborts() -> None:
     rt = Runtime(0, 1, 0, torch.device("cpu"), None)
     before = signal.getsignal(signal.SIGTERM)
-    with StopRequest(rt, check_every=1) as stop:
+    with StopRequest(rt) as stop:
         assert not stop.agreed(1)
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.agreed(2) and stop.signum == signal.SIGTERM

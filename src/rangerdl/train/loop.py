@@ -157,7 +157,7 @@ def _train(
     if rt.is_main:
         what = "periodic validation (val/): %s%s; the final val/ and test/: %s"
         log.info(what, val_what, sample, final_what)
-    stop = held.enter_context(StopRequest(rt, check_every=opt.agree_every))
+    stop = held.enter_context(StopRequest(rt))
     train_time, window_t0, window_samples = 0.0, time.perf_counter(), 0
     model.train()
     last_step = min(t.steps, t.stop_at or t.steps)

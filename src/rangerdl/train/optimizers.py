@@ -108,9 +108,6 @@ class TrainOptimizer:
     """Distributed Lookahead's outer sync, when ``strategy = "lookahead"`` across processes."""
     counter: CommCounter | None = None
     """Byte accounting of the torch baselines."""
-    agree_every: int = 1
-    """Steps between the points where ranks can agree on something (a stop request) without an
-    extra round trip: every step under DDP, each sync for the local-update strategies."""
 
     def slow_weights(self) -> list[tuple[Tensor, Tensor]]:
         """``(parameter, slow weights)``: the model worth keeping; empty without Lookahead."""
@@ -148,7 +145,7 @@ def build_optimizer(cfg: Config, model: nn.Module, rt: Runtime) -> TrainOptimize
         import torch.distributed as dist
 
         sync = OuterSync(inner, dist.group.WORLD, options, buffers=model.buffers())
-        return TrainOptimizer(inner, model, model, sync=sync, agree_every=options.sync_every)
+        return TrainOptimizer(inner, model, model, sync=sync)
     counter = CommCounter(rt.world_size)
     if rt.is_main:  # DDP and PostLocalSGD broadcast rank 0's weights and buffers once
         tensors = [*model.parameters(), *model.buffers()]
@@ -160,7 +157,7 @@ def build_optimizer(cfg: Config, model: nn.Module, rt: Runtime) -> TrainOptimize
     assert strategy == "post_local_sgd", strategy
     period = cfg.distributed.resolved(k=cfg.optim.k, alpha=cfg.optim.alpha).sync_every
     optimizer = _post_local_sgd(cfg, model, counter, period)
-    return TrainOptimizer(optimizer, model, model, counter=counter, agree_every=period)
+    return TrainOptimizer(optimizer, model, model, counter=counter)
 
 
 def _counting_ddp(model: nn.Module, rt: Runtime, counter: CommCounter) -> nn.Module:
