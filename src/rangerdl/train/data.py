@@ -22,35 +22,100 @@ def open_data(cfg: DataConfig, rt: Runtime) -> dict[str, Any]:
     first use (by local rank 0; the others wait) into the cache folder (``cfg.cache_dir``, else
     ``$RANGERDL_CACHE``, else ``~/.cache/rangerdl``).
 
-    Raises:
-        ValueError: an unknown ``source``; a damaged dataset (from ``open_splits``).
-        FileNotFoundError: ``path`` does not exist.
-    """
-    from rangerdl.data import open_splits, prepare
+    The ranks of a job then compare what they opened, by content: a ``path`` or cache folder
+    that resolves per node (a relative path, a per-node cache) to other data is refused on every
+    rank, naming both datasets, before any training.
 
-    if cfg.path:
-        return open_splits(Path(cfg.path))
-    if cfg.source not in BUILTIN_SOURCES:
+    Raises:
+        ValueError: an unknown ``source``; a damaged dataset (from ``open_splits``); ranks that
+            read different datasets.
+        FileNotFoundError: ``path`` does not exist (on any rank).
+    """
+    from rangerdl.data import open_splits
+
+    if not cfg.path and cfg.source not in BUILTIN_SOURCES:
         raise ValueError(
             f"[data] source = {cfg.source!r}: expected one of {', '.join(BUILTIN_SOURCES)} "
             "(or set [data] path to a prepared dataset)"
         )
-    options: dict[str, Any] = {"seq_len": cfg.seq_len} if cfg.source == "text" else {}
-    folder_name = f"text-L{cfg.seq_len}" if cfg.source == "text" else cfg.source
+    root = Path(cfg.path) if cfg.path else _cache_folder(cfg)
+    problem = None
+    try:
+        if not cfg.path:
+            _prepare_once(cfg, root, rt)
+        splits = open_splits(root)
+    except (ValueError, OSError) as exc:
+        if not rt.distributed:
+            raise
+        splits, problem = {}, exc
+    if rt.distributed:
+        _agree_on_data(root, splits, problem, rt)
+    return splits
+
+
+def _cache_folder(cfg: DataConfig) -> Path:
+    """Where built-in source ``cfg.source`` is prepared (``text`` per sequence length)."""
     cache = Path(
         cfg.cache_dir or os.environ.get("RANGERDL_CACHE") or Path.home() / ".cache" / "rangerdl"
     )
-    folder = cache / folder_name
-    if rt.local_rank == 0 and not (folder / "train").is_dir():
-        log.info("preparing the built-in %r dataset in %s (first use)", cfg.source, folder)
-        tmp = cache / f".tmp-{folder_name}-{os.getpid()}"
-        prepare(cfg.source, tmp, **options)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another job prepared it meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
-    rt.barrier()
-    return open_splits(folder)
+    return cache / (f"text-L{cfg.seq_len}" if cfg.source == "text" else cfg.source)
+
+
+def _prepare_once(cfg: DataConfig, folder: Path, rt: Runtime) -> None:
+    from rangerdl.data import prepare
+
+    options: dict[str, Any] = {"seq_len": cfg.seq_len} if cfg.source == "text" else {}
+    try:
+        if rt.local_rank == 0 and not (folder / "train").is_dir():
+            log.info("preparing the built-in %r dataset in %s (first use)", cfg.source, folder)
+            tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
+            prepare(cfg.source, tmp, **options)
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another job prepared it meanwhile
+                shutil.rmtree(tmp, ignore_errors=True)
+    finally:  # also on a failure, so that every rank is at the same collective next
+        rt.barrier()
+
+
+def _agree_on_data(
+    root: Path, splits: dict[str, Any], problem: BaseException | None, rt: Runtime
+) -> None:
+    """Refuse on every rank at once when one rank could not open its data, or opened data whose
+    split names or manifest checksums differ from rank 0's."""
+    error = None if problem is None else (isinstance(problem, FileNotFoundError), str(problem))
+    mine = {
+        "where": str(root.resolve()),
+        "splits": {name: ds.checksum for name, ds in splits.items()},
+        "problem": error,
+    }
+    everyone = rt.all_gather_object(mine)
+    failed = [(r, theirs["problem"]) for r, theirs in enumerate(everyone) if theirs["problem"]]
+    if problem is not None:
+        raise problem
+    if failed:
+        rank, (missing, message) = failed[0]
+        raise (FileNotFoundError if missing else ValueError)(
+            f"rank {rank} cannot open its data: {message}"
+        )
+    first = everyone[0]
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        differs = f"rank {rank} reads a different dataset than rank 0"
+        hint = (
+            "every rank must read the same data: point [data] path (or each node's cache) at "
+            "identical copies"
+        )
+        if list(theirs["splits"]) != list(first["splits"]):
+            raise ValueError(
+                f"{differs}: splits {', '.join(theirs['splits'])} ({theirs['where']}) vs "
+                f"{', '.join(first['splits'])} ({first['where']}); {hint}"
+            )
+        for name, checksum in theirs["splits"].items():
+            if checksum != first["splits"][name]:
+                raise ValueError(
+                    f"{differs}: {name} split checksum {checksum[:16]} ({theirs['where']}) vs "
+                    f"{first['splits'][name][:16]} ({first['where']}); {hint}"
+                )
 
 
 def training_splits(splits: dict[str, Any], val_fraction: float, seed: int) -> tuple[Any, Any, str]:

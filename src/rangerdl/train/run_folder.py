@@ -10,6 +10,7 @@
       summary.json        the final metrics, written once the run ends
       launch_id           the torchrun job id (TORCHELASTIC_RUN_ID) that created the run
       config_history.jsonl  what each resume changed (``{"step": N, "changed": {key: [old, new]}}``)
+      .rank-check-TOKEN   only while a distributed job starts: proves every rank sees this folder
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rangerdl._fileio import atomic_write_text
 from rangerdl._lock import FolderLock
@@ -107,7 +109,8 @@ def choose_run_folder(
     recorded = folder.launch_id.read_text().strip() if folder.launch_id.is_file() else None
     own_job = bool(run_id) and (not name_given or recorded == run_id)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if path.exists() and any(path.iterdir()) and not (restarted or own_job or policy == "auto"):
+    used = path.exists() and any(not p.name.startswith(CHECK_PREFIX) for p in path.iterdir())
+    if used and not (restarted or own_job or policy == "auto"):
         raise ValueError(
             f"run folder {path} already exists; continue it with `rangerdl train --resume {path}` "
             "(or set --run.resume=auto), or choose another name with --run.name=NAME"
@@ -119,16 +122,16 @@ def open_run(
     cfg: Config, rt: Runtime, resume: Path | None, held: contextlib.ExitStack
 ) -> tuple[RunFolder, Path | None]:
     """The run folder (chosen and locked on rank 0: a second job in it is refused, naming the
-    holder's PID) and the checkpoint to continue from, if any; ranks that disagree on the config
-    fail here, naming the keys.
+    holder's PID) and the checkpoint to continue from, if any (rank 0's pick). Ranks that
+    disagree on the config, or that do not see the folder rank 0 chose (a relative ``run.dir``
+    from another working directory, a node without the shared file system), fail here on every
+    rank, naming the keys or both folders.
 
     Raises:
-        ValueError: ranks with different configs; a fresh run in an existing folder; a folder
-            another job holds (naming its PID).
+        ValueError: ranks with different configs, or not seeing one folder; a fresh run in an
+            existing folder; a folder another job holds (naming its PID).
         FileNotFoundError: a run whose checkpoints are all damaged.
     """
-    from rangerdl.train.checkpoint import latest_valid  # (imports torch)
-
     everyone = rt.all_gather_object(cfg.rank_agreed())
     differ = sorted({k for other in everyone for k, v in other.items() if everyone[0].get(k) != v})
     if differ:
@@ -136,28 +139,100 @@ def open_run(
             f"the ranks of this job were given different configs: {', '.join(differ)} differ "
             "(every rank must get the same config file and overrides)"
         )
-    chosen = None
+    chosen, offer = None, None
     if rt.is_main:
-        chosen = choose_run_folder(
-            cfg.run.dir, cfg.run.name, cfg.model.name, resume, cfg.run.resume
+        try:
+            chosen = choose_run_folder(
+                cfg.run.dir, cfg.run.name, cfg.model.name, resume, cfg.run.resume
+            )
+            chosen.path.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(FolderLock(chosen.path, what="run folder"))
+            offer = _offer_folder(chosen, rt)
+        except (ValueError, OSError) as exc:
+            if not rt.distributed:
+                raise
+            rt.broadcast_object(_as_error(exc))  # the other ranks refuse with it, not hang
+            raise
+    offer = rt.broadcast_object(offer)
+    if "error" in offer:
+        _raise_error(offer["error"], "rank 0 cannot use the run folder")
+    run = chosen if chosen is not None else RunFolder(resume or Path(cfg.run.dir) / offer["name"])
+    if rt.distributed:
+        _check_same_folder(run, offer["path"], offer["token"], rt)
+    return run, _resume_point(run, rt)
+
+
+CHECK_PREFIX = ".rank-check-"
+"""A file rank 0 writes into the run folder at start (named and filled with a fresh random token)
+so that each rank can prove it sees that very folder; removed once every rank looked."""
+
+
+def _offer_folder(chosen: RunFolder, rt: Runtime) -> dict[str, Any]:
+    """Rank 0's folder as the others check it: its resolved path, name and check token."""
+    token = ""
+    if rt.distributed:
+        token = secrets.token_hex(16)
+        chosen.path.mkdir(exist_ok=True)
+        atomic_write_text(chosen.path / f"{CHECK_PREFIX}{token}", token)
+    return {"path": str(chosen.path.resolve()), "name": chosen.path.name, "token": token}
+
+
+def _check_same_folder(run: RunFolder, main_path: str, token: str, rt: Runtime) -> None:
+    """Every rank looks for rank 0's check file in its own ``run`` (the name does not matter: a
+    link or another mount point of the same folder passes); all refuse if one does not see it."""
+    check = run.path / f"{CHECK_PREFIX}{token}"
+    try:
+        seen = check.read_text() == token
+    except OSError:
+        seen = False
+    problem = None
+    if not seen:
+        why = "another folder, without rank 0's check file"
+        if not run.path.is_dir():
+            why = "which does not exist on this rank"
+        problem = (
+            f"rank {rt.rank} does not see the run folder rank 0 writes to: rank 0 uses "
+            f"{main_path}, this rank's resolves to {run.path.resolve()} ({why}); every rank "
+            "writes its own state-rank{R}.pt into the checkpoints there, so all ranks need one "
+            "shared folder: give run.dir (or --resume) as an absolute path on a file system "
+            "every node mounts"
         )
-    if chosen is not None:
-        chosen.path.parent.mkdir(parents=True, exist_ok=True)
-        held.enter_context(FolderLock(chosen.path, what="run folder"))
-    run = RunFolder(Path(rt.broadcast_object(str(chosen.path) if chosen else None)))
-    start = None
-    if run.path.exists():
-        start = latest_valid(run.checkpoints, move_damaged=rt.is_main)
-        rt.barrier()
-    damaged = sorted(run.checkpoints.glob("damaged-step-*")) if start is None else []
+    everyone = rt.all_gather_object(problem)
+    if rt.is_main:
+        check.unlink(missing_ok=True)
+    first = next((p for p in everyone if p), None)
+    if first:
+        raise ValueError(first)
+
+
+def _resume_point(run: RunFolder, rt: Runtime) -> Path | None:
+    """The newest complete checkpoint, picked on rank 0 (which moves damaged ones aside) so that
+    every rank continues from the same step."""
+    from rangerdl.train.checkpoint import latest_valid  # (imports torch)
+
+    picked = None
+    if rt.is_main:
+        start = latest_valid(run.checkpoints, move_damaged=True) if run.path.exists() else None
+        damaged = [] if start else sorted(d.name for d in run.checkpoints.glob("damaged-step-*"))
+        picked = (start.name if start else None, damaged)
+    name, damaged = rt.broadcast_object(picked)
     if damaged:
         raise FileNotFoundError(
             f"{run} holds no complete checkpoint to resume from; the damaged ones were moved "
-            f"aside: {', '.join(d.name for d in damaged)}"
+            f"aside: {', '.join(damaged)}"
         )
-    if start is None and run.config.is_file():
+    if name is None and run.config.is_file() and rt.is_main:
         log.warning("%s has no complete checkpoint yet: starting it from step 0", run)
-    return run, start
+    return run.checkpoints / name if name else None
+
+
+def _as_error(exc: BaseException) -> dict[str, Any]:
+    return {"error": (isinstance(exc, FileNotFoundError), str(exc))}
+
+
+def _raise_error(error: tuple[bool, str], what: str) -> None:
+    missing, message = error
+    raise (FileNotFoundError if missing else ValueError)(f"{what}: {message}")
 
 
 def record_config(run: RunFolder, cfg: Config, step: int) -> None:
