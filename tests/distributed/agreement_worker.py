@@ -5,7 +5,8 @@ outcome per scenario (the error it got, how long after its first step, its weigh
 torchrun --standalone --nproc-per-node=2 agreement_worker.py OUT_DIR '{"name": {"case": ...}}'
 
 Cases: ``"uneven"`` (rank r takes ``steps[r]`` steps, then ``finish()``) and ``"add_param_group"``
-(a group added after ``OuterSync`` is attached, then one step and ``finish()``).
+(a group added after ``OuterSync`` is attached, then one step and ``finish()``) and
+``"param_order"`` (rank 1 hands over its named parameters in another order, same shapes).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ TIMEOUT_S = 30  # the collective timeout; a disagreement must be reported well b
 
 
 def run(case: dict[str, Any], rank: int) -> dict[str, Any]:
+    if case["case"] == "param_order":
+        return param_order(rank)
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
     optimizer, sync = distributed_ranger([a], dist.group.WORLD, lr=0.1, k=case["k"])
     if case["case"] == "add_param_group":
@@ -45,6 +48,21 @@ def run(case: dict[str, Any], rank: int) -> dict[str, Any]:
     outcome["a"], outcome["b"] = a.tolist(), b.tolist()
     sync.close()
     return outcome
+
+
+def param_order(rank: int) -> dict[str, Any]:
+    """Two layers of one shape: only names tell rank 1's swapped order apart."""
+    named = list(
+        torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)).named_parameters()
+    )
+    if rank == 1:
+        named = named[2:] + named[:2]
+    try:
+        _, sync = distributed_ranger(named, dist.group.WORLD, lr=0.1)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    sync.close()
+    return {"error": None}
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ CASES = {
     "uneven-k1-2-vs-1": {"case": "uneven", "k": 1, "steps": [2, 1]},
     "uneven-k6-7-vs-6": {"case": "uneven", "k": 6, "steps": [7, 6]},
     "add_param_group": {"case": "add_param_group", "k": 1},
+    "param_order": {"case": "param_order"},
 }
 
 
@@ -96,6 +97,18 @@ def test_add_param_group_after_attaching_is_a_clear_error_on_every_rank(
         error = outcome["add_param_group"]["error"]
         assert error is not None, f"rank {rank} finished with an unsynchronised param group"
         assert "add_param_group" in error and "before creating OuterSync" in error
+
+
+def test_ranks_whose_parameters_come_in_another_order_are_refused_by_name(
+    outcomes: list[dict[str, Any]],
+) -> None:
+    """Same shapes, another order on rank 1: compared by shape alone, the ranks averaged
+    unrelated tensors without a word."""
+    for rank, outcome in enumerate(outcomes):
+        error = outcome["param_order"]["error"]
+        assert error is not None, f"rank {rank} accepted parameters in another order"
+        assert "rank 1 and rank 0 disagree on parameters" in error
+        assert "'1.weight'" in error and "'0.weight'" in error, error
 
 
 @pytest.mark.slow

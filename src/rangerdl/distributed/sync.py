@@ -43,7 +43,7 @@ import dataclasses
 import logging
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -151,7 +151,12 @@ class OuterSync:
         options: sync period, outer step and communication; ``sync_every = 0`` and
             ``outer_lr = 0`` take the optimizer's param-group ``k`` and ``alpha`` when it has them
             (``Ranger``), else are an error.
-        buffers: module buffers (e.g. BatchNorm running statistics) to keep in step.
+        buffers: module buffers (e.g. BatchNorm running statistics) to keep in step, as
+            tensors or ``(name, tensor)`` pairs (``model.named_buffers()``).
+        param_names: a name per parameter, in the optimizer's order. Default: the names
+            torch's optimizers keep when given ``model.named_parameters()``. Ranks compare
+            names, shapes and dtypes, so one whose parameters come in another order is refused
+            even where the shapes agree; give names (or named parameters) for that check.
 
     Raises:
         ValueError: ``process_group`` is None or torch.distributed is not initialised; bad or
@@ -165,7 +170,8 @@ class OuterSync:
         process_group: dist.ProcessGroup | None,
         options: SyncOptions | None = None,
         *,
-        buffers: Iterable[Tensor] = (),
+        buffers: Iterable[Tensor | tuple[str, Tensor]] = (),
+        param_names: Sequence[str] | None = None,
     ) -> None:
         if process_group is None or not dist.is_available() or not dist.is_initialized():
             raise ValueError(
@@ -198,7 +204,12 @@ class OuterSync:
                 "distributed Lookahead needs all parameters in one dtype on one device; got "
                 f"{sorted(map(str, dtypes))} on {sorted(map(str, devices))}"
             )
-        self.buffers = list(buffers)
+        named_buffers = [b if isinstance(b, tuple) else (None, b) for b in buffers]
+        self.buffers = [b for _, b in named_buffers]
+        self._names = {
+            "parameter": _param_names(groups, param_names, len(self.params)),
+            "buffer": [name for name, _ in named_buffers],
+        }
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
@@ -464,9 +475,18 @@ class OuterSync:
     def _check_ranks_agree(self) -> None:
         """Every rank must have the same parameter and buffer shapes and the same options; a
         difference is the same ``ValueError`` on every rank, naming it, instead of a hang."""
+
+        def described(names: list[str | None], tensors: list[Tensor]) -> list[tuple[Any, ...]]:
+            return [
+                (tuple(t.shape), str(t.dtype))
+                if name is None
+                else (name, tuple(t.shape), str(t.dtype))
+                for name, t in zip(names, tensors, strict=True)
+            ]
+
         mine = {
-            "parameter": [(tuple(p.shape), str(p.dtype)) for p in self.params],
-            "buffer": [(tuple(b.shape), str(b.dtype)) for b in self.buffers],
+            "parameter": described(self._names["parameter"], self.params),
+            "buffer": described(self._names["buffer"], self.buffers),
             "option": sorted(dataclasses.asdict(self.options).items()),
         }
         everyone: list[Any] = [None] * self.world_size
@@ -488,7 +508,7 @@ class OuterSync:
                     min(len(reference), len(ours)),
                 )
                 raise ValueError(
-                    f"rank {rank} and rank 0 disagree on {what} shapes: {len(ours)} vs "
+                    f"rank {rank} and rank 0 disagree on {what}s (names, shapes, dtypes): {len(ours)} vs "
                     f"{len(reference)} {what}s, first difference at index {diff}: "
                     f"{ours[diff] if diff < len(ours) else None} vs "
                     f"{reference[diff] if diff < len(reference) else None}"
@@ -691,6 +711,20 @@ class OuterSync:
             self.stats["bytes"] += b.numel() * b.element_size() if self.rank == 0 else 0
 
 
+def _param_names(
+    groups: list[dict[str, Any]], given: Sequence[str] | None, count: int
+) -> list[str | None]:
+    """``given``, else the param groups' ``param_names`` (all groups or none), else Nones."""
+    if given is not None:
+        names = list(given)
+        if len(names) != count:
+            raise ValueError(f"param_names has {len(names)} names for {count} parameters")
+        return list(names)
+    if groups and all("param_names" in g for g in groups):
+        return [name for g in groups for name in g["param_names"]]
+    return [None] * count
+
+
 def _group_value(groups: list[dict[str, Any]], key: str, option: str, given: float) -> Any:
     """The optimizer's ``k``/``alpha`` for an option left at 0 (all groups must agree)."""
     if given:
@@ -714,14 +748,16 @@ def distributed_ranger(
     process_group: dist.ProcessGroup | None,
     options: SyncOptions | None = None,
     *,
-    buffers: Iterable[Tensor] = (),
+    buffers: Iterable[Tensor | tuple[str, Tensor]] = (),
     **ranger_kwargs: Any,
 ) -> tuple[Ranger, OuterSync]:
     """Distributed Ranger in one line: ``Ranger(params, lookahead=False, **ranger_kwargs)`` (RAdam
     + gradient centralisation, the inner step) with an :class:`OuterSync` holding its Lookahead
     (``sync_every`` defaults to ``k``, ``outer_lr`` to ``alpha``). Returns ``(optimizer, sync)``:
     step the optimizer as usual; ``sync.finish()`` at the end; ``sync.slow_weights()`` to
-    evaluate. One worker equals single-process ``Ranger`` bit for bit.
+    evaluate. One worker equals single-process ``Ranger`` bit for bit. Pass
+    ``model.named_parameters()`` (and ``model.named_buffers()``) so that the ranks check they
+    agree on the parameters by name, not only by shape.
 
     Raises:
         ValueError: as :class:`OuterSync` and :class:`~rangerdl.optim.Ranger`.

@@ -144,7 +144,9 @@ def build_optimizer(cfg: Config, model: nn.Module, rt: Runtime) -> TrainOptimize
         options = cfg.distributed.resolved(k=cfg.optim.k, alpha=cfg.optim.alpha)
         import torch.distributed as dist
 
-        sync = OuterSync(inner, dist.group.WORLD, options, buffers=model.buffers())
+        names = [name for name, _ in model.named_parameters()]
+        buffers = list(model.named_buffers())
+        sync = OuterSync(inner, dist.group.WORLD, options, buffers=buffers, param_names=names)
         return TrainOptimizer(inner, model, model, sync=sync)
     counter = CommCounter(rt.world_size)
     if rt.is_main:  # DDP and PostLocalSGD broadcast rank 0's weights and buffers once
