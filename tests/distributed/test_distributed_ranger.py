@@ -270,7 +270,7 @@ def test_buffer_policies(tmp_path: Path, policy: str) -> None:
 def test_mismatched_parameter_shapes_are_a_clear_error(tmp_path: Path) -> None:
     proc = launch(tmp_path, {"kind": "ranger", "steps": 2, "mismatch_shapes": True}, ok=False)
     assert proc.returncode != 0
-    assert "disagree on parameter shapes" in proc.stderr
+    assert "disagree on parameters (names, shapes, dtypes)" in proc.stderr
 
 
 def test_unequal_step_counts_are_a_clear_error_not_a_hang(tmp_path: Path) -> None:
