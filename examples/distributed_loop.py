@@ -23,7 +23,8 @@ x_train, x_test = (torch.tensor(a, dtype=torch.float32) for a in (x_train, x_tes
 y_train, y_test = (torch.tensor(a) for a in (y_train, y_test))
 
 model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
-optimizer, sync = distributed_ranger(model.parameters(), dist.group.WORLD, lr=3e-3, k=6)
+# Named parameters: the ranks check at start that they agree on them by name, not only shape.
+optimizer, sync = distributed_ranger(model.named_parameters(), dist.group.WORLD, lr=3e-3, k=6)
 for epoch in range(30):
     # The same permutation everywhere; each rank takes every world-th batch of 32 (global batch 64).
     order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(epoch))
