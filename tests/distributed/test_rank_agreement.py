@@ -28,7 +28,9 @@ TIMEOUT_S = 30  # the collective timeout of the jobs here; a refusal must come w
 # soon as one worker fails, which may be before a slower rank has printed its own error.
 WRAP = """#!/bin/bash
 if [ "$RANK" = 0 ]; then d=$DIR0; else d=$DIR1; fi
-cd "$d" && RANGERDL_CACHE="$d/cache" exec setsid --wait "$@"
+extra=()  # with $ABSOLUTE: this node's own absolute paths, spelled differently on each rank
+if [ -n "$ABSOLUTE" ]; then extra=("--data.path=$d/ds" "--run.dir=$d/runs"); fi
+cd "$d" && RANGERDL_CACHE="$d/cache" exec setsid --wait "$@" "${extra[@]}"
 """
 
 ARGS = [
@@ -66,13 +68,18 @@ def node(tmp_path: Path, rank: int, data: Path | None = None, cached: Path | Non
     return folder
 
 
-def launch(tmp_path: Path, nodes: list[Path], *args: str) -> tuple[int, str, float]:
-    """``rangerdl train`` on 2 ranks, rank r in ``nodes[r]``: (exit code, output, seconds)."""
+def launch(
+    tmp_path: Path, nodes: list[Path], *args: str, absolute: bool = False
+) -> tuple[int, str, float]:
+    """``rangerdl train`` on 2 ranks, rank r in ``nodes[r]``: (exit code, output, seconds).
+    ``absolute``: each rank is given ``--data.path`` and ``--run.dir`` as its node's own absolute
+    paths."""
     wrap = tmp_path / "wrap.sh"
     wrap.write_text(WRAP)
     wrap.chmod(0o755)
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node=2", "--no-python", str(wrap)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIR0": str(nodes[0]), "DIR1": str(nodes[1])}
+    env["ABSOLUTE"] = "1" if absolute else ""
     t0 = time.monotonic()
     proc = subprocess.run(
         [*cmd, str(RANGERDL), "train", *ARGS, *args],
@@ -173,6 +180,22 @@ def test_same_content_under_different_names_trains(digits: dict[str, Path], tmp_
         "state-rank1.pt",
     ]
     assert not list((shared / "t").glob(f"{CHECK_PREFIX}*"))
+
+
+def test_per_node_absolute_paths_to_the_same_content_train(
+    digits: dict[str, Path], tmp_path: Path
+) -> None:
+    """Each node names its copy of the data and its mount of the run folder by its own absolute
+    path: the strings differ, the content agrees, so the job trains (a string comparison of the
+    configs refused it)."""
+    nodes = [node(tmp_path, 0, digits["seed0"]), node(tmp_path, 1, digits["seed0-copy"])]
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for folder in nodes:
+        (folder / "runs").symlink_to(shared)
+    rc, out, _ = launch(tmp_path, nodes, absolute=True)
+    assert rc == 0, out[-3000:]
+    assert len(list((shared / "t" / "checkpoints" / "step-4").glob("state-rank*.pt"))) == 2
 
 
 def test_rank_0_refusing_the_run_folder_is_an_error_on_every_rank(

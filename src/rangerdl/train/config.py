@@ -479,9 +479,20 @@ def _literal(text: str) -> Any:
 
 
 PER_RANK_KEYS = frozenset(
-    {"train.device", "train.threads", "data.num_workers", "data.cache_dir", "log.progress"}
+    {
+        "train.device",
+        "train.threads",
+        "data.num_workers",
+        "data.cache_dir",
+        "data.path",
+        "run.dir",
+        "log.progress",
+    }
 )
-"""Config keys that may differ between the ranks of one job; every other key must agree."""
+"""Config keys that may differ between the ranks of one job; every other key must agree. Paths
+may be spelled differently on each node (mounts, working directories): what they lead to is
+compared instead, the datasets by manifest checksum and the run folder by a token rank 0 writes
+into it (``rangerdl.train.data``, ``rangerdl.train.run_folder``)."""
 
 RESUME_MAY_CHANGE: dict[str, tuple[str, ...] | None] = {
     "train": (
