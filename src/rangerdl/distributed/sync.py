@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Iterable, Sequence
@@ -78,6 +79,9 @@ class _Pending(NamedTuple):
     baseline: int = -1  # ``reduced``'s reference count before the launch (``release.settle``)
 
 
+_THREAD_PREFIX = "rangerdl-sync"
+
+
 class _SideChannel:
     """The overlapped bf16 exchange's worker thread and its own process group (same ranks).
     Closed by ``OuterSync.finish``/``close``, and by a finalizer when an ``OuterSync`` that was
@@ -87,12 +91,18 @@ class _SideChannel:
     def __init__(self, process_group: dist.ProcessGroup, backend: str) -> None:
         self.group, self.owned = _side_group(process_group, backend)
         self.executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="rangerdl-sync"
+            max_workers=1, thread_name_prefix=_THREAD_PREFIX
         )
 
     def close(self) -> None:
         """Join the thread (it finishes an exchange in flight: every collective it runs has
         settled when it returns), then destroy the group, which joins gloo's threads."""
+        if threading.current_thread().name.startswith(_THREAD_PREFIX):
+            # The garbage collector ran the finalizer on the exchange's own thread, which cannot
+            # join itself; it ends when its exchange does, and the interpreter joins it at exit.
+            if self.executor is not None:
+                self.executor.shutdown(wait=False)
+            return
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
             self.executor = None
