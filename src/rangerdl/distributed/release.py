@@ -9,11 +9,14 @@ CPython ends that thread with ``pthread_exit`` inside a C++ destructor, and the 
 ``terminate called without an active exception`` (SIGABRT) although its work was done. torchrun
 then reports the whole job as failed.
 
-:func:`settle` closes that window: it returns once the process group's threads have let go of
-the tensors (each tensor's reference count is back where it was before the collective), so every
-tensor is freed by the thread that made it. It costs a few microseconds per collective: the
-worker lets go right after waking the caller. NCCL keeps its own references until its watchdog
-collects the work, without Python involved, so only CPU (gloo) tensors are waited for.
+:func:`hold` and :func:`settle` close that window. torch releases a tensor's Python object
+(which needs the GIL) when the tensor's C++ references drop from two (the Python object's own and
+one more) to one. So the caller holds one more C++ reference for the length of the collective (a
+view, which keeps its base from C++): the worker thread's release is then an ordinary decrement.
+:func:`settle` waits until the worker has let go (each tensor's reference count is back where it
+was before the collective), and the caller drops its hold on its own thread. It costs a few
+microseconds per collective: the worker lets go right after waking the caller. NCCL keeps its own
+references until its watchdog collects the work, so only CPU (gloo) tensors are waited for.
 """
 
 from __future__ import annotations
@@ -27,13 +30,19 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RELEASE_TIMEOUT_S", "blocking", "settle", "use_counts"]
+__all__ = ["RELEASE_TIMEOUT_S", "blocking", "hold", "settle", "use_counts"]
 
 RELEASE_TIMEOUT_S = 30.0
 """How long :func:`settle` waits for a worker thread to let go before keeping the tensors alive
 for the rest of the process instead (they can then never be freed off the main thread)."""
 
-_kept: list[Tensor] = []  # tensors a worker thread did not let go of in time
+_kept: list[Any] = []  # holds on tensors a worker thread did not let go of in time
+
+
+def hold(tensors: Sequence[Tensor]) -> Any:
+    """One more C++ reference to each tensor, until the returned object is dropped: a view of
+    each, which keeps its base alive from C++."""
+    return [t.view(t.shape) for t in tensors]
 
 
 def use_counts(tensors: Sequence[Tensor]) -> list[int]:
@@ -42,13 +51,17 @@ def use_counts(tensors: Sequence[Tensor]) -> list[int]:
 
 
 def settle(
-    tensors: Sequence[Tensor], baseline: Sequence[int], timeout_s: float = RELEASE_TIMEOUT_S
+    tensors: Sequence[Tensor],
+    baseline: Sequence[int],
+    holder: Any = None,
+    timeout_s: float = RELEASE_TIMEOUT_S,
 ) -> None:
     """Return once no process-group thread holds a reference to ``tensors`` any more: each
     tensor's reference count is back to its ``baseline`` (taken with :func:`use_counts` before the
-    collective), or the tensor is not a CPU tensor. Call it after the collective completed and
-    after the caller dropped its work handle. After ``timeout_s`` the tensors are kept alive for
-    the life of the process (a debug log line says so) rather than risk the abort above."""
+    collective, with ``holder`` from :func:`hold` in place), or the tensor is not a CPU tensor.
+    Call it after the collective completed and after the caller dropped its work handle; drop
+    ``holder`` after it. After ``timeout_s`` the hold is kept for the life of the process (a
+    debug log line says so): a late release then needs no GIL."""
     waiting = [
         (t, b) for t, b in zip(tensors, baseline, strict=True) if t.device.type == "cpu" and b >= 0
     ]
@@ -59,7 +72,7 @@ def settle(
             return
         if time.monotonic() > deadline:
             log.debug("a collective's worker thread still holds %d tensors", len(waiting))
-            _kept.extend(t for t, _ in waiting)
+            _kept.append(holder if holder is not None else [t for t, _ in waiting])
             return
         time.sleep(delay)  # releases the GIL, which the worker may need
         delay = min(delay * 2, 1e-3)
@@ -68,9 +81,11 @@ def settle(
 def blocking(fn: Callable[..., Any], tensors: Sequence[Tensor], *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)``, a blocking ``torch.distributed`` collective on ``tensors``,
     followed by :func:`settle`."""
+    holder = hold(tensors)
     baseline = use_counts(tensors)
     out = fn(*args, **kwargs)
-    settle(tensors, baseline)
+    settle(tensors, baseline, holder)
+    del holder  # now the last C++ reference but the Python object's, on this thread
     return out
 
 

@@ -78,6 +78,7 @@ class _Pending(NamedTuple):
     is_delta: bool = False
     estimate: Tensor | None = None  # ``eager``: the slow weights this rank estimated at launch
     baseline: int = -1  # ``reduced``'s reference count before the launch (``release.settle``)
+    holder: Any = None  # ``release.hold`` on ``reduced`` while the collective may hold it
 
 
 _THREAD_PREFIX = "rangerdl-sync"
@@ -476,7 +477,9 @@ class OuterSync:
         else:
             work.wait()
             del work  # the handle holds the buffer too
-            release.settle([self._pending.reduced], [self._pending.baseline])
+            pending = self._pending
+            release.settle([pending.reduced], [pending.baseline], pending.holder)
+            self._pending = pending._replace(holder=None)
         self.stats["time_s"] += time.perf_counter() - t0
 
     def _to_comm(self, t: Tensor) -> Tensor:
@@ -590,12 +593,15 @@ class OuterSync:
             self._pending = _Pending(work, gathered, snapshot, self.step, is_delta=True)
         else:
             reduced = self._to_comm(snapshot.clone())
+            holder = release.hold([reduced])
             baseline = release.use_counts([reduced])[0]
             t0 = time.perf_counter()
             work = dist.all_reduce(reduced, group=self.process_group, async_op=True)
             self.stats["time_s"] += time.perf_counter() - t0
             self.stats["bytes"] += self._ring_bytes(self.numel, reduced.element_size(), 2)
-            self._pending = _Pending(work, reduced, snapshot, self.step, baseline=baseline)
+            self._pending = _Pending(
+                work, reduced, snapshot, self.step, baseline=baseline, holder=holder
+            )
         if self.options.eager:  # the outer step with this rank's weights as the mean, now
             estimate = self._slow.clone()
             momentum = None if self._momentum_buffer is None else self._momentum_buffer.clone()
@@ -613,7 +619,7 @@ class OuterSync:
     def _merge_pending(self) -> None:
         assert self._pending is not None
         self._wait_pending()
-        _, reduced, snapshot, launched_at, is_delta, estimate, _ = self._pending
+        _, reduced, snapshot, launched_at, is_delta, estimate, _, _ = self._pending
         self._pending = None
         warm = self._warm(launched_at)
         if is_delta:  # the mean pseudo-gradient, relative to phi at launch (phi has not moved)

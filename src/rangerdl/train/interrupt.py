@@ -51,7 +51,7 @@ class StopRequest:
         self._previous: dict[int, object] = {}
         self._next_check: int | None = None
         self._since: tuple[int, float] = (0, 0.0)  # (step, time) of the last check
-        self._pending: tuple[Any, Any, int] | None = None  # (work, tensor, its baseline)
+        self._pending: tuple[Any, Any, int, Any] | None = None  # work, tensor, baseline, hold
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -110,23 +110,25 @@ class StopRequest:
         import torch
         import torch.distributed as dist
 
-        from rangerdl.distributed.release import use_counts
+        from rangerdl.distributed.release import hold, use_counts
 
         t = torch.tensor([float(self.received or 0), step_s], dtype=torch.float64)
         t = t.to(self.rt.comm_device)
+        holder = hold([t])
         baseline = use_counts([t])[0]
         work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
-        self._pending = (work, t, baseline)
+        self._pending = (work, t, baseline, holder)
 
     def _collect(self) -> tuple[int, float]:
         """The last exchange's ``(signal, slowest rank's seconds per step)``."""
         from rangerdl.distributed.release import settle
 
         assert self._pending is not None
-        work, t, baseline = self._pending
+        work, t, baseline, holder = self._pending
         self._pending = None
         work.wait()
         del work
-        settle([t], [baseline])
+        settle([t], [baseline], holder)
+        del holder
         signum, step_s = t.tolist()
         return int(signum), float(step_s)
