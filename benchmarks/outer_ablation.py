@@ -1,4 +1,4 @@
-"""Outer-optimizer ablation for distributed Ranger in the headline cell (issue 10, section 2).
+"""Outer-optimizer ablation for distributed Ranger in the headline cell.
 
 GPT workload (``configs/ttq_gpt.toml``), 2 simulated hosts at 100 Mbit/s (``benchmarks/netsim``),
 distributed Ranger with k = 8, every row at the same step budget and seed; DDP AdamW gives the
@@ -9,7 +9,7 @@ validation on the slow weights, ``bytes_per_rank`` = ``comm/bytes``, ``others_cp
 
 Protocol as run for the committed JSON (``PROTOCOL``, also written into it): every row at 1000
 steps, seed 0; the best non-overlapped Lookahead row by final validation loss was then run with
-overlap, and at 2000 then 1504 steps (longer rungs of the issue's ladder, timed against DDP's
+overlap, and at 2000 then 1504 steps (longer rungs of the protocol's ladder, timed against DDP's
 1000-step target; 1504, not 1500, so that k = 8 divides it); DDP AdamW, the Lookahead baseline and
 the best row again with seed 1 for the seed spread. One inner learning
 rate for all rows (``time_to_quality.WORKLOADS``), no per-row tuning beyond the rows themselves.

@@ -79,7 +79,7 @@ def _ttq_row(row: dict[str, Any], label: str | None = None) -> str:
 
 
 def ttq_tables(payload: dict[str, Any]) -> str:
-    """One table per cell, then the repeats (timing noise) and the issue's headline check."""
+    """One table per cell, then the repeats (timing noise) and the headline check."""
     out = []
     for cell in payload["cells"]:
         target = cell.get("target_val_loss")
@@ -223,7 +223,7 @@ def ttq_protocol_tables(payload: dict[str, Any]) -> str:
 
 
 SECTIONS = (
-    ("Time to DDP's quality (issue 10 protocol)", "ttq_protocol.json", ttq_protocol_tables),
+    ("Time to DDP's quality (the protocol)", "ttq_protocol.json", ttq_protocol_tables),
     ("Time to quality at equal steps (400)", "time_to_quality.json", ttq_tables),
     ("Convergence, single process", "convergence.json", convergence_tables),
     ("Optimizer step time", "optimizer_step.json", optimizer_step_table),

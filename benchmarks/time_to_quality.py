@@ -23,7 +23,7 @@ Definitions (also written into the JSON):
   first time a contender's validation loss is <= target, linearly interpolated in (time, loss)
   between the evaluation before and the one that crosses; if the first evaluation already crosses,
   its time (an upper bound); None if never reached within the step budget.
-  ``time_to_target_2pct_s``: the same for target x 1.02 (the issue's "within 2%").
+  ``time_to_target_2pct_s``: the same for target x 1.02 ("within 2%").
   ``speedup_at_final``: the other way round, DDP AdamW's time to reach this contender's final loss
   divided by this contender's time to reach it (None if DDP never gets there).
 - ``bytes_per_rank``: rangerdl's ring-model count of training traffic (2 (W-1)/W x values x
@@ -466,7 +466,7 @@ def _row_analysis(
 
 
 def headline(cells: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's target at (gpt, 2 hosts, 100 Mbit/s): time <= 1/3 of DDP's, bytes >= k x fewer."""
+    """The headline target at (gpt, 2 hosts, 100 Mbit/s): time <= 1/3 of DDP's, bytes >= k x fewer."""
     cell = next((c for c in cells if (c["workload"], c["hosts"], c["rate"]) == HEADLINE), None)
     if cell is None or cell["target_val_loss"] is None:
         return {"cell": "-".join(map(str, HEADLINE)), "evaluated": False}

@@ -1,4 +1,4 @@
-"""Time to DDP's quality, the fair way (issue 10): tuning, equal tokens and a ladder of budgets.
+"""Time to DDP's quality, the fair way: tuning, equal tokens and a ladder of budgets.
 
 The question a user asks: *how soon do I reach the quality DDP would give me?* Every contender
 trains the same model (``configs/ttq_gpt.toml``, ``configs/ttq_digits.toml``) from the same seeds,

@@ -1,7 +1,7 @@
 """Rerun a few runs of the time-to-quality protocol, to check the machine against an earlier run.
 
-The protocol's JSON keeps runs across sessions (a cell rerun without ``--redo`` reuses the runs it
-already has), and this machine is shared: its speed drifts by several percent between sessions.
+The protocol's JSON keeps runs across invocations (a cell rerun without ``--redo`` reuses the runs it
+already has), and this machine is shared: its speed drifts by several percent between days.
 When new rows are added to a cell whose DDP runs are older, rerun one DDP run and one local run
 that already exist, the same way (same entry, tuned lr, seed, budget, cell), into a side JSON, and
 compare their training times with the committed ones::

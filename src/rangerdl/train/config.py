@@ -533,7 +533,7 @@ def load_config(
     command-line overrides; validated.
 
     ``run_folder``: the file is a run's ``config.json`` (resume, eval): its ``stop_at`` (the stop
-    that ended the last session) is cleared; an override outside :data:`RESUME_MAY_CHANGE` that
+    that ended the last run) is cleared; an override outside :data:`RESUME_MAY_CHANGE` that
     changes a value is an error; and a ``[model] name`` that names Python code to import
     (``module:factory``) is refused unless the user names it again on the command line or
     passes ``trust_code``: a run folder is data someone may hand you, and must not run code.
