@@ -10,7 +10,7 @@ from typing import Any
 
 from rangerdl.train.choices import BUILTIN_SOURCES
 from rangerdl.train.config import DataConfig
-from rangerdl.train.runtime import Runtime
+from rangerdl.train.runtime import Runtime, peer_error, raise_peer_error
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _agree_on_data(
 ) -> None:
     """Refuse on every rank at once when one rank could not open its data, or opened data whose
     split names or manifest checksums differ from rank 0's."""
-    error = None if problem is None else (isinstance(problem, FileNotFoundError), str(problem))
+    error = None if problem is None else peer_error(problem)
     mine = {
         "where": str(root.resolve()),
         "splits": {name: ds.checksum for name, ds in splits.items()},
@@ -94,10 +94,8 @@ def _agree_on_data(
     if problem is not None:
         raise problem
     if failed:
-        rank, (missing, message) = failed[0]
-        raise (FileNotFoundError if missing else ValueError)(
-            f"rank {rank} cannot open its data: {message}"
-        )
+        rank, error = failed[0]
+        raise_peer_error(error, f"rank {rank} cannot open its data")
     first = everyone[0]
     for rank, theirs in enumerate(everyone[1:], start=1):
         differs = f"rank {rank} reads a different dataset than rank 0"

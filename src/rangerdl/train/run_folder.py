@@ -139,6 +139,8 @@ def open_run(
             f"the ranks of this job were given different configs: {', '.join(differ)} differ "
             "(every rank must get the same config file and overrides)"
         )
+    from rangerdl.train.runtime import peer_error, raise_peer_error  # (imports torch)
+
     chosen, offer = None, None
     if rt.is_main:
         try:
@@ -151,11 +153,13 @@ def open_run(
         except (ValueError, OSError) as exc:
             if not rt.distributed:
                 raise
-            rt.broadcast_object(_as_error(exc))  # the other ranks refuse with it, not hang
+            rt.broadcast_object(
+                {"error": peer_error(exc)}
+            )  # the other ranks refuse with it, not hang
             raise
     offer = rt.broadcast_object(offer)
     if "error" in offer:
-        _raise_error(offer["error"], "rank 0 cannot use the run folder")
+        raise_peer_error(offer["error"], "rank 0 cannot use the run folder")
     run = chosen if chosen is not None else RunFolder(resume or Path(cfg.run.dir) / offer["name"])
     if rt.distributed:
         _check_same_folder(run, offer["path"], offer["token"], rt)
@@ -224,15 +228,6 @@ def _resume_point(run: RunFolder, rt: Runtime) -> Path | None:
     if name is None and run.config.is_file() and rt.is_main:
         log.warning("%s has no complete checkpoint yet: starting it from step 0", run)
     return run.checkpoints / name if name else None
-
-
-def _as_error(exc: BaseException) -> dict[str, Any]:
-    return {"error": (isinstance(exc, FileNotFoundError), str(exc))}
-
-
-def _raise_error(error: tuple[bool, str], what: str) -> None:
-    missing, message = error
-    raise (FileNotFoundError if missing else ValueError)(f"{what}: {message}")
 
 
 def record_config(run: RunFolder, cfg: Config, step: int) -> None:

@@ -10,7 +10,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,9 @@ __all__ = [
     "Runtime",
     "default_threads",
     "init_runtime",
+    "peer_error",
     "physical_cores",
+    "raise_peer_error",
     "rng_state",
     "set_rng_state",
 ]
@@ -83,6 +85,18 @@ class Runtime:
         if self.distributed and dist.is_initialized():
             dist.barrier()  # no rank tears down while another still talks to it
             dist.destroy_process_group()
+
+
+def peer_error(exc: BaseException) -> tuple[bool, str]:
+    """``exc`` as another rank can receive it (plain types): whether a file was missing, and
+    the message; :func:`raise_peer_error` raises it there."""
+    return isinstance(exc, FileNotFoundError), str(exc)
+
+
+def raise_peer_error(error: tuple[bool, str], what: str) -> NoReturn:
+    """Raise a :func:`peer_error` on this rank, prefixed with ``what`` (which rank, doing what)."""
+    missing, message = error
+    raise (FileNotFoundError if missing else ValueError)(f"{what}: {message}")
 
 
 def default_threads(cores: int, local_world_size: int, env: Mapping[str, str]) -> int | None:
