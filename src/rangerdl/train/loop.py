@@ -200,9 +200,12 @@ def _train(
         checkpointer.save(step, elapsed_before + train_time)
         metrics.close()
         why = "stop_at" if stop.signum is None else signal.Signals(stop.signum).name
+        launcher = "rangerdl train"  # a distributed run resumes with as many workers
+        if rt.distributed:
+            launcher = f"torchrun --nproc-per-node={rt.world_size} -m rangerdl train"
         log.warning(
-            "stopped at step %d of %d (%s); continue with: rangerdl train --resume %s",
-            *(step, t.steps, why, run),
+            "stopped at step %d of %d (%s); continue with: %s --resume %s",
+            *(step, t.steps, why, launcher, run),
         )
         return {"run_dir": str(run), "step": step, "stopped": True, "signal": stop.signum}
     t0 = time.perf_counter()
