@@ -508,7 +508,10 @@ class OuterSync:
         digest = hashlib.sha256(repr(mine).encode()).digest()[:8]
         value = int.from_bytes(digest, "little", signed=True)
         bounds = torch.tensor([value, -value], dtype=torch.int64)
-        self._timed(dist.all_reduce, bounds, op=dist.ReduceOp.MAX)
+        # Not timed: this first collective also waits for the ranks still starting up.
+        release.blocking(
+            dist.all_reduce, [bounds], bounds, op=dist.ReduceOp.MAX, group=self.process_group
+        )
         if int(bounds[0]) == -int(bounds[1]) == value:
             return
         everyone: list[Any] = [None] * self.world_size
