@@ -1,5 +1,7 @@
 """Checkpoints as ``RUN_DIR/checkpoints/step-N/`` folders that appear only when complete:
-:class:`Checkpointer` saves and restores a run's state; the functions below handle the folders.
+:class:`Checkpointer` saves and restores a run's state. The folders themselves (staging, the
+manifest, verification, retention) are the run folder's (:mod:`rangerdl.train.run_folder`); this
+module writes and reads what is in them.
 
 A checkpoint folder holds ``model.pt`` (the weights worth keeping: the Lookahead slow weights),
 ``state-rank{R}.pt`` per rank (fast weights, optimizer, scheduler, data position, RNG states, step)
@@ -19,9 +21,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
-import os
-import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,16 +30,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rangerdl._fileio import atomic_write_bytes, atomic_write_text, fsync_dir
+from rangerdl._fileio import atomic_write_bytes
 from rangerdl.optim import use_slow_weights
 from rangerdl.train.optimizers import TrainOptimizer
-from rangerdl.train.run_folder import RunFolder
+from rangerdl.train.run_folder import (
+    MANIFEST,
+    RunFolder,
+    commit,
+    latest_valid,
+    staging_dir,
+    verify,
+)
 from rangerdl.train.runtime import Runtime, rng_state, set_rng_state
-
-log = logging.getLogger(__name__)
-
-MANIFEST = "MANIFEST.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def tensor_bytes(obj: Any) -> bytes:
@@ -54,112 +55,6 @@ def write_file(folder: Path, name: str, obj: Any) -> str:
     data = tensor_bytes(obj)
     atomic_write_bytes(folder / name, data)
     return hashlib.sha256(data).hexdigest()
-
-
-def staging_dir(checkpoints: Path, step: int) -> Path:
-    """The temporary folder of step ``step`` (created empty)."""
-    tmp = checkpoints / f".tmp-step-{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def commit(checkpoints: Path, step: int, digests: dict[str, str], keep: int) -> Path:
-    """Write the manifest (the completion marker), rename into place, prune to ``keep``."""
-    tmp = checkpoints / f".tmp-step-{step}"
-    atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": digests}, indent=2) + "\n")
-    fsync_dir(tmp)
-    final = checkpoints / f"step-{step}"
-    if final.exists():  # re-written after a resume from an earlier step
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(checkpoints)
-    _verified.add(final)
-    if keep > 0:
-        prune(checkpoints, step, keep)
-    return final
-
-
-_verified: set[Path] = set()  # checkpoint folders this process wrote or verified
-
-
-def prune(checkpoints: Path, step: int, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints that verify, at or below ``step`` (the one just
-    written counts first); delete older ones. A damaged one is moved aside with a warning and
-    never counted, so retention never deletes the last good checkpoints."""
-    found = [c for c in list_checkpoints(checkpoints) if int(c.name.split("-")[1]) <= step]
-    kept = 0
-    for folder in reversed(found):
-        if kept >= keep:
-            _verified.discard(folder)
-            shutil.rmtree(folder, ignore_errors=True)
-            continue
-        problem = None if folder in _verified else verify(folder)
-        if problem is None:
-            _verified.add(folder)
-            kept += 1
-            continue
-        _move_aside(folder, problem)
-
-
-def _move_aside(folder: Path, problem: str) -> None:
-    aside = folder.with_name(f"damaged-{folder.name}")
-    shutil.rmtree(aside, ignore_errors=True)
-    os.replace(folder, aside)
-    log.warning("skipping checkpoint %s: %s; moved aside to %s", folder, problem, aside)
-
-
-def list_checkpoints(checkpoints: Path) -> list[Path]:
-    """Completed-looking checkpoint folders, oldest first (not verified)."""
-    if not checkpoints.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in checkpoints.iterdir() if (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def verify(folder: Path) -> str | None:
-    """``None`` when every file listed in the manifest is present with its checksum, else why not."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return f"{manifest} is missing (incomplete checkpoint)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-        if not isinstance(files, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in files.items()
-        ):
-            raise ValueError("'files' is not a table of file names and checksums")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        return f"{manifest} is unreadable: {exc}"
-    for name, digest in files.items():
-        if "/" in name or name.startswith("."):
-            return f"{manifest} names a file outside the checkpoint: {name!r}"
-        path = folder / name
-        if not path.is_file():
-            return f"{path} is missing"
-        with path.open("rb") as f:  # streamed: a large model.pt is not read into memory
-            if hashlib.file_digest(f, "sha256").hexdigest() != digest:
-                return f"{path} does not match its checksum (damaged)"
-    return None
-
-
-def latest_valid(checkpoints: Path, *, move_damaged: bool = False) -> Path | None:
-    """The newest checkpoint that verifies; damaged ones are skipped with a warning.
-
-    ``move_damaged`` (a run about to continue from the result): each damaged checkpoint newer
-    than it is renamed ``damaged-step-N`` (named in the warning), so retention never counts it and
-    the steps it covered are written again.
-    """
-    for folder in reversed(list_checkpoints(checkpoints)):
-        problem = verify(folder)
-        if problem is None:
-            _verified.add(folder)
-            return folder
-        if move_damaged:
-            _move_aside(folder, problem)
-        else:
-            log.warning("skipping checkpoint %s: %s", folder, problem)
-    return None
 
 
 def resolve(path: Path) -> Path:

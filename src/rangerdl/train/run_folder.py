@@ -16,16 +16,19 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import re
 import secrets
+import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rangerdl._fileio import atomic_write_text
+from rangerdl._fileio import atomic_write_text, fsync_dir
 from rangerdl._lock import FolderLock
 from rangerdl.train.config import Config, config_changes
 
@@ -34,7 +37,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunFolder", "choose_run_folder", "open_run", "record_config"]
+__all__ = [
+    "MANIFEST",
+    "RunFolder",
+    "choose_run_folder",
+    "commit",
+    "latest_valid",
+    "list_checkpoints",
+    "open_run",
+    "prune",
+    "record_config",
+    "staging_dir",
+    "verify",
+]
 
 
 @dataclass(frozen=True)
@@ -212,8 +227,6 @@ def _check_same_folder(run: RunFolder, main_path: str, token: str, rt: Runtime) 
 def _resume_point(run: RunFolder, rt: Runtime) -> Path | None:
     """The newest complete checkpoint, picked on rank 0 (which moves damaged ones aside) so that
     every rank continues from the same step."""
-    from rangerdl.train.checkpoint import latest_valid  # (imports torch)
-
     picked = None
     if rt.is_main:
         start = latest_valid(run.checkpoints, move_damaged=True) if run.path.exists() else None
@@ -245,3 +258,116 @@ def record_config(run: RunFolder, cfg: Config, step: int) -> None:
         cfg.save(run.config)
     if os.environ.get("TORCHELASTIC_RUN_ID"):
         atomic_write_text(run.launch_id, os.environ["TORCHELASTIC_RUN_ID"] + "\n")
+
+
+# ------------------------------------------------------------------ checkpoint folders
+# ``checkpoints/step-N/`` folders as files: staged in ``.tmp-step-N/``, complete once
+# MANIFEST.json (every file's SHA-256) is in place; what they hold is checkpoint.py's.
+MANIFEST = "MANIFEST.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def staging_dir(checkpoints: Path, step: int) -> Path:
+    """The temporary folder of step ``step`` (created empty)."""
+    tmp = checkpoints / f".tmp-step-{step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(checkpoints: Path, step: int, digests: dict[str, str], keep: int) -> Path:
+    """Write the manifest (the completion marker), rename into place, prune to ``keep``."""
+    tmp = checkpoints / f".tmp-step-{step}"
+    atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": digests}, indent=2) + "\n")
+    fsync_dir(tmp)
+    final = checkpoints / f"step-{step}"
+    if final.exists():  # re-written after a resume from an earlier step
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(checkpoints)
+    _verified.add(final)
+    if keep > 0:
+        prune(checkpoints, step, keep)
+    return final
+
+
+_verified: set[Path] = set()  # checkpoint folders this process wrote or verified
+
+
+def prune(checkpoints: Path, step: int, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints that verify, at or below ``step`` (the one just
+    written counts first); delete older ones. A damaged one is moved aside with a warning and
+    never counted, so retention never deletes the last good checkpoints."""
+    found = [c for c in list_checkpoints(checkpoints) if int(c.name.split("-")[1]) <= step]
+    kept = 0
+    for folder in reversed(found):
+        if kept >= keep:
+            _verified.discard(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        problem = None if folder in _verified else verify(folder)
+        if problem is None:
+            _verified.add(folder)
+            kept += 1
+            continue
+        _move_aside(folder, problem)
+
+
+def _move_aside(folder: Path, problem: str) -> None:
+    aside = folder.with_name(f"damaged-{folder.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(folder, aside)
+    log.warning("skipping checkpoint %s: %s; moved aside to %s", folder, problem, aside)
+
+
+def list_checkpoints(checkpoints: Path) -> list[Path]:
+    """Completed-looking checkpoint folders, oldest first (not verified)."""
+    if not checkpoints.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoints.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def verify(folder: Path) -> str | None:
+    """``None`` when every file listed in the manifest is present with its checksum, else why not."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return f"{manifest} is missing (incomplete checkpoint)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in files.items()
+        ):
+            raise ValueError("'files' is not a table of file names and checksums")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        return f"{manifest} is unreadable: {exc}"
+    for name, digest in files.items():
+        if "/" in name or name.startswith("."):
+            return f"{manifest} names a file outside the checkpoint: {name!r}"
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        with path.open("rb") as f:  # streamed: a large model.pt is not read into memory
+            if hashlib.file_digest(f, "sha256").hexdigest() != digest:
+                return f"{path} does not match its checksum (damaged)"
+    return None
+
+
+def latest_valid(checkpoints: Path, *, move_damaged: bool = False) -> Path | None:
+    """The newest checkpoint that verifies; damaged ones are skipped with a warning.
+
+    ``move_damaged`` (a run about to continue from the result): each damaged checkpoint newer
+    than it is renamed ``damaged-step-N`` (named in the warning), so retention never counts it and
+    the steps it covered are written again.
+    """
+    for folder in reversed(list_checkpoints(checkpoints)):
+        problem = verify(folder)
+        if problem is None:
+            _verified.add(folder)
+            return folder
+        if move_damaged:
+            _move_aside(folder, problem)
+        else:
+            log.warning("skipping checkpoint %s: %s", folder, problem)
+    return None
