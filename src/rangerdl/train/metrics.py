@@ -116,11 +116,10 @@ class MetricsLogger:
         atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         self._file = open(self.path, "a")  # noqa: SIM115 - open for the whole run
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from rangerdl.train.tb_events import ScalarEventWriter
 
-            self._tb = SummaryWriter(
-                str(RunFolder(run_dir).tensorboard),
-                purge_step=start_step + 1 if start_step else None,
+            self._tb = ScalarEventWriter(
+                RunFolder(run_dir).tensorboard, purge_step=start_step + 1 if start_step else None
             )
         if config is None and (run_dir / "config.json").is_file():
             config = json.loads((run_dir / "config.json").read_text())
@@ -140,6 +139,7 @@ class MetricsLogger:
         if self._tb is not None:
             for tag, value in values.items():
                 self._tb.add_scalar(tag, value, step)
+            self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(step, values)
         evaluated = {k: v for k, v in values.items() if k.startswith(("val/", "test/"))}
