@@ -1,4 +1,4 @@
-"""Issue 11, section 3: ranks that disagree fail at once with a clear error, never hang or diverge;
+"""Ranks that disagree fail at once with a clear error, never hang or diverge;
 a multi-node elastic restart continues its run. Real processes under torchrun (gloo).
 
 Each test says how the code before the fix failed it.

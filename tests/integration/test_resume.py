@@ -1,4 +1,4 @@
-"""What a resume may change (issue 12, items 1-2): allowed overrides apply and are recorded,
+"""What a resume may change: allowed overrides apply and are recorded,
 the rest are refused naming the key; extending a run's steps is deliberate about its schedule."""
 
 from __future__ import annotations

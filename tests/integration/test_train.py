@@ -264,7 +264,7 @@ def test_tabular_arrays_classification_and_regression(
 def test_wine_with_default_standardisation_trains_like_the_tabular_example(
     tiny: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Issue 12 item 6: raw wine features (magnitudes 0.1 to 1,680) gave test accuracy 0.64.
+    # Raw wine features (magnitudes 0.1 to 1,680) gave test accuracy 0.64.
     import numpy as np
     from sklearn.datasets import load_wine
 

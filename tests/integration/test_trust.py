@@ -1,4 +1,4 @@
-"""The trainer under hostile input and faults (issue 11): no code from run folders, nothing lost,
+"""The trainer under hostile input and faults: no code from run folders, nothing lost,
 bounded retries, clear errors naming the file. Cases from ../shared/cases/trust/RELIABILITY.md."""
 
 from __future__ import annotations

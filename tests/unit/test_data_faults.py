@@ -1,5 +1,5 @@
 """The data layer under faults: full disks, killed and concurrent prepares, datasets replaced or
-truncated under a reader, and a low open-file limit (issue 11).
+truncated under a reader, and a low open-file limit.
 
 Whatever could crash the interpreter on a regression (SIGBUS from a sparse or truncated map) runs
 in a child process, so a failure is a failed test and not a dead test run.

@@ -1,4 +1,4 @@
-"""Hostile or damaged input to the data layer (issue 11): every problem is one line naming the
+"""Hostile or damaged input to the data layer: every problem is one line naming the
 file (and row and column where there is one), never a traceback, an OOM or silent training."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Arguments Ranger refuses up front, and gradient centralisation on fan-in-1 weights (issue 11)."""
+"""Arguments Ranger refuses up front, and gradient centralisation on fan-in-1 weights."""
 
 from __future__ import annotations
 
