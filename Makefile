@@ -29,7 +29,7 @@ lint: setup
 # The main run covers tests/keras_backends on the PyTorch backend; Keras picks its backend at
 # import, so TensorFlow and JAX each get a process of their own.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 	KERAS_BACKEND=tensorflow $(PY) -m pytest -q tests/keras_backends
 	KERAS_BACKEND=jax $(PY) -m pytest -q tests/keras_backends
 

@@ -142,6 +142,16 @@ def test_eval_reports_progress(
     lines = [r.getMessage() for r in caplog.records if r.name == "rangerdl.train.evaluate"]
     assert any("samples" in line for line in lines)
     assert "eval test: batch 1/2" in " ".join(lines) and "batch 2/2" in lines[-1]
+    assert "s left)" in lines[-1]
+
+
+def test_an_uncapped_final_evaluation_says_how_to_cap_it(
+    tiny: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="rangerdl.train.loop"):
+        assert main(["train", *tiny, "--train.steps=2", "--train.eval_every=0"]) == 0
+    text = " ".join(r.getMessage() for r in caplog.records if r.name == "rangerdl.train.loop")
+    assert "the whole splits (cap them with --train.final_eval_batches=N)" in text
 
 
 def test_training_console_shows_params_validation_and_smoothed_speed(

@@ -45,7 +45,8 @@ def _with_progress(batches: Iterable[Any], total: int, label: str) -> Iterator[A
         now = time.monotonic()
         if now - last >= PROGRESS_EVERY_S or i == total:
             last = now
-            log.info("%s: batch %d/%d (%.0f s)", label, i, total, now - t0)
+            left = (now - t0) / i * (total - i)
+            log.info("%s: batch %d/%d (%.0f s, ~%.0f s left)", label, i, total, now - t0, left)
 
 
 @torch.no_grad()

@@ -151,7 +151,7 @@ def _train(
         )
 
     sample = f"; the first {t.eval_batches} batches" if t.eval_batches else ""
-    final_what = "whole splits"
+    final_what = "the whole splits (cap them with --train.final_eval_batches=N)"
     if t.final_eval_batches:
         final_what = f"the first {t.final_eval_batches} batches of each split"
     if rt.is_main:
