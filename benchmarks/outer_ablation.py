@@ -4,22 +4,27 @@ GPT workload (``configs/ttq_gpt.toml``), 2 simulated hosts at 100 Mbit/s (``benc
 distributed Ranger with k = 8, every row at the same step budget and seed; DDP AdamW gives the
 target (its final validation loss). Rows differ only in the outer step on the averaged
 pseudo-gradient (``[distributed]`` options) and in overlap. Launcher, run-folder reading and
-time-to-target come from ``time_to_quality.py``; its definitions apply (time axis ``time/train_s``,
-validation on the slow weights, ``bytes_per_rank`` = ``comm/bytes``, ``others_cpu_share``).
+time-to-target come from the time-to-quality benchmark (``benchmarks/ttq/``); its definitions
+apply (time axis ``time/train_s``, validation on the slow weights, ``bytes_per_rank`` =
+``comm/bytes``, ``others_cpu_share``).
 
 Protocol as run for the committed JSON (``PROTOCOL``, also written into it): every row at 1000
 steps, seed 0; the best non-overlapped Lookahead row by final validation loss was then run with
 overlap, and at 2000 then 1504 steps (longer rungs of the protocol's ladder, timed against DDP's
 1000-step target; 1504, not 1500, so that k = 8 divides it); DDP AdamW, the Lookahead baseline and
 the best row again with seed 1 for the seed spread. One inner learning
-rate for all rows (``time_to_quality.WORKLOADS``), no per-row tuning beyond the rows themselves.
+rate for all rows (``ttq.protocol.LR_CENTRE``), no per-row tuning beyond the rows themselves.
 
 Each run is written to the JSON as soon as it ends; running again with ``--rows`` replaces those
 rows (same seed and budget) and keeps the rest, so a table can be built up run by run::
 
     python benchmarks/outer_ablation.py --steps 1000                 # DEFAULT_ROWS (needs root)
     python benchmarks/outer_ablation.py --steps 1000 --rows ranger_k8 --seed 1
-    python benchmarks/outer_ablation.py --table                      # print the table only
+    python benchmarks/outer_ablation.py --table                      # print the tables only
+    python benchmarks/outer_ablation.py --retime --steps 1504 --target-steps 1000 --rows ...
+
+``--retime`` writes the runs into the JSON's ``retime`` section instead: the same runs again, back
+to back, to time them when the machine is quieter (the losses are the same to 4 decimals).
 """
 
 from __future__ import annotations
@@ -34,14 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from common import atomic_write_json
-from time_to_quality import (
-    RESULTS,
-    WORKLOADS,
-    Contender,
-    Suite,
-    prepare_data,
-    time_to_target,
-)
+from ttq.protocol import WORKLOADS, Contender, time_to_target
+from ttq.runner import RESULTS, Runner, prepare_data
 
 OUT = RESULTS / "outer_ablation.json"
 HOSTS, RATE, K = 2, "100mbit", 8
@@ -94,6 +93,7 @@ ROWS = _rows()
 DEFAULT_ROWS = ("ddp_adamw", "ranger_k8", "ranger_k8_nesterov_m09", "ranger_k8_nesterov_m05")
 
 
+RETIME_NOTE = "The same runs again, back to back, when the machine was quieter (``retime``):"
 PROTOCOL = (
     "all rows 1000 steps, seed 0, eval every 40 steps; the best non-overlapped Lookahead row by "
     "final val loss then with overlap, and at 2000 and 1504 steps (target: DDP AdamW at 1000); "
@@ -103,39 +103,44 @@ PROTOCOL = (
 
 
 def run_rows(
-    names: list[str], steps: int, eval_every: int, seed: int, out: Path, target_steps: int
+    names: list[str],
+    steps: int,
+    eval_every: int,
+    seed: int,
+    out: Path,
+    target_steps: int,
+    section: str | None = None,
 ) -> None:
     """Run ``names`` in one netsim cluster, writing the JSON after every run. The target is DDP
-    AdamW's final loss at ``target_steps`` (a longer rung of a contender keeps DDP's budget)."""
-    from netsim import Cluster, available
+    AdamW's final loss at ``target_steps`` (a longer rung of a contender keeps DDP's budget).
+    ``section``: the runs go to ``payload[section]["runs"]`` (e.g. ``retime``) instead."""
+    from netsim import available
 
     ok, why = available()
     if not ok:
         raise SystemExit(f"netsim unavailable ({why}): this ablation needs the rate limit")
     payload = load(out)
     budget = (f"--train.steps={steps}", f"--train.eval_every={eval_every}", f"--run.seed={seed}")
+    gpt = WORKLOADS["gpt"]
     with tempfile.TemporaryDirectory(prefix="rdl-ablation-") as tmp:
         workdir = Path(tmp)
         prepare_data(workdir, False, {"gpt"})
-        env = {"RANGERDL_CACHE": str(workdir / "cache"), "OMP_NUM_THREADS": "1"}
-        suite = Suite(workdir, True, False, timeout_s=3600.0, env=env)
-        cluster = Cluster(num_hosts=HOSTS, rate=RATE).start()
-        try:
+        cell = f"gpt-{HOSTS}h-{RATE}"
+        with Runner(workdir, "gpt", HOSTS, RATE, cell=cell) as runner:
             for name in names:
                 c = ROWS[name]
                 c = Contender(**{**vars(c), "extra": (*c.extra, *budget)})
                 t0 = time.time()
-                row = suite.run(WORKLOADS["gpt"], c, HOSTS, RATE, cluster, f"s{seed}-b{steps}")
+                row = runner.run_contender(c, gpt.lr[c.optimizer], f"s{seed}-b{steps}")
                 row |= {"row": name, "seed": seed, "steps_budget": steps, "started": t0}
                 row["target_steps"] = target_steps
                 row["settings"] = {k: v for k, v in vars(ROWS[name]).items() if k != "name"}
                 key = (name, seed, steps)
-                payload["runs"] = [r for r in payload["runs"] if _key(r) != key] + [row]
+                part = payload.setdefault(section, {"runs": []}) if section else payload
+                part["runs"] = [r for r in part["runs"] if _key(r) != key] + [row]
                 payload["protocol"] = PROTOCOL
-                analyse(payload)
+                analyse(part)
                 atomic_write_json(out, payload)
-        finally:
-            cluster.close()
 
 
 def _key(row: dict[str, Any]) -> tuple[str, int, int]:
@@ -224,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         "--target-steps", type=int, help="DDP AdamW budget that sets the target (default: --steps)"
     )
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
+    parser.add_argument("--table", action="store_true", help="print the tables of --out and exit")
+    parser.add_argument(
+        "--retime", action="store_true", help="write the runs to the JSON's retime section"
+    )
     args = parser.parse_args(argv)
     if not args.table:
         if args.steps % K:
@@ -235,8 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         atomic_write_json(args.out, payload)
         target_steps = args.target_steps or args.steps
-        run_rows(args.rows, args.steps, args.eval_every, args.seed, args.out, target_steps)
-    print(table(load(args.out)))
+        section = "retime" if args.retime else None
+        run_rows(args.rows, args.steps, args.eval_every, args.seed, args.out, target_steps, section)
+    payload = load(args.out)
+    print(table(payload))
+    if payload.get("retime"):
+        print(f"\n{RETIME_NOTE}\n\n{table(payload['retime'])}")
     return 0
 
 

@@ -5,9 +5,10 @@ latency and bandwidth terms, :mod:`rangerdl.distributed.cost`) are compared, cel
 
 - ``results/netsim_allreduce.json``: 10 MB gloo all-reduces on 2 and 4 simulated hosts at each link
   rate (the rows without a rate limit have no bandwidth to model and are listed, not scored);
-- ``results/time_to_quality.json``: every run of every cell with a rate limit: the training time
-  per step, and for the strategies that block on their collectives the time spent in them
-  (``comm/time_s``).
+- the fixed-budget runs of the time-to-quality benchmark (``results/ttq_protocol.json``, section
+  ``fixed_budget``: 400 steps per run, cells of 2 and 4 hosts at 20 Mbit/s to 1 Gbit/s): every
+  run of every cell with a rate limit: the training time per step, and for the strategies that
+  block on their collectives the time spent in them (``comm/time_s``).
 
 The model's inputs are what a user gives ``rangerdl plan``: the parameter count (from the runs'
 byte counts), the link (the cell's rate, ``tc tbf``'s payload efficiency 1448/1514, the plan's
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     latency_s = parse_duration(args.latency)
     allreduce = json.loads((args.results / "netsim_allreduce.json").read_text())
-    ttq = json.loads((args.results / "time_to_quality.json").read_text())
+    ttq = json.loads((args.results / "ttq_protocol.json").read_text())["fixed_budget"]
     rows = check_allreduce(allreduce, latency_s) + check_ttq(ttq, latency_s)
     for r in rows:
         r["error"] = None if r["predicted_s"] is None else r["predicted_s"] / r["measured_s"] - 1

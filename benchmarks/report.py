@@ -1,12 +1,20 @@
-"""Markdown tables from ``benchmarks/results/*.json``, and ``results/EVIDENCE.md`` made of them.
+"""Markdown tables from ``benchmarks/results/*.json``, and the table blocks of README.md and docs/.
 
-Every table is generated from a results file and preceded by the exact command that produced it,
-so the README can include ``EVIDENCE.md`` verbatim. Nothing here measures anything::
+Every table is generated from a results file (each holds the exact command that made it); nothing
+here measures anything. A block in README.md or ``docs/*.md``::
 
-    python benchmarks/report.py [--results benchmarks/results] [--out .../EVIDENCE.md]
+    <!-- table: NAME -->
+    ...
+    <!-- /table -->
 
-The time-to-quality and convergence scripts import their table functions from here, so what they
-print and what EVIDENCE.md shows are the same text.
+holds ``tables()[NAME]``::
+
+    python benchmarks/report.py            # print every table, by name
+    python benchmarks/report.py --docs     # rewrite every block in README.md and docs/*.md
+    python benchmarks/report.py --check    # exit 1, naming file and table, if a block differs
+
+The convergence script prints its tables with the function here, so what it prints and what the
+docs show are the same text.
 """
 
 from __future__ import annotations
@@ -16,11 +24,17 @@ import contextlib
 import io
 import json
 import math
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RESULTS = BENCH / "results"
+if str(BENCH) not in sys.path:
+    sys.path.append(str(BENCH))
 
 
 def _num(value: float | None, fmt: str = ".3f", none: str = "-") -> str:
@@ -29,102 +43,10 @@ def _num(value: float | None, fmt: str = ".3f", none: str = "-") -> str:
     return format(value, fmt)
 
 
-def _pct(value: float | None, none: str = "-") -> str:
-    return none if value is None else f"{100 * value:.0f}%"
-
-
-def _mb(value: float | None) -> str:
-    return "-" if value is None else f"{value / 1e6:.1f}"
-
-
 def _rate(rate: str | None) -> str:
     if rate is None:
         return "no limit"
     return rate.replace("mbit", " Mbit/s").replace("gbit", " Gbit/s")
-
-
-# ------------------------------------------------------------------------- time to quality
-TTQ_HEADER = (
-    "| contender | final val loss | vs target | time to target (s) | time to target +2% (s) "
-    "| / DDP time | speedup at own final | train time (s) | MB sent per rank | bytes / DDP's "
-    "| wire MB per host | comm share | others' CPU |\n" + "|---" * 13 + "|"
-)
-
-
-def _ttq_row(row: dict[str, Any], label: str | None = None) -> str:
-    name = label or row["contender"]
-    if not row.get("ok"):
-        return f"| {name} | failed: {row.get('error', '?')[:80]} |" + " |" * 11
-    reduction = row.get("bytes_reduction_vs_ddp")
-    cells = [
-        name,
-        _num(row["final_val_loss"], ".4f"),
-        _num(100 * row["final_vs_target"], "+.1f") + "%" if "final_vs_target" in row else "-",
-        _num(row.get("time_to_target_s"), ".1f", "not reached"),
-        _num(row.get("time_to_target_2pct_s"), ".1f", "not reached"),
-        _num(row.get("time_to_target_2pct_vs_ddp"), ".2f") + "x"
-        if row.get("time_to_target_2pct_vs_ddp") is not None
-        else "-",
-        _num(row.get("speedup_at_final"), ".2f") + "x"
-        if row.get("speedup_at_final") is not None
-        else "-",
-        _num(row["train_time_s"], ".1f"),
-        _mb(row.get("bytes_per_rank")),
-        f"1/{reduction:.1f}" if reduction else "-",
-        _mb(row.get("wire_tx_bytes_per_host")),
-        _pct(row.get("comm_share")),
-        _pct(row.get("others_cpu_share")),
-    ]
-    return "| " + " | ".join(cells) + " |"
-
-
-def ttq_tables(payload: dict[str, Any]) -> str:
-    """One table per cell, then the repeats (timing noise) and the headline check."""
-    out = []
-    for cell in payload["cells"]:
-        target = cell.get("target_val_loss")
-        title = (
-            f"**{cell['workload']}, {cell['hosts']} hosts, {_rate(cell['rate'])}** "
-            f"({cell['launcher']}); target = DDP AdamW's final val loss = {_num(target, '.4f')}"
-        )
-        lines = [title, "", TTQ_HEADER]
-        lines += [
-            _ttq_row(r, r["contender"] + " (repeat)" if r.get("repeat") else None)
-            for r in cell["rows"]
-        ]
-        ref = cell.get("single_reference")
-        if ref:
-            lines.append(_ttq_row(ref, "single_ranger (1 process, reference)"))
-        if cell.get("repeats"):
-            spread = "; ".join(
-                f"{rep['contender']} {' vs '.join(_num(t, '.1f') for t in rep['train_time_s'])} s"
-                for rep in cell["repeats"]
-            )
-            lines.append(f"\nTiming noise, the same run twice (first, repeat): {spread}.")
-        out.append("\n".join(lines))
-    head = payload.get("headline", {})
-    if head.get("evaluated"):
-        lines = [
-            f"**Target** ({head['cell']}): {head['criterion']}. "
-            f"Met by: {', '.join(head['met_by']) or 'none'}.",
-            "",
-            "| contender | reached +2% | time / DDP's (<= 0.33) | bytes / DDP's (<= 1/k) "
-            "| final val vs target |",
-            "|---|---|---|---|---|",
-        ]
-        for c in head["checks"]:
-            red = c["bytes_reduction"]
-            lines.append(
-                f"| {c['contender']} | {'yes' if c['reached_within_2pct'] else 'no'} "
-                f"| {_num(c['time_ratio_vs_ddp'], '.2f')} {'ok' if c['time_ok'] else 'missed'} "
-                f"| 1/{_num(red, '.1f')} (k={c['k']}) {'ok' if c['bytes_ok'] else 'missed'} "
-                f"| {_num(100 * c['final_vs_target'] if c['final_vs_target'] is not None else None, '+.1f')}% |"
-            )
-        out.append("\n".join(lines))
-    definitions = payload.get("definitions", {}).get("text")
-    if definitions:
-        out.append("How the columns are measured (from the script's docstring):\n\n" + definitions)
-    return "\n\n".join(out)
 
 
 # ------------------------------------------------------------------------- convergence
@@ -204,7 +126,6 @@ def optimizer_step_table(payload: dict[str, Any]) -> str:
 
 def data_loader_tables(payload: dict[str, Any]) -> str:
     """The data loader benchmark's own table printer (its schema is its own)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import data_loader
 
     buf = io.StringIO()
@@ -216,63 +137,166 @@ def data_loader_tables(payload: dict[str, Any]) -> str:
     return "\n".join(text).strip()
 
 
-def ttq_protocol_tables(payload: dict[str, Any]) -> str:
-    from ttq_protocol import tables
-
-    return tables(payload)
-
-
-SECTIONS = (
-    ("Time to DDP's quality (the protocol)", "ttq_protocol.json", ttq_protocol_tables),
-    ("Time to quality at equal steps (400)", "time_to_quality.json", ttq_tables),
-    ("Convergence, single process", "convergence.json", convergence_tables),
-    ("Optimizer step time", "optimizer_step.json", optimizer_step_table),
-    ("Data loader memory and speed", "data_loader.json", data_loader_tables),
-)
-
-
-def evidence(results: Path, timings: dict[str, str] | None = None) -> str:
-    """EVIDENCE.md: per results file, its command, its tables and its plots."""
-    parts = [
-        "# Evidence",
+def keras_step_table(payload: dict[str, Any]) -> str:
+    """Median step per Keras backend and contender, and its ratio to Keras' AdamW."""
+    first = payload["results"][0]
+    lines = [
+        f"{first['num_tensors']} tensors, {first['num_values']:,} values, Keras "
+        f"{first['keras_version']}",
         "",
-        "Generated by `python benchmarks/report.py` from `benchmarks/results/*.json`; "
-        "`make bench` (`benchmarks/run_all.sh`) reruns everything. Each table follows the "
-        "command that produced it.",
+        "| backend | contender | median step (ms) | vs Keras AdamW |",
+        "|---|---|---|---|",
     ]
-    if timings:
-        spent = ", ".join(f"{k} {v} s" for k, v in timings.items())
-        parts += ["", f"Wall time of the last `make bench` on this machine: {spent}."]
-    for title, name, render in SECTIONS:
-        path = results / name
+    for r in payload["results"]:
+        for name, ms in r["median_ms"].items():
+            lines.append(
+                f"| {r['backend']} | {name} | {ms:.1f} | {r['ratio_to_adamw'][name]:.2f}x |"
+            )
+    return "\n".join(lines)
+
+
+def netsim_table(payload: dict[str, Any]) -> str:
+    """All-reduce median per hosts x link rate, with the ring's lower bound."""
+    rates = list(dict.fromkeys(r["rate"] for r in payload["rows"]))
+    mbytes = payload["rows"][0]["mbytes"]
+    lines = [
+        f"{mbytes:g} MB gloo all-reduce, median of {payload['repeats']} (bound: a ring's "
+        f"2 (n-1)/n x {mbytes:g} MB at the link rate)",
+        "",
+        "| hosts | " + " | ".join(_rate(None if r == "none" else r) for r in rates) + " |",
+        "|---" * (len(rates) + 1) + "|",
+    ]
+    for hosts in sorted({r["hosts"] for r in payload["rows"]}):
+        cells = []
+        for rate in rates:
+            row = next(
+                (x for x in payload["rows"] if x["hosts"] == hosts and x["rate"] == rate), None
+            )
+            if row is None:
+                cells.append("-")
+                continue
+            bound = row.get("lower_bound_s")
+            cells.append(f"{row['median_s']:.3f} s" + (f" (bound {bound:.3f})" if bound else ""))
+        lines.append(f"| {hosts} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plan_check_table(payload: dict[str, Any]) -> str:
+    """``rangerdl plan``'s predictions against the measurements, and how many are within target."""
+    import plan_check
+
+    lines = [plan_check.table(payload["rows"]), ""]
+    what = {"allreduce": "all-reduce", "step": "train time / step", "comm": "comm time / run"}
+    for kind, s in payload["summary"].items():
+        lines.append(
+            f"- {what[kind]}: {s['within_target']}/{s['cells']} within "
+            f"{100 * payload['target']:.0f}%; worst {100 * s['worst_error']:+.1f}% ({s['worst_cell']})"
+        )
+    return "\n".join(lines)
+
+
+def _ablation(section: str | None) -> Callable[[dict[str, Any]], str]:
+    def render(payload: dict[str, Any]) -> str:
+        import outer_ablation
+
+        return outer_ablation.table(payload[section] if section else payload)
+
+    return render
+
+
+def _registry() -> dict[str, tuple[str, Callable[[dict[str, Any]], str]]]:
+    """Table name -> (results file, renderer)."""
+    from ttq import report as ttq_report
+
+    return {
+        "ttq_headline": ("ttq_protocol.json", ttq_report.headline_table),
+        "ttq_cells": ("ttq_protocol.json", ttq_report.cells_tables),
+        "ttq_tuning": ("ttq_protocol.json", ttq_report.tuning_table),
+        "ttq_ablation": ("ttq_protocol.json", ttq_report.tuning_ablation_table),
+        "ttq_recheck": ("ttq_protocol.json", ttq_report.recheck_table),
+        "outer_ablation": ("outer_ablation.json", _ablation(None)),
+        "outer_ablation_retime": ("outer_ablation.json", _ablation("retime")),
+        "plan_check": ("plan_check.json", plan_check_table),
+        "netsim": ("netsim_allreduce.json", netsim_table),
+        "convergence": ("convergence.json", convergence_tables),
+        "optimizer_step": ("optimizer_step.json", optimizer_step_table),
+        "data_loader": ("data_loader.json", data_loader_tables),
+        "keras_step": ("keras_step.json", keras_step_table),
+    }
+
+
+def tables(results: Path = RESULTS) -> dict[str, str]:
+    """Every table whose results file is in ``results``: name -> markdown."""
+    out = {}
+    cache: dict[str, Any] = {}
+    for name, (file, render) in _registry().items():
+        path = results / file
         if not path.is_file():
             continue
-        payload = json.loads(path.read_text())
-        parts += ["", f"## {title}", "", "```", payload["command"], "```", ""]
-        if payload.get("quick"):
-            parts += ["(quick mode: smoke-test sizes, the numbers mean nothing)", ""]
-        parts.append(render(payload))
-        for png in sorted(results.glob(f"{path.stem}*.png")):
-            parts += ["", f"![{png.stem}]({png.name})"]
-    return "\n".join(parts) + "\n"
+        if file not in cache:
+            cache[file] = json.loads(path.read_text())
+        out[name] = render(cache[file]).strip()
+    return out
+
+
+BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.DOTALL)
+
+
+def doc_files(root: Path) -> list[Path]:
+    """README.md and docs/*.md under ``root``."""
+    return [p for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))] if p.is_file()]
+
+
+def sync_docs(root: Path, made: dict[str, str], write: bool) -> list[str]:
+    """Compare (``write``: rewrite) every table block under ``root`` with ``made``; returns the
+    problems, each naming the file and the table."""
+    problems = []
+    for path in doc_files(root):
+        text = path.read_text()
+
+        def replace(m: re.Match[str], path: Path = path) -> str:
+            name = m.group(2)
+            if name not in made:
+                known = ", ".join(sorted(made))
+                problems.append(
+                    f"{path}: unknown table {name!r} (or its results file is missing); known: {known}"
+                )
+                return m.group(0)
+            body = made[name] + "\n"
+            if m.group(3) != body and not write:
+                problems.append(
+                    f"{path}: table {name!r} differs from the results JSON "
+                    "(python benchmarks/report.py --docs rewrites it)"
+                )
+            return m.group(1) + body + m.group(4)
+
+        new = BLOCK.sub(replace, text)
+        if write and new != text:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(new)
+            tmp.replace(path)
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--out", type=Path, help="default: RESULTS/EVIDENCE.md")
-    parser.add_argument(
-        "--timings", nargs="*", default=[], metavar="NAME=SECONDS", help="from run_all.sh"
-    )
+    parser.add_argument("--root", type=Path, default=REPO, help="where README.md and docs/ are")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--docs", action="store_true", help="rewrite the table blocks")
+    mode.add_argument("--check", action="store_true", help="exit 1 if a table block differs")
     args = parser.parse_args(argv)
-    out = args.out or args.results / "EVIDENCE.md"
-    timings = dict(t.split("=", 1) for t in args.timings)
-    text = evidence(args.results, timings)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
-    print(f"wrote {out}")
-    return 0
+    made = tables(args.results)
+    if not (args.docs or args.check):
+        for name, text in made.items():
+            print(f"<!-- table: {name} -->\n{text}\n<!-- /table -->\n")
+        return 0
+    problems = sync_docs(args.root, made, write=args.docs)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if args.docs and not problems:
+        print(f"table blocks up to date in {', '.join(str(p) for p in doc_files(args.root))}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

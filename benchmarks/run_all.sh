@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark on a 2-core machine: about 88 min (projected from the measured runs; README):
 # optimizer step, data loader (if present), Keras step, convergence, the time-to-quality protocol;
-# then EVIDENCE.md.
+# then the table blocks of README.md and docs/ (`benchmarks/report.py --docs`).
 # Results: benchmarks/results/*.json and *.png (or $RESULTS_DIR). `make bench` runs this.
 # The time-to-quality benchmark needs root for its simulated network (benchmarks/netsim); without
 # it, it says so and runs its distributed contenders over loopback, with no rate limit.
@@ -49,12 +49,17 @@ fi
 run convergence "$PY" benchmarks/convergence.py $(out convergence.json)
 # the time-to-quality protocol's cells (~80 min), with the learning rates its `tune` stage chose
 # (committed in results/ttq_protocol.json; `python benchmarks/ttq_protocol.py tune` redoes them, ~8 min
-# per entry); the older equal-step comparison (benchmarks/time_to_quality.py, ~30 min) is not rerun
+# per entry)
 # shellcheck disable=SC2046
 run ttq_protocol "$PY" benchmarks/ttq_protocol.py run --redo \
     --tuning benchmarks/results/ttq_protocol.json $(out ttq_protocol.json)
 timings+=("total=$((SECONDS - start))")
-"$PY" benchmarks/report.py --results "$OUT" --timings "${timings[@]}"
+# the docs show the default results; results elsewhere are printed
+if [ -z "${RESULTS_DIR:-}" ]; then
+    "$PY" benchmarks/report.py --docs
+else
+    "$PY" benchmarks/report.py --results "$OUT"
+fi
 
 echo "timings (s): ${timings[*]}"
 if [ ${#failed[@]} -gt 0 ]; then

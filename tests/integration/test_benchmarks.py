@@ -1,9 +1,10 @@
-"""Smoke tests of the evidence benchmarks (benchmarks/time_to_quality.py, convergence.py, report.py).
+"""Smoke tests of the evidence benchmarks (benchmarks/ttq/, ttq_protocol.py, convergence.py,
+report.py).
 
-The tiny modes run end to end (time to quality through netsim when root is available, plain
-torchrun otherwise) and must write every field the report promises. Checked against exact
-identities, not against the scripts' own numbers: DDP sends one all-reduce of the parameters per
-step and distributed Ranger one per k steps, so the byte ratio is exactly steps / syncs.
+The tiny modes run end to end (the protocol's tune and run stages over plain torchrun) and must
+write every field the report promises. Checked against exact identities, not against the scripts'
+own numbers: DDP sends one fp32 all-reduce of the parameters per step and distributed Ranger with
+bf16 transport one of half the bytes per k steps.
 """
 
 from __future__ import annotations
@@ -20,31 +21,33 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "benchmarks"
 sys.path.append(str(BENCH))  # after everything else: shadows nothing
-ttq = importlib.import_module("time_to_quality")
+proto = importlib.import_module("ttq.protocol")
+ttq_report = importlib.import_module("ttq.report")
 
 
-def _run(args: list[str], timeout_s: float) -> None:
+def _run(args: list[str], timeout_s: float) -> str:
     proc = subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, timeout=timeout_s, cwd=REPO
     )
     assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
 
 
 def test_time_to_target_interpolates_between_evaluations() -> None:
     curve = [[32, 10.0, 3.0], [64, 20.0, 2.0], [96, 30.0, 1.5]]
-    assert ttq.time_to_target(curve, 2.5) == pytest.approx(15.0)
-    assert ttq.time_to_target(curve, 2.0) == pytest.approx(20.0)
-    assert ttq.time_to_target(curve, 3.5) == 10.0  # first evaluation already below: its time
-    assert ttq.time_to_target(curve, 1.0) is None
+    assert proto.time_to_target(curve, 2.5) == pytest.approx(15.0)
+    assert proto.time_to_target(curve, 2.0) == pytest.approx(20.0)
+    assert proto.time_to_target(curve, 3.5) == 10.0  # first evaluation already below: its time
+    assert proto.time_to_target(curve, 1.0) is None
 
 
 def test_contender_overrides_reach_the_trainer() -> None:
     from rangerdl.train.config import load_config
 
-    proto = importlib.import_module("ttq_protocol")
-    contenders = [*ttq.CONTENDERS.values(), *(e.contender for e in proto.ENTRIES.values())]
+    ablation = importlib.import_module("outer_ablation")
+    contenders = [*(e.contender for e in proto.ENTRIES.values()), *ablation.ROWS.values()]
     for c in contenders:
-        cfg = load_config(ttq.WORKLOADS["gpt"].config, c.overrides(1e-3))
+        cfg = load_config(proto.WORKLOADS["gpt"].config, c.overrides(1e-3))
         assert cfg.optim.name == c.optimizer, c.name
         if c.strategy == "lookahead":
             assert cfg.optim.k == c.sync_every and cfg.distributed.sync_every == 0
@@ -58,15 +61,13 @@ def test_contender_overrides_reach_the_trainer() -> None:
 @pytest.mark.slow
 def test_quick_modes_write_the_promised_fields(tmp_path: Path) -> None:
     results = tmp_path / "results"
-    _run(
-        [
-            str(BENCH / "time_to_quality.py"),
-            "--quick",
-            f"--out={results / 'time_to_quality.json'}",
-            f"--workdir={tmp_path / 'ttq'}",
-        ],
-        timeout_s=300,
-    )
+    out = f"--out={results / 'ttq_protocol.json'}"
+    ttq = str(BENCH / "ttq_protocol.py")
+    # ranger_k8_bf16 takes ranger_k8's tuned lr (TUNED_AS)
+    _run([ttq, "--quick", "tune", "--entries", "ddp_adamw", "ranger_k8", out], timeout_s=300)
+    cell = "gpt-2h-100mbit"
+    run = [ttq, "--quick", "run", "--no-netsim", "--cells", cell, "--entries", "ranger_k8_bf16"]
+    _run([*run, out], timeout_s=600)
     _run(
         [
             str(BENCH / "convergence.py"),
@@ -84,37 +85,33 @@ def test_quick_modes_write_the_promised_fields(tmp_path: Path) -> None:
         ],
         timeout_s=300,
     )
-    _run([str(BENCH / "report.py"), f"--results={results}"], timeout_s=60)
+    printed = _run([str(BENCH / "report.py"), f"--results={results}"], timeout_s=60)
 
-    data = json.loads((results / "time_to_quality.json").read_text())
-    assert {"command", "definitions", "workloads", "headline", "cells"} <= data.keys()
-    (cell,) = data["cells"]
-    rows = {r["contender"]: r for r in cell["rows"]}
-    assert set(rows) == {"ddp_adamw", "post_local_sgd_k16", "ranger_k8"}
-    for name, row in rows.items():
-        assert row["ok"], (name, row.get("error"))
-        assert "rangerdl train" in row["command"]
-        assert math.isfinite(row["final_val_loss"]) and row["train_time_s"] > 0
-        times = [t for _, t, _ in row["curve"]]
-        assert times == sorted(times) and times[-1] == pytest.approx(row["train_time_s"])
-        for key in ("time_to_target_s", "time_to_target_2pct_s", "comm_share", "bytes_per_rank"):
-            assert key in row, (name, key)
-    ddp = rows["ddp_adamw"]
-    assert cell["target_val_loss"] == ddp["final_val_loss"]
-    assert ddp["time_to_target_s"] <= ddp["train_time_s"] + 1e-9
-    steps = ddp["steps"]
-    assert ddp["syncs"] == steps
-    # one all-reduce of all parameters per step against one per k steps: exactly steps / syncs
-    assert rows["ranger_k8"]["syncs"] == steps // 8
-    assert rows["ranger_k8"]["bytes_reduction_vs_ddp"] == pytest.approx(8.0)
-    assert rows["post_local_sgd_k16"]["bytes_reduction_vs_ddp"] == pytest.approx(16.0)
-    assert 0 <= rows["ranger_k8"]["comm_share"] < 1
-    assert cell["single_reference"]["ok"] and cell["single_reference"]["bytes_per_rank"] is None
-    if data["netsim"]:
-        assert data["headline"]["evaluated"]
-        # the interface counters see at least what the ring model says was sent
-        assert ddp["wire_tx_bytes_per_host"] >= ddp["bytes_per_rank"]
-    assert (results / "time_to_quality.png").stat().st_size > 0
+    data = json.loads((results / "ttq_protocol.json").read_text())
+    assert {"command", "protocol", "constants", "entries", "cells", "runs"} <= data.keys()
+    runs = [r for r in data["runs"] if r["stage"] == "run"]
+    assert {r["entry"] for r in runs} == {"ddp_adamw", "ranger_k8_bf16"}
+    for r in data["runs"]:
+        assert r["ok"], (r["entry"], r.get("error"))
+        assert "rangerdl train" in r["command"]
+        assert math.isfinite(r["final_val_loss"]) and r["train_time_s"] > 0
+        times = [t for _, t, _ in r["curve"]]
+        assert times == sorted(times) and r["curve"][-1][0] == r["steps_budget"]
+    for r in runs:  # one fp32 all-reduce per step against one bf16 all-reduce per k = 8 steps
+        if r["entry"] == "ddp_adamw":
+            assert r["syncs"] == r["steps"]
+            ddp_per_sync = r["bytes_per_rank_counted"] / r["syncs"]
+        else:
+            assert r["syncs"] == r["steps"] // 8
+    for r in runs:
+        if r["entry"] == "ranger_k8_bf16":
+            assert r["bytes_per_rank_counted"] / r["syncs"] == pytest.approx(ddp_per_sync / 2)
+    (analysed,) = data["cells"]
+    assert analysed["cell"] == cell and analysed["limit"] is not None
+    ddp = next(r for r in runs if r["entry"] == "ddp_adamw" and r["cell"] == cell)
+    assert analysed["target_val_loss"] == pytest.approx(ddp["curve"][-1][2])
+    assert [r["entry"] for r in analysed["rows"]] == ["ddp_adamw", "ranger_k8_bf16"]
+    assert (results / "ttq_protocol.png").stat().st_size > 0
 
     conv = json.loads((results / "convergence.json").read_text())
     assert {"command", "rows", "runs", "seeds", "lr_factors", "optimizers"} <= conv.keys()
@@ -126,13 +123,13 @@ def test_quick_modes_write_the_promised_fields(tmp_path: Path) -> None:
         assert row["is_best_lr"]  # one lr per optimizer in quick mode: it is the best
     assert (results / "convergence.png").stat().st_size > 0
 
-    evidence = (results / "EVIDENCE.md").read_text()
-    assert data["command"] in evidence and conv["command"] in evidence
-    assert "| ranger_k8 |" in evidence and "| adamw |" in evidence
+    for name in ("ttq_headline", "ttq_cells", "ttq_tuning", "convergence"):
+        assert f"<!-- table: {name} -->" in printed
+    assert "| ranger_k8_bf16 |" in printed and "| adamw |" in printed
 
 
 def _synthetic_run(**kw: object) -> dict[str, object]:
-    """A run row as ttq_protocol writes it; curve [step, seconds, loss] falls linearly in time."""
+    """A run row as the protocol's runner writes it; curve [step, seconds, loss] falls linearly in time."""
     steps, secs, start, end = kw.pop("steps"), kw.pop("secs"), kw.pop("start"), kw.pop("end")
     n = 4
     curve = [
@@ -147,7 +144,6 @@ def test_ttq_protocol_ladder_targets_and_speedups(tmp_path: Path) -> None:
     """Analysis of the protocol on made-up runs with known answers: the target is DDP's mean
     final loss over its seeds, the rung is the first that reaches it, speedup = DDP's time /
     time to target, the limit = DDP's time / DDP's time with no rate limit."""
-    proto = importlib.import_module("ttq_protocol")
     assert proto.rung_steps("gpt", 8) == [1024, 1280, 1536, 2048, 3072]
     assert all(s % 32 == 0 for s in proto.rung_steps("gpt", 32))
     cell, lr = "gpt-2h-100mbit", 1e-3
@@ -186,16 +182,15 @@ def test_ttq_protocol_ladder_targets_and_speedups(tmp_path: Path) -> None:
     assert row["vs_ddp"] == pytest.approx(0.1) and not row["matches_ddp"]  # 2.2 vs 2.0 +- 0.1
     assert rows["ddp_adamw"]["equal_tokens"]["sd"] == pytest.approx(0.1)
     payload = {"runs": runs}
-    text = proto.tables(payload)
+    text = ttq_report.tables(payload)
     assert name in text and "1280" in text
-    proto.plot(payload, tmp_path / "f.png")
+    ttq_report.plot(payload, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
 
 
 def test_ttq_protocol_rung_is_the_first_that_every_seed_reaches() -> None:
     """Seed 0 reaches the target at B but seed 1 only at 1.25 B: the row's rung is 1.25 B (its
     time the mean over seeds there); without every seed's run at a reaching rung, no time."""
-    proto = importlib.import_module("ttq_protocol")
     cell, lr = "gpt-2h-100mbit", 1e-3
     runs = [
         _synthetic_run(

@@ -1,0 +1,478 @@
+"""Time to DDP's quality, the fair way: the contenders, the cells, the ladder and the analysis.
+
+The question a user asks: *how soon do I reach the quality DDP would give me?* Every contender
+trains the same model (``configs/ttq_gpt.toml``, ``configs/ttq_digits.toml``) from the same seeds,
+with the same global batch (workers x per-worker batch = DDP's batch) and the same data order,
+through ``rangerdl train`` under ``torchrun``, one process per simulated host
+(``benchmarks/netsim``; launching and run-folder reading: ``ttq/runner.py``). Stages, each writing
+``benchmarks/results/ttq_protocol.json`` after every run (a rerun replaces the runs it repeats and
+keeps the rest):
+
+1. ``tune``: every contender gets the same tuning budget: ``TUNE_FACTORS`` (5) learning rates,
+   the centre (the single-process sweep's best for its inner optimizer, ``LR_CENTRE``)
+   times 2^-1 ... 2^1, each trained for B steps with seed ``TUNE_SEED`` (not a scoring seed: no
+   contender is tuned on the runs it is scored on); the lowest final validation loss wins. Runs on
+   loopback (``torchrun --standalone``): a run's loss curve does not depend on the network (the
+   same seed gives the same curve at any rate; only its wall-clock changes). ``TUNED_AS``: an
+   entry that differs from another only in transport (bf16) takes that one's lr. Every cell uses
+   the lrs tuned with 2 hosts.
+2. ``run``: per cell, on the simulated network:
+   - equal tokens: every contender at B steps (DDP AdamW's budget); seeds ``SEEDS`` for DDP AdamW
+     and the headline contenders in the headline cell, seed 0 elsewhere; mean +- sd of the final
+     validation loss (slow weights for Lookahead contenders; ``final_loss``). "Matches DDP" =
+     within DDP AdamW's seed spread (mean +- sd), else the relative gap.
+   - time to target: target = DDP AdamW's mean final validation loss at B steps. Each local
+     contender trains through the ladder ``RUNGS`` (x B steps, rounded up to a multiple of its
+     k; fixed in advance; the step budget sizes its LR schedule) in order and stops at the first
+     rung whose run reaches the target; its time to target is the first crossing on the training
+     wall clock (``time/train_s``, interpolated between evaluations). Longer rungs are not run
+     once a rung reaches it (a longer schedule stays at a high LR longer and reaches a given loss
+     later); the rungs that were run are all in the JSON. With several seeds, each climbs the
+     ladder from seed 0's rung, and the row's rung is the first that every seed reaches (its
+     time: the mean over seeds there).
+   - per row: time to target, speedup over DDP (DDP AdamW's mean B-step training time / time to
+     target), that speedup as a fraction of the cell's limit (DDP's time at the cell's rate /
+     DDP's time with no rate limit: no method beats DDP by more), final loss at equal tokens,
+     bytes per rank (``comm/bytes``), share of training time communicating.
+3. ``report``: the tables (markdown) and the figure: each contender's curve up to its
+   time-to-target rung, with the target line and DDP.
+
+Measured quantities: ``time/train_s`` is training wall seconds on rank 0 (evaluation and
+checkpointing excluded); ``bytes_per_rank`` is rangerdl's ring-model count of training traffic
+(``comm/bytes``: 2 (W-1)/W x values x bytes per all-reduce, the one-time broadcast of rank 0's
+weights logged apart); ``comm_share`` is ``comm/time_s`` / training time where communication
+blocks, and 1 - T(no limit) / T for DDP, which overlaps its all-reduce with backward;
+``others_cpu_share`` is the CPU time of processes other than the benchmark's as a share of all
+cores during a run (the machine is shared: how far a timing may be off).
+
+::
+
+    python benchmarks/ttq_protocol.py tune              # ~8 min per entry (2 cores, loopback)
+    python benchmarks/ttq_protocol.py run               # needs root (netsim)
+    python benchmarks/ttq_protocol.py report
+    python benchmarks/ttq_protocol.py recheck --cell gpt-2h-100mbit --runs ddp_adamw:1024
+
+Nothing here runs anything: this module is the protocol's definitions and its analysis of the
+runs in the JSON.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parents[1]
+CONFIGS = BENCH / "configs"
+
+B = {"gpt": 1024, "digits": 160}
+"""DDP AdamW's step budget per workload (the target is its final loss); every rung of the
+ladder is a multiple of every k used (8, 16, 32), so no run ends on a partial sync."""
+TUNE_SEED = 100
+TUNE_FACTORS: tuple[float, ...] = (0.5, 0.7071, 1.0, 1.4142, 2.0)
+LR_CENTRE = {"gpt": {"adamw": 2e-3, "ranger": 1.6e-2}, "digits": {"adamw": 1e-2, "ranger": 3e-2}}
+"""The single-process sweep's best lr per optimizer and workload (final validation loss after the
+full step budget, flat_anneal schedule; the sweep is in ``ttq_protocol.json``'s ``fixed_budget``
+section, ``lr_sweep``)."""
+SEEDS: tuple[int, ...] = (0, 1, 2)
+RUNGS = (1.0, 1.25, 1.5, 2.0, 3.0)
+EVAL_EVERY = {"gpt": 32, "digits": 16}
+QUICK = False
+"""``--quick``: tiny models and budgets (a smoke test of the whole pipeline; numbers meaningless)."""
+
+
+def use_quick() -> None:
+    """Switch the protocol to its smoke-test sizes (tiny budgets, one lr, one seed)."""
+    global QUICK, TUNE_FACTORS, SEEDS
+    QUICK = True
+    B.update(gpt=64, digits=16)
+    TUNE_FACTORS = (1.0,)
+    SEEDS = (0,)
+    EVAL_EVERY.update(gpt=16, digits=8)
+
+
+# ---------------------------------------------------------------------------------- contenders
+@dataclass(frozen=True)
+class Contender:
+    """One way to train: strategy, optimizer and sync options."""
+
+    name: str
+    strategy: str | None  # None: a single process
+    optimizer: str
+    sync_every: int = 0
+    overlap: bool = False
+    eager: bool = False
+    """With ``overlap``: ``[distributed] eager``."""
+    comm_dtype: str = "fp32"
+    extra: tuple[str, ...] = ()
+    """More ``--key=value`` overrides, appended last (e.g. the outer optimizer's settings)."""
+
+    def overrides(self, lr: float) -> list[str]:
+        out = [f"--optim.name={self.optimizer}", f"--optim.lr={lr}"]
+        if self.optimizer == "adamw":  # torch's defaults; Ranger keeps its own (0.95, 0.999), 1e-5
+            out += ["--optim.betas=[0.9, 0.999]", "--optim.eps=1e-8"]
+        if self.strategy is None:
+            return out + list(self.extra)
+        out.append(f"--distributed.strategy={self.strategy}")
+        if self.strategy == "lookahead":
+            out.append(f"--optim.k={self.sync_every}")  # Ranger's k; sync_every defaults to it
+        elif self.strategy == "post_local_sgd":
+            out.append(f"--distributed.sync_every={self.sync_every}")
+        if self.overlap:
+            out.append("--distributed.overlap=true")
+            out.append(f"--distributed.eager={str(self.eager).lower()}")
+        if self.comm_dtype != "fp32":
+            out.append(f"--distributed.comm_dtype={self.comm_dtype}")
+        return out + list(self.extra)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A model and dataset (a TOML config) with the learning rate of each optimizer."""
+
+    name: str
+    config: Path
+    lr: dict[str, float]
+    what: str
+    quick: tuple[str, ...] = ()
+    """Overrides of ``--quick``: tiny sizes."""
+
+
+WORKLOADS = {
+    "gpt": Workload(
+        "gpt",
+        CONFIGS / "ttq_gpt.toml",
+        LR_CENTRE["gpt"],
+        "byte-level GPT, 2 layers x 128, context 64, ~0.45M parameters, global batch 32, "
+        "Python stdlib sources",
+        (
+            "--model.args.n_layer=1",
+            "--model.args.n_embd=32",
+            "--data.seq_len=32",
+            "--train.steps=16",
+            "--train.eval_every=8",
+            "--train.eval_batches=1",
+        ),
+    ),
+    "digits": Workload(
+        "digits",
+        CONFIGS / "ttq_digits.toml",
+        LR_CENTRE["digits"],
+        "digits CNN (channels 32, BatchNorm), 57K parameters, global batch 64; loss on the test "
+        "split",
+        ("--train.steps=16", "--train.eval_every=8"),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A contender of the protocol and what it is, in words."""
+
+    name: str
+    contender: Contender
+    what: str
+
+    @property
+    def k(self) -> int:
+        return self.contender.sync_every or 1
+
+
+def _ranger(
+    name: str, k: int, *extra: str, overlap: bool = False, dtype: str = "fp32", eager: bool = False
+) -> Entry:
+    c = Contender(
+        name, "lookahead", "ranger", k, overlap=overlap, eager=eager, comm_dtype=dtype, extra=extra
+    )
+    return Entry(name, c, "distributed Ranger")
+
+
+def _entries() -> dict[str, Entry]:
+    overlap4, overlap8 = "--distributed.overlap_steps=4", "--distributed.overlap_steps=8"
+    out = [
+        Entry("ddp_adamw", Contender("ddp_adamw", "ddp", "adamw"), "torch DDP, AdamW (target)"),
+        Entry(
+            "post_local_sgd_k8",
+            Contender("post_local_sgd_k8", "post_local_sgd", "adamw", 8),
+            "torch PostLocalSGDOptimizer over AdamW, averaging every 8 steps",
+        ),
+        _ranger("ranger_k8", 8),
+        _ranger("ranger_k8_bf16", 8, dtype="bf16"),
+        _ranger("ranger_k16_bf16", 16, dtype="bf16"),  # the slow-link (20 Mbit/s) candidate
+        # overlapped: the all-reduce runs during the next `d` local steps (overlap_steps), chosen
+        # so that d steps of compute (~45 ms each here) cover its wire time at the cell's rate
+        _ranger("ranger_k8_overlap4", 8, overlap4, overlap=True),
+        _ranger("ranger_k16_overlap4", 16, overlap4, overlap=True),
+        _ranger("ranger_k32_overlap16", 32, "--distributed.overlap_steps=16", overlap=True),
+        # 20 Mbit/s: a bf16 exchange takes ~0.5 s (measured), ~9 steps of compute: overlapped 8
+        _ranger("ranger_k8_bf16_overlap8", 8, overlap8, overlap=True, dtype="bf16"),
+        _ranger("ranger_k16_bf16_overlap8", 16, overlap8, overlap=True, dtype="bf16"),
+        # eager: the outer step at launch with the worker's own pseudo-gradient, corrected when
+        # the mean arrives ([distributed] eager)
+        _ranger(
+            "ranger_k8_bf16_overlap8_eager", 8, overlap8, overlap=True, eager=True, dtype="bf16"
+        ),
+        _ranger(
+            "ranger_k16_bf16_overlap8_eager", 16, overlap8, overlap=True, eager=True, dtype="bf16"
+        ),
+        _ranger(
+            "ranger_k8_bf16_overlap4_eager", 8, overlap4, overlap=True, dtype="bf16", eager=True
+        ),
+        _ranger("ranger_k8_overlap4_eager", 8, overlap4, overlap=True, eager=True),
+        _ranger("ranger_k32", 32),  # equal tokens at k = 32 (tuning table only)
+        # the outer step: alpha = 1 (plain averaging, as post-local SGD) instead of Lookahead's 0.5
+        _ranger("ranger_k32_outer1", 32, "--distributed.outer_lr=1.0"),
+        _ranger("ranger_k8_outer1", 8, "--distributed.outer_lr=1.0"),
+        Entry(
+            "lookahead_adamw_k8_overlap4",
+            Contender(
+                "lookahead_adamw_k8_overlap4",
+                "lookahead",
+                "adamw",
+                8,
+                overlap=True,
+                extra=(overlap4,),
+            ),
+            "OuterSync around AdamW (distributed Lookahead(AdamW), alpha 0.5): the inner-optimizer "
+            "ablation",
+        ),
+    ]
+    return {e.name: e for e in out}
+
+
+ENTRIES = _entries()
+TUNED_AS = {"ranger_k8_bf16": "ranger_k8"}
+"""Entries that take another's tuned lr: the same optimizer and sync, only the transport differs
+(bf16 pseudo-gradients instead of fp32 weights)."""
+
+
+# ---------------------------------------------------------------------------------- the cells
+@dataclass(frozen=True)
+class CellSpec:
+    """A (workload, hosts, rate) setting and the contenders run in it."""
+
+    workload: str
+    hosts: int
+    rate: str
+    entries: tuple[str, ...]
+    seeds: int = 1
+    """Seeds for DDP AdamW and the best two local contenders (3 in the headline cell)."""
+
+    @property
+    def key(self) -> str:
+        return f"{self.workload}-{self.hosts}h-{self.rate}"
+
+    @property
+    def unlimited_key(self) -> str:
+        """The cell of DDP AdamW's run with no rate limit (the cell's limit)."""
+        return f"{self.workload}-{self.hosts}h-nolimit"
+
+
+HEADLINE = "gpt-2h-100mbit"
+CELLS = (
+    CellSpec(
+        "gpt",
+        2,
+        "100mbit",
+        (
+            "ddp_adamw",
+            "post_local_sgd_k8",
+            "ranger_k8_bf16",  # blocking; ranger_k8 (fp32) has its lr and curve
+            "ranger_k8_bf16_overlap4_eager",  # the same, overlapped (ranger_k8_overlap4_eager: fp32)
+        ),
+        seeds=3,
+    ),
+    # at 20 Mbit/s a bf16 sync takes ~0.5 s, ~9 steps of compute: blocking, then overlapped for
+    # 8 steps, eager (without eager the overlap loses 13% of loss per step; k=16 eager 4% more
+    # than k=8 eager: ablation)
+    CellSpec("gpt", 2, "20mbit", ("ddp_adamw", "ranger_k8_bf16", "ranger_k8_bf16_overlap8_eager")),
+    CellSpec("gpt", 4, "100mbit", ("ddp_adamw", "ranger_k8_bf16")),
+    CellSpec(
+        "digits", 2, "100mbit", ("ddp_adamw", "post_local_sgd_k8", "ranger_k8_overlap4_eager")
+    ),
+)
+TARGETS = {"gpt-2h-100mbit": 2.5, "gpt-2h-20mbit": 8.0, "gpt-4h-100mbit": 2.0}
+"""The speedup set as the goal of each cell (time to DDP AdamW's final loss)."""
+
+
+def tune_cell(workload: str, hosts: int) -> str:
+    """The cell key of the tuning runs (loopback)."""
+    return f"{workload}-{hosts}h-loopback"
+
+
+def rung_steps(workload: str, k: int) -> list[int]:
+    """The ladder: RUNGS x B rounded up to a multiple of k (no partial final sync)."""
+    return sorted({-(-round(r * B[workload]) // k) * k for r in RUNGS})
+
+
+def tune_lrs(workload: str, optimizer: str) -> list[float]:
+    """The tuning grid of one optimizer: its centre lr times ``TUNE_FACTORS``, 3 digits."""
+    return [float(f"{LR_CENTRE[workload][optimizer] * f:.3g}") for f in TUNE_FACTORS]
+
+
+def tuned_lr(payload: dict[str, Any], workload: str, hosts: int, name: str) -> float | None:
+    """The tuning winner: lowest final val loss among the entry's tune runs."""
+    cell = tune_cell(workload, hosts)
+    name = TUNED_AS.get(name, name)
+    runs = [
+        r
+        for r in payload["runs"]
+        if r["stage"] == "tune" and r["cell"] == cell and r["entry"] == name and r.get("ok")
+    ]
+    return min(runs, key=lambda r: r["final_val_loss"])["lr"] if runs else None
+
+
+# ---------------------------------------------------------------------------------- analysis
+def time_to_target(curve: list[list[float]], target: float) -> float | None:
+    """First time the loss is <= target, interpolated linearly in (time, loss) between the
+    evaluation before and the one that crosses; the first evaluation's time if it already
+    crosses (an upper bound); None if never reached."""
+    prev: list[float] | None = None
+    for point in curve:
+        _, t, loss = point
+        if loss <= target:
+            if prev is None:
+                return t
+            _, t0, l0 = prev
+            return t0 + (l0 - target) / (l0 - loss) * (t - t0)
+        prev = point
+    return None
+
+
+def final_loss(run: dict[str, Any]) -> float:
+    """The validation loss at the run's last step (slow weights for Lookahead contenders). In the
+    run stage every point of a curve, this one included, scores the same validation windows (the
+    workload's ``eval_batches``: 512 fixed windows for GPT, the whole split for digits;
+    ``--train.final_eval_batches``), so the target (DDP's mean of these) and a contender's
+    crossing, wherever it falls, are measured alike. Tuning scores the whole split instead."""
+    step, _, loss = run["curve"][-1]
+    if step != run["steps_budget"]:
+        raise ValueError(f"{run['entry']}: no evaluation at the final step {run['steps_budget']}")
+    return float(loss)
+
+
+def rung_reached(runs: list[dict[str, Any]], target: float) -> int | None:
+    """The row's rung: the smallest step budget at which every seed the contender ran has a run
+    and every one of those runs reaches ``target`` (None: no such rung). A rung that seed 0
+    reaches but another seed does not is passed over: the ladder goes on for every seed."""
+    seeds = {r["seed"] for r in runs}
+    for steps in sorted({r["steps_budget"] for r in runs}):
+        at = [r for r in runs if r["steps_budget"] == steps]
+        if {r["seed"] for r in at} == seeds and all(
+            time_to_target(r["curve"], target) is not None for r in at
+        ):
+            return int(steps)
+    return None
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {
+        "values": values,
+        "mean": statistics.mean(values) if values else None,
+        "sd": statistics.stdev(values) if len(values) > 1 else None,
+    }
+
+
+def analyse(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per cell: target, DDP's time and the cell's limit; per contender: equal-token finals,
+    ladder, time to target per seed, speedup, fraction of the limit, bytes, comm share."""
+    runs = [r for r in payload["runs"] if r["stage"] == "run" and r.get("ok")]
+    out = []
+    for spec in CELLS:
+        cell = [r for r in runs if r["cell"] == spec.key]
+        free = [r for r in runs if r["cell"] == spec.unlimited_key and r["entry"] == "ddp_adamw"]
+        steps_b = B[spec.workload]
+        ddp = [r for r in cell if r["entry"] == "ddp_adamw" and r["steps_budget"] == steps_b]
+        if not ddp:
+            continue
+        target = statistics.mean(final_loss(r) for r in ddp)
+        ddp_time = statistics.mean(r["train_time_s"] for r in ddp)
+        limit = ddp_time / free[0]["train_time_s"] if free else None
+        ddp_finals = _stats([final_loss(r) for r in ddp])
+        summary: dict[str, Any] = {
+            "cell": spec.key,
+            "target_val_loss": target,
+            "ddp_final": ddp_finals,
+            "ddp_train_time_s": _stats([r["train_time_s"] for r in ddp]),
+            "ddp_no_limit_train_time_s": free[0]["train_time_s"] if free else None,
+            "limit": limit,
+            "speedup_target": TARGETS.get(spec.key),
+            "rows": [],
+        }
+        spread = (
+            ddp_finals["mean"] - (ddp_finals["sd"] or 0.0),
+            ddp_finals["mean"] + (ddp_finals["sd"] or 0.0),
+        )
+        for name in spec.entries:
+            mine = [r for r in cell if r["entry"] == name]
+            if mine:
+                summary["rows"].append(
+                    _row(name, mine, ddp, free, target, ddp_time, limit, spread, steps_b)
+                )
+        out.append(summary)
+    return out
+
+
+def _row(
+    name: str,
+    mine: list[dict[str, Any]],
+    ddp: list[dict[str, Any]],
+    free: list[dict[str, Any]],
+    target: float,
+    ddp_time: float,
+    limit: float | None,
+    spread: tuple[float, float],
+    steps_b: int,
+) -> dict[str, Any]:
+    """One contender's row of a cell (see :func:`analyse`)."""
+    equal = [r for r in mine if r["steps_budget"] == steps_b]
+    finals = _stats([final_loss(r) for r in equal])
+    row: dict[str, Any] = {"entry": name, "lr": mine[0]["lr"], "k": ENTRIES[name].k}
+    row["what"] = ENTRIES[name].what
+    row["equal_tokens"] = finals
+    if finals["mean"] is not None:
+        row["vs_ddp"] = finals["mean"] / target - 1
+        row["matches_ddp"] = spread[0] <= finals["mean"] <= spread[1] or finals["mean"] < spread[0]
+    ladder = sorted((r for r in mine if r["seed"] == 0), key=lambda r: r["steps_budget"])
+    row["ladder"] = [
+        {
+            "steps": r["steps_budget"],
+            "final_val_loss": final_loss(r),
+            "final_val_loss_whole_split": r["final_val_loss"],
+            "train_time_s": r["train_time_s"],
+            "time_to_target_s": time_to_target(r["curve"], target),
+        }
+        for r in ladder
+    ]
+    hit = rung_reached(mine, target)
+    hit_rows: list[dict[str, Any]] = []
+    if name == "ddp_adamw":
+        row["time_to_target_s"] = ddp_time
+        hit_rows = ddp
+    elif hit is not None:
+        row["rung"] = hit
+        hit_rows = sorted((r for r in mine if r["steps_budget"] == hit), key=lambda r: r["seed"])
+        times = [time_to_target(r["curve"], target) for r in hit_rows]
+        row["time_to_target_per_seed"] = times
+        row["time_to_target_s"] = statistics.mean(t for t in times if t is not None)
+    else:
+        first = next((x for x in row["ladder"] if x["time_to_target_s"] is not None), None)
+        if first is not None:  # seed 0 reached it, another seed not within the ladder
+            row["seed0_rung"] = first["steps"]
+    t = row.get("time_to_target_s")
+    if t and name != "ddp_adamw":
+        row["speedup"] = ddp_time / t
+        row["fraction_of_limit"] = row["speedup"] / limit if limit else None
+    if hit_rows:
+        r0 = hit_rows[0]
+        row["bytes_per_rank"] = r0.get("bytes_per_rank_counted")
+        ddp_bytes = ddp[0].get("bytes_per_rank_counted")
+        if row["bytes_per_rank"] and ddp_bytes:
+            row["bytes_fewer_than_ddp"] = ddp_bytes / row["bytes_per_rank"]
+        if r0.get("comm_time_s") is not None and name != "ddp_adamw":
+            row["comm_share"] = r0["comm_time_s"] / r0["train_time_s"]
+        elif free:  # DDP overlaps its all-reduce with backward: 1 - T(no limit) / T
+            row["comm_share"] = 1 - free[0]["train_time_s"] / r0["train_time_s"]
+        row["others_cpu_share"] = max(r.get("others_cpu_share") or 0 for r in hit_rows)
+    return row

@@ -1,0 +1,257 @@
+"""The time-to-quality protocol's tables (markdown) and figure, from its JSON's runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ttq import protocol as p
+
+CELL_HEADER = (
+    "| contender | lr | final loss at B steps (seeds) | vs DDP | rung (steps) "
+    "| time to target (s) | speedup | of limit | bytes fewer | comm share | others' CPU |\n"
+    + "|---" * 11
+    + "|"
+)
+
+
+def _f(v: float | None, fmt: str, suffix: str = "") -> str:
+    return "-" if v is None else format(v, fmt) + suffix
+
+
+def _pct(v: float | None) -> str:
+    return _f(None if v is None else 100 * v, ".0f", "%")
+
+
+def _time_cell(row: dict[str, Any]) -> str:
+    t = row.get("time_to_target_s")
+    if t is not None:
+        return f"{t:.1f}"
+    if row.get("seed0_rung"):
+        return f"seed 0 at {row['seed0_rung']} steps; not every seed within the ladder"
+    return "not reached"
+
+
+def cell_table(cell: dict[str, Any]) -> str:
+    """One analysed cell: a line with its target, DDP's time and limit, then one row per
+    contender."""
+    d = cell["ddp_final"]
+    sd = f", sd {d['sd']:.4f}" if d["sd"] else ""
+    goal = f"; target speedup {cell['speedup_target']}x" if cell["speedup_target"] else ""
+    lines = [
+        f"**{cell['cell']}**: target {cell['target_val_loss']:.4f} (DDP AdamW, "
+        f"{len(d['values'])} seed(s){sd}), DDP {cell['ddp_train_time_s']['mean']:.1f} s; "
+        f"limit {_f(cell['limit'], '.2f', 'x')}{goal}",
+        "",
+        CELL_HEADER,
+    ]
+    for r in cell["rows"]:
+        eq = r["equal_tokens"]
+        eq_s = "-"
+        if eq["mean"] is not None:
+            eq_s = f"{eq['mean']:.4f}" + (f" +- {eq['sd']:.4f}" if eq["sd"] else "")
+            eq_s += f" ({len(eq['values'])})"
+        vs = r.get("vs_ddp")
+        vs_s = "-" if vs is None else f"{100 * vs:+.1f}%"
+        if r["entry"] != "ddp_adamw" and r.get("matches_ddp"):
+            vs_s += " (within)" if vs is not None and vs >= 0 else " (below)"
+        cells = [
+            r["entry"],
+            f"{r['lr']:.3g}",
+            eq_s,
+            vs_s,
+            str(r.get("rung", "-")),
+            _time_cell(r),
+            _f(r.get("speedup"), ".2f", "x"),
+            _pct(r.get("fraction_of_limit")),
+            _f(r.get("bytes_fewer_than_ddp"), ".1f", "x"),
+            _pct(r.get("comm_share")),
+            _pct(r.get("others_cpu_share")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def headline_table(payload: dict[str, Any]) -> str:
+    """The headline cell's table (``protocol.HEADLINE``)."""
+    cell = next((c for c in p.analyse(payload) if c["cell"] == p.HEADLINE), None)
+    if cell is None:
+        raise ValueError(f"no runs of the headline cell {p.HEADLINE}")
+    return cell_table(cell)
+
+
+def cells_tables(payload: dict[str, Any]) -> str:
+    """Every analysed cell's table, headline first."""
+    return "\n\n".join(cell_table(c) for c in p.analyse(payload))
+
+
+def tuning_table(payload: dict[str, Any]) -> str:
+    """Per tuning cell: each entry's final loss at each lr of its grid; * = chosen."""
+    runs = [r for r in payload["runs"] if r["stage"] == "tune" and r.get("ok")]
+    lines = []
+    for cell in sorted({r["cell"] for r in runs}):
+        mine = [r for r in runs if r["cell"] == cell]
+        factors = payload.get("constants", {}).get("tune_factors", p.TUNE_FACTORS)
+        lines.append(
+            f"Tuning ({cell}, seed {p.TUNE_SEED}, final val loss after B steps; * = chosen)"
+        )
+        lines.append("")
+        lines.append("| contender | " + " | ".join(f"x{f:.3g}" for f in factors) + " |")
+        lines.append("|---" * (len(factors) + 1) + "|")
+        for name in p.ENTRIES:
+            rows = sorted((r for r in mine if r["entry"] == name), key=lambda r: r["lr"])
+            if not rows:
+                continue
+            best = min(rows, key=lambda r: r["final_val_loss"])
+            cells_s = [
+                f"{r['lr']:.3g}: {r['final_val_loss']:.4f}" + ("*" if r is best else "")
+                for r in rows
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells_s) + " |")
+        lines.append("")
+    return "\n".join(lines).strip()
+
+
+def describe(contender: p.Contender) -> str:
+    """A contender in words: ``distributed Ranger k=8, bf16, overlap 4, eager``."""
+    c = contender
+    if c.strategy == "ddp":
+        return f"DDP {'AdamW' if c.optimizer == 'adamw' else 'Ranger'}"
+    if c.strategy == "post_local_sgd":
+        return f"PostLocalSGD (AdamW) k={c.sync_every}"
+    if c.strategy is None:
+        return "single process Ranger"
+    inner = "distributed Ranger" if c.optimizer == "ranger" else "OuterSync(AdamW)"
+    parts = [f"{inner} k={c.sync_every}"]
+    if c.comm_dtype != "fp32":
+        parts.append(c.comm_dtype)
+    options = dict(x.removeprefix("--distributed.").split("=", 1) for x in c.extra)
+    if c.overlap:
+        parts.append(f"overlap {options.get('overlap_steps', 1)}")
+        parts.append("eager" if c.eager else "not eager")
+    if "outer_lr" in options:
+        parts.append(f"outer lr {float(options['outer_lr']):g}")
+    return ", ".join(parts)
+
+
+def tuning_ablation_table(payload: dict[str, Any], cell: str | None = None) -> str:
+    """One row per tuned entry (GPT, 2 hosts by default): its best lr's final validation loss at
+    B steps and the tuning seed (whole validation split), against DDP AdamW's best at the same
+    seed."""
+    cell = cell or p.tune_cell("gpt", 2)
+    runs = [r for r in payload["runs"] if r["stage"] == "tune" and r["cell"] == cell and r["ok"]]
+    best: dict[str, dict[str, Any]] = {}
+    tried: dict[str, int] = {}
+    for r in runs:
+        tried[r["entry"]] = tried.get(r["entry"], 0) + 1
+        if r["entry"] not in best or r["final_val_loss"] < best[r["entry"]]["final_val_loss"]:
+            best[r["entry"]] = r
+    ddp = best.get("ddp_adamw")
+    if ddp is None:
+        raise ValueError(f"no tuning runs of ddp_adamw in {cell}")
+    lines = [
+        "| contender | row | lrs tried | best lr | final val loss | vs DDP AdamW |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in p.ENTRIES.items():
+        if name not in best:
+            continue
+        r = best[name]
+        vs = (
+            "-"
+            if name == "ddp_adamw"
+            else f"{100 * (r['final_val_loss'] / ddp['final_val_loss'] - 1):+.1f}%"
+        )
+        lines.append(
+            f"| {describe(entry.contender)} | {name} | {tried[name]} | {r['lr']:.3g} "
+            f"| {r['final_val_loss']:.4f} | {vs} |"
+        )
+    return "\n".join(lines)
+
+
+def recheck_table(payload: dict[str, Any]) -> str:
+    """Reruns of committed runs: training time then and now."""
+    lines = [
+        "| date | cell | contender | steps | committed (s) | now (s) | now / committed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for check in payload.get("rechecks", []):
+        for row in check["rows"]:
+            run, then, now = row["run"], row["committed_train_time_s"], row["train_time_s"]
+            ratio = _f(now / then if now and then else None, ".3f")
+            lines.append(
+                f"| {check.get('date', '-')} | {check['cell']} | {run['entry']} "
+                f"| {run['steps_budget']} | {_f(then, '.1f')} | {_f(now, '.1f')} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def tables(payload: dict[str, Any]) -> str:
+    """Everything the ``report`` stage prints: every cell, then the tuning table."""
+    return "\n\n".join(x for x in (cells_tables(payload), tuning_table(payload)) if x)
+
+
+COLOURS = {
+    "ddp_adamw": "black",
+    "post_local_sgd_k8": "tab:purple",
+    "ranger_k8": "tab:blue",
+    "ranger_k8_overlap4": "tab:orange",
+    "ranger_k16_overlap4": "tab:green",
+    "ranger_k32_overlap16": "tab:red",
+    "lookahead_adamw_k8_overlap4": "tab:brown",
+    "ranger_k8_bf16": "tab:cyan",
+    "ranger_k8_overlap4_eager": "tab:olive",
+    "ranger_k8_bf16_overlap4_eager": "tab:red",
+    "ranger_k8_bf16_overlap8_eager": "tab:red",
+}
+
+
+def plot(payload: dict[str, Any], path: Path) -> None:
+    """Validation loss vs training wall time per cell: each contender's curve up to its
+    time-to-target rung (seed 0), DDP AdamW's seeds, the target line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = p.analyse(payload)
+    runs = [r for r in payload["runs"] if r["stage"] == "run" and r.get("ok")]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9), squeeze=False)
+    for ax, cell in zip(axes.flat, cells, strict=False):
+        for row in cell["rows"]:
+            steps = row.get("rung", p.B[cell["cell"].split("-")[0]])
+            if row["entry"] != "ddp_adamw" and "rung" not in row:
+                steps = max(x["steps"] for x in row["ladder"])  # never reached: longest rung
+            pick = [
+                r
+                for r in runs
+                if r["cell"] == cell["cell"]
+                and r["entry"] == row["entry"]
+                and r["steps_budget"] == steps
+                and r["seed"] == 0
+            ]
+            colour = COLOURS.get(row["entry"])
+            for r in pick:
+                _, t, loss = zip(*r["curve"], strict=True)
+                label = row["entry"] + (f" ({steps} steps)" if row["entry"] != "ddp_adamw" else "")
+                ax.plot(t, loss, color=colour, lw=1.5, label=label)
+            hit = p.time_to_target(pick[0]["curve"], cell["target_val_loss"]) if pick else None
+            if hit is not None:  # where seed 0 crosses the target
+                ax.plot([hit], [cell["target_val_loss"]], "x", color=colour)
+        ax.axhline(cell["target_val_loss"], color="k", ls="-.", lw=0.8, label="target")
+        ax.set_title(f"{cell['cell']} (limit {_f(cell['limit'], '.1f', 'x')})")
+        ax.set_xlabel("training wall time (s), rank 0")
+        ax.set_ylabel("validation loss")
+        lo = cell["target_val_loss"]
+        if lo < 0.5:  # a nearly saturated task (digits): its approach spans decades
+            ax.set_yscale("log")
+            ax.set_ylim(0.7 * lo, 30 * lo)
+        else:
+            ax.set_ylim(0.9 * lo, 1.6 * lo)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(cells) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
