@@ -24,6 +24,22 @@ as in ``benchmarks/netsim``: 0.956). The model leaves out what a real job adds: 
 slowest rank (compute skew), TCP slow start after an idle link, and contention with other traffic;
 it is a lower bound that the netsim measurements exceed by 2-9% for a 10 MB all-reduce
 (``benchmarks/plan_check.py``).
+
+Compressed payloads (``[distributed] compression``, :mod:`rangerdl.distributed.compression`).
+A sync's ``n`` values are cut into ``W`` chunks of ``c = ceil(n / W)`` values; each chunk is
+encoded into ``P(c)`` bytes (:func:`payload_bytes`, ``B`` = ``block_size``)::
+
+    bf16:                P = 2 c
+    int8 / int4 / int2:  P = ceil(c b / 8) + 4 ceil(c / B)         b = 8, 4, 2 bits; fp32 scales
+    topk:                P = nb kc 2 + ceil(nb kc i / 8)           nb = ceil(c / B) chunks,
+                         kc = max(1, ceil(density B)) values each (bf16), i = ceil(log2 B) bits
+                         per position
+
+Exchange: an all-to-all sends chunk ``j`` of every rank to rank ``j`` (``(W-1) P`` bytes sent per
+rank), which decodes, sums in fp32 and all-gathers its encoded mean chunk (``(W-1) P``): ``2 (W-1)
+P`` per rank and sync. An all-gather of every rank's ``W`` chunks (``(W-1) W P``) sends as much at
+``W = 2`` and more beyond, in one round instead of two and without the second encoding;
+``benchmarks/compression.py`` times both. The sync uses the all-to-all at every ``W``.
 """
 
 from __future__ import annotations
@@ -31,15 +47,29 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from rangerdl.distributed.options import COMPRESSIONS
+
 __all__ = [
     "ETHERNET_EFFICIENCY",
+    "QUANT_BITS",
+    "SCALE_BYTES",
     "TBF_EFFICIENCY",
     "Link",
     "all_gather_time",
     "allreduce_time",
     "broadcast_time",
+    "compressed_sync_bytes",
+    "compressed_sync_time",
+    "index_bits",
+    "payload_bytes",
     "ring_bytes",
+    "topk_per_chunk",
 ]
+
+QUANT_BITS = {"int8": 8, "int4": 4, "int2": 2}
+"""Bits per value of the blockwise absmax payloads."""
+SCALE_BYTES = 4
+"""Bytes per block scale (fp32)."""
 
 ETHERNET_EFFICIENCY = 1448 / 1538
 """TCP payload per byte on a physical Ethernet wire (MTU 1500, TCP timestamps)."""
@@ -107,3 +137,72 @@ def broadcast_time(numel: int, element_size: int, world_size: int, link: Link) -
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     rounds = math.ceil(math.log2(world_size)) if world_size > 1 else 0
     return rounds * (link.latency_s + numel * element_size * link.seconds_per_byte)
+
+
+def topk_per_chunk(block_size: int, density: float) -> int:
+    """Values ``topk`` sends per chunk of ``block_size``: ``max(1, ceil(density * block_size))``."""
+    return min(block_size, max(1, math.ceil(density * block_size)))
+
+
+def index_bits(block_size: int) -> int:
+    """Bits of one position within a chunk of ``block_size`` values: ``ceil(log2 block_size)``
+    (at least 1)."""
+    return max(1, (block_size - 1).bit_length())
+
+
+def payload_bytes(
+    compression: str, numel: int, block_size: int = 256, topk_density: float = 0.03
+) -> int:
+    """Bytes of ``numel`` values encoded as ``compression`` (the module docstring's ``P``).
+
+    Raises:
+        ValueError: an unknown ``compression``.
+    """
+    if compression not in COMPRESSIONS:
+        raise ValueError(
+            f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}"
+        )
+    if compression == "none":
+        return 4 * numel
+    if compression == "bf16":
+        return 2 * numel
+    blocks = -(-numel // block_size)
+    if compression == "topk":
+        kept = blocks * topk_per_chunk(block_size, topk_density)
+        return 2 * kept + -(-kept * index_bits(block_size) // 8)
+    bits = QUANT_BITS[compression]
+    return -(-numel * bits // 8) + SCALE_BYTES * blocks
+
+
+def compressed_sync_bytes(
+    compression: str,
+    numel: int,
+    world_size: int,
+    block_size: int = 256,
+    topk_density: float = 0.03,
+    *,
+    mode: str = "all_to_all",
+) -> int:
+    """Bytes one rank hands to the collectives in one compressed sync of ``numel`` values (the
+    module docstring): ``2 (W-1) P`` (``all_to_all`` then all-gather, the sync's exchange) or
+    ``(W-1) W P`` (``all_gather``)."""
+    chunk = -(-numel // world_size)
+    per_chunk = payload_bytes(compression, chunk, block_size, topk_density)
+    if mode == "all_gather":
+        return (world_size - 1) * world_size * per_chunk
+    return 2 * (world_size - 1) * per_chunk
+
+
+def compressed_sync_time(
+    compression: str,
+    numel: int,
+    world_size: int,
+    link: Link,
+    block_size: int = 256,
+    topk_density: float = 0.03,
+) -> float:
+    """Seconds on the wire of one compressed sync: an all-to-all and an all-gather of ``W P``
+    bytes each."""
+    chunk = -(-numel // world_size)
+    per_chunk = payload_bytes(compression, chunk, block_size, topk_density)
+    return 2 * all_gather_time(world_size * per_chunk, 1, world_size, link)

@@ -7,12 +7,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["BUFFER_POLICIES", "COMM_DTYPES", "SyncOptions"]
+__all__ = ["BUFFER_POLICIES", "COMM_DTYPES", "COMPRESSIONS", "MAX_BLOCK_SIZE", "SyncOptions"]
 
 BUFFER_POLICIES = ("average", "local", "broadcast")
 """What happens to module buffers (BatchNorm statistics) at each sync."""
 COMM_DTYPES = ("fp32", "bf16")
-"""The dtype of what travels at a sync."""
+"""The dtype of what travels at a sync (``comm_dtype``, an alias of ``compression``)."""
+COMPRESSIONS = ("none", "bf16", "int8", "int4", "int2", "topk")
+"""What travels at a sync: the weights in fp32 (``none``), or the pseudo-gradient encoded
+(:mod:`rangerdl.distributed.compression`; bytes in :func:`rangerdl.distributed.cost.payload_bytes`)."""
+MAX_BLOCK_SIZE = 1 << 20
+"""The largest ``block_size``."""
 
 
 @dataclass
@@ -47,7 +52,7 @@ class SyncOptions:
     step."""
     overlap: bool = False
     """Sync asynchronously while workers take their next local steps (the fp32 all-reduce, or the
-    bf16 exchange on a worker thread); merge ``overlap_steps`` steps late, keeping the local
+    compressed exchange on a worker thread); merge ``overlap_steps`` steps late, keeping the local
     progress made meanwhile."""
     overlap_steps: int = 1
     """With ``overlap``: optimizer steps the all-reduce may take before its result is merged
@@ -67,21 +72,47 @@ class SyncOptions:
     shard_slow: bool = False
     """Reduce-scatter + all-gather: each rank keeps 1/W of the slow weights and outer momentum."""
     comm_dtype: str = "fp32"
-    """``fp32`` (the weights are all-reduced) or ``bf16`` (the pseudo-gradient travels in bf16 and
-    is summed in fp32: half the bytes)."""
+    """``fp32`` or ``bf16``: an alias kept for older configs. ``bf16`` (with ``compression =
+    "none"``) is ``compression = "bf16"`` with ``error_feedback = false``, the payload it named
+    before ``compression`` existed; ``bf16`` with another compression is an error."""
+    compression: str = "none"
+    """What travels at a sync. ``none``: the weights, all-reduced in fp32. Otherwise the
+    pseudo-gradient theta - phi, encoded: ``bf16`` (16 bits per value), ``int8``/``int4``/``int2``
+    (blockwise absmax: per block of ``block_size`` values one fp32 scale and a signed integer per
+    value), ``topk`` (per chunk of ``block_size`` values the ``topk_density`` share of largest
+    magnitude, as bf16 values and bit-packed positions). Never summed in its own dtype: each
+    rank decodes what it receives and sums in fp32, and the mean is encoded again for the
+    all-gather (:mod:`rangerdl.distributed.compression`). Cannot combine with ``shard_slow``."""
+    block_size: int = 256
+    """Values per block (``int8``/``int4``/``int2``: one scale each) or per chunk (``topk``: the
+    top-k is taken within each), in [1, 2^20]. Ignored by ``none`` and ``bf16``."""
+    topk_density: float = 0.03
+    """``topk``: the share of each chunk sent, in (0, 1]; ``ceil(density * block_size)`` values
+    per chunk (at least one). Ignored by the other payloads."""
+    error_feedback: bool = True
+    """Each rank adds what its last payload lost (input - decoded payload, kept in fp32) to its
+    next pseudo-gradient, and the rank that re-encodes a chunk of the mean for the all-gather keeps
+    that loss likewise (Seide et al. 2014; Karimireddy et al. 2019; DoubleSqueeze, Tang et al.
+    2019). Saved in the outer state. Nothing to keep with ``none``."""
     buffer_policy: str = "average"
     """Module buffers at each sync: ``average`` floating buffers (integer ones such as
     ``num_batches_tracked`` from rank 0), ``broadcast`` all from rank 0, or ``local``."""
 
     def resolved(self, k: int, alpha: float) -> SyncOptions:
         """A copy with ``sync_every = 0`` replaced by ``k`` and ``outer_lr = 0`` by ``alpha``
-        (the inner optimizer's Lookahead settings), validated."""
+        (the inner optimizer's Lookahead settings), validated; the alias ``comm_dtype = "bf16"``
+        becomes ``compression = "bf16"``, ``error_feedback = False``."""
         out = dataclasses.replace(
             SyncOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SyncOptions)}),
             sync_every=self.sync_every or k,
             outer_lr=self.outer_lr or alpha,
         )
         out.validate()
+        if out.comm_dtype == "bf16" and out.compression == "none":
+            # the alias keeps its meaning from before compression existed: bf16 without error
+            # feedback (a run saved with it resumes bit for bit)
+            out.compression, out.error_feedback = "bf16", False
+        out.comm_dtype = "bf16" if out.compression == "bf16" else "fp32"
         if out.overlap_steps > out.sync_every:
             raise ValueError(
                 f"overlap_steps ({out.overlap_steps}) must be <= sync_every ({out.sync_every}): "
@@ -116,19 +147,53 @@ class SyncOptions:
             raise ValueError(
                 f"{where}comm_dtype must be one of {', '.join(COMM_DTYPES)}, got {self.comm_dtype!r}"
             )
+        self._validate_compression(where)
         if self.buffer_policy not in BUFFER_POLICIES:
             raise ValueError(
                 f"{where}buffer_policy must be one of {', '.join(BUFFER_POLICIES)}, "
                 f"got {self.buffer_policy!r}"
             )
-        if self.shard_slow and self.comm_dtype == "bf16":
+        if self.shard_slow and self.payload != "none":
+            name = "comm_dtype" if self.compression == "none" else "compression"
             raise ValueError(
-                f"{where}shard_slow and comm_dtype = 'bf16' cannot combine: a rank that keeps 1/W of "
-                "the slow weights cannot form the pseudo-gradient (theta - phi) of the rest, so the "
-                "weights themselves would travel in bf16; use one or the other"
+                f"{where}shard_slow and {name} = {getattr(self, name)!r} cannot combine: a rank that "
+                "keeps 1/W of the slow weights cannot form the pseudo-gradient (theta - phi) of the "
+                "rest, so the weights themselves would travel compressed; use one or the other"
             )
         if self.overlap and self.shard_slow:
             raise ValueError(
                 f"{where}overlap and shard_slow cannot combine: the sharded sync's all-gather of "
                 "the slow weights would have to wait for the reduce-scatter and the outer step"
+            )
+
+    @property
+    def payload(self) -> str:
+        """The compression in effect: ``compression``, or ``bf16`` when only the alias
+        ``comm_dtype = "bf16"`` asks for it."""
+        if self.compression == "none" and self.comm_dtype == "bf16":
+            return "bf16"
+        return self.compression
+
+    def _validate_compression(self, where: str) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(
+                f"{where}compression must be one of {', '.join(COMPRESSIONS)}, "
+                f"got {self.compression!r}"
+            )
+        if self.comm_dtype == "bf16" and self.compression not in ("none", "bf16"):
+            raise ValueError(
+                f"{where}comm_dtype = 'bf16' and compression = {self.compression!r} ask for two "
+                "payloads; comm_dtype is an alias of compression: give only compression"
+            )
+        b = self.block_size
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_BLOCK_SIZE:
+            raise ValueError(
+                f"{where}block_size must be an int in [1, {MAX_BLOCK_SIZE}], got {b!r}"
+            )
+        d = self.topk_density
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d <= 1.0:
+            raise ValueError(f"{where}topk_density must be in (0, 1], got {d!r}")
+        if not isinstance(self.error_feedback, bool):
+            raise ValueError(
+                f"{where}error_feedback must be true or false, got {self.error_feedback!r}"
             )

@@ -9,15 +9,17 @@ optimizer's own ``state_dict()``. The inner optimizer never knows. The math is i
 Communication per sync: one all-reduce of the parameters (ring: 2 (W-1)/W x values x bytes sent per
 rank, :func:`rangerdl.distributed.cost.ring_bytes`), or the same bytes as reduce-scatter +
 all-gather with ``shard_slow`` (each rank keeps 1/W of the slow weights and outer momentum), or
-half of them with ``comm_dtype="bf16"`` (the pseudo-gradient in bf16 via all-to-all, summed in
-fp32, the mean all-gathered in bf16). ``overlap`` launches the sync asynchronously and merges it
+with ``compression`` the pseudo-gradient encoded (bf16, int8/int4/int2 blockwise absmax, top-k:
+:mod:`rangerdl.distributed.compression`) via all-to-all, decoded and summed in fp32, the mean
+encoded again and all-gathered (:func:`rangerdl.distributed.cost.compressed_sync_bytes`); with
+``error_feedback`` what each encoding lost is kept and added to the next one. ``overlap`` launches the sync asynchronously and merges it
 ``overlap_steps`` optimizer steps later (Streaming DiLoCo's tau, Douillard et al. 2025; torchft's
 ``fragment_sync_delay``). With ``eager`` (the default) each rank takes the outer step at launch
 with its own pseudo-gradient standing in for the mean, phi_i, and trains on from there; the merge
 adds phi_new - phi_i (nothing when the ranks agree: one rank is single-process Lookahead exactly).
 Without it a rank trains on from its own weights and the merge keeps the progress made meanwhile:
 theta_i <- phi_new + (theta_i(now) - theta_i(at launch)). The fp32 all-reduce is one async
-collective; the bf16 exchange is two dependent ones (the all-gather needs the summed all-to-all),
+collective; the compressed exchange is two dependent ones (the all-gather needs the summed all-to-all),
 so it runs on a worker thread over a second process group with the same ranks, which nothing
 else uses (collectives on one group must be issued in the same order on every rank; the
 training loop's own collectives stay on ``process_group``).
@@ -56,6 +58,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from rangerdl.distributed import release
+from rangerdl.distributed.compression import Codec, exchange_mean
 from rangerdl.distributed.cost import ring_bytes
 from rangerdl.distributed.options import SyncOptions
 from rangerdl.optim import Lookahead, Ranger
@@ -69,7 +72,7 @@ class _Pending(NamedTuple):
     """An overlapped sync in flight: its work handle, the buffer that receives the result, this
     rank's weights when it was launched, the optimizer step that launched it, and what the
     buffer holds once done: the sum of the ranks' weights (fp32) or the mean pseudo-gradient,
-    padded (bf16)."""
+    padded (compressed exchange, decoded in fp32)."""
 
     work: Any  # the async work handle or the worker thread's Future, None once waited for
     reduced: Tensor
@@ -85,7 +88,7 @@ _THREAD_PREFIX = "rangerdl-sync"
 
 
 class _SideChannel:
-    """The overlapped bf16 exchange's worker thread and its own process group (same ranks).
+    """The overlapped compressed exchange's worker thread and its own process group (same ranks).
     Closed by ``OuterSync.finish``/``close``, and by a finalizer when an ``OuterSync`` that was
     never closed is garbage collected or the interpreter exits: no thread outlives it, nor does
     the group, with one exception: see :func:`_side_group`."""
@@ -232,7 +235,18 @@ class OuterSync:
         self.shard = -(-self.numel // self.world_size)  # ceil
         self.padded = self.shard * self.world_size
         self.step = 0  # optimizer steps taken (all ranks equal)
-        self.stats = {"bytes": 0, "syncs": 0, "time_s": 0.0, "broadcast_bytes": 0}
+        self.stats = {"bytes": 0, "syncs": 0, "time_s": 0.0, "broadcast_bytes": 0, "codec_s": 0.0}
+        payload = self.options.compression
+        self._codec = (
+            None
+            if payload == "none"
+            else Codec(payload, self.options.block_size, self.options.topk_density)
+        )
+        feedback = self._codec is not None and self.options.error_feedback
+        # error feedback: what this rank's payload lost (padded to W chunks), and what its
+        # encoding of its chunk of the mean lost (the all-gather half)
+        self._residual = torch.zeros(self.padded, device=self.device) if feedback else None
+        self._mean_residual = torch.zeros(self.shard, device=self.device) if feedback else None
         self._pending: _Pending | None = None
         self._check_ranks_agree()
         self._broadcast_initial()
@@ -328,21 +342,31 @@ class OuterSync:
     def comm_stats(self) -> dict[str, float]:
         """``comm/bytes``: bytes this rank sent for syncs (ring model, see the module docstring);
         ``comm/broadcast_bytes``: the one-time broadcast of rank 0's weights and buffers;
-        ``comm/syncs``; ``comm/time_s`` (seconds in collectives); ``mem/outer_state_bytes``."""
+        ``comm/syncs``; ``comm/time_s`` (seconds in collectives); with ``compression``,
+        ``comm/codec_s`` (seconds encoding and decoding; the bytes are the encoded payloads,
+        values, scales and positions, as handed to the collectives); ``mem/outer_state_bytes``
+        (slow weights, outer momentum, error-feedback residuals)."""
         state_bytes = self._slow.numel() * self._slow.element_size()
         if self._momentum_buffer is not None:
             state_bytes *= 2
-        return {
+        for kept in (self._residual, self._mean_residual):
+            state_bytes += 0 if kept is None else kept.numel() * kept.element_size()
+        out = {
             "comm/bytes": float(self.stats["bytes"]),
             "comm/broadcast_bytes": float(self.stats.get("broadcast_bytes", 0)),
             "comm/syncs": float(self.stats["syncs"]),
             "comm/time_s": float(self.stats["time_s"]),
             "mem/outer_state_bytes": float(state_bytes),
         }
+        if self._codec is not None:
+            out["comm/codec_s"] = float(self.stats.get("codec_s", 0.0))
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Slow weights (this rank's shard with ``shard_slow``), outer momentum buffer, the step
-        clock, and an overlapped sync still in flight (waited for, so the merge resumes
+        clock, the compression and its error-feedback residuals (``error_feedback``: this rank's,
+        ``(W ceil(n/W),)``; ``error_feedback_mean``: its chunk of the mean, ``(ceil(n/W),)``, fp32),
+        and an overlapped sync still in flight (waited for, so the merge resumes
         identically). Also saved inside ``optimizer.state_dict()["outer"]`` by a hook."""
         state: dict[str, Any] = {
             "slow_weights": self._slow.clone(),
@@ -353,6 +377,12 @@ class OuterSync:
         }
         if self._momentum_buffer is not None:
             state["momentum_buffer"] = self._momentum_buffer.clone()
+        if self._pending is not None:
+            self._wait_pending()  # the exchange's thread updates the mean residual
+        state["compression"] = self.options.compression
+        if self._residual is not None and self._mean_residual is not None:
+            state["error_feedback"] = self._residual.clone()
+            state["error_feedback_mean"] = self._mean_residual.clone()
         if self._pending is not None:
             self._wait_pending()
             state["pending_reduced"] = self._pending.reduced.clone()
@@ -365,7 +395,8 @@ class OuterSync:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved. Raises ``ValueError`` when it was saved with
-        another world size, sharding or shape, or lacks the outer momentum this job needs."""
+        another world size, sharding, compression or shape, or lacks the outer momentum or the
+        error-feedback residuals this job needs."""
         shard_slow = self.options.shard_slow
         if state["world_size"] != self.world_size or state["shard_slow"] != shard_slow:
             raise ValueError(
@@ -385,8 +416,9 @@ class OuterSync:
                     "the saved outer state has no outer momentum buffer, but outer_momentum > 0"
                 )
             self._momentum_buffer.copy_(state["momentum_buffer"])
+        self._load_residuals(state)
         self.step = int(state["step"])
-        self.stats = dict(state["stats"])
+        self.stats = {"codec_s": 0.0, **state["stats"]}
         self._pending = None
         if "pending_reduced" in state:
             self._pending = _Pending(
@@ -400,6 +432,29 @@ class OuterSync:
             )
 
     # ------------------------------------------------------------------ internals
+    def _load_residuals(self, state: dict[str, Any]) -> None:
+        saved = state.get("compression", self.options.compression)
+        if saved != self.options.compression:
+            raise ValueError(
+                f"outer state saved with compression={saved!r}; this job has "
+                f"compression={self.options.compression!r}"
+            )
+        for key, kept in (
+            ("error_feedback", self._residual),
+            ("error_feedback_mean", self._mean_residual),
+        ):
+            if kept is None:
+                continue
+            if key not in state:
+                raise ValueError(
+                    f"the saved outer state has no {key!r} residual, but error_feedback = true"
+                )
+            if state[key].shape != kept.shape:
+                raise ValueError(
+                    f"saved {key!r} has shape {tuple(state[key].shape)}, expected {tuple(kept.shape)}"
+                )
+            kept.copy_(state[key])
+
     def _due(self, step: int) -> bool:
         """Whether a sync ends optimizer step ``step``."""
         return step <= self.options.sync_every_warmup_steps or step % self.options.sync_every == 0
@@ -452,9 +507,9 @@ class OuterSync:
         self.stats["time_s"] += time.perf_counter() - t0
 
     def _open_side(self) -> None:
-        """The overlapped bf16 exchange's thread and group (a collective on ``process_group``:
-        every rank opens it at the same point)."""
-        if self._side is None and self.options.overlap and self.options.comm_dtype == "bf16":
+        """The overlapped compressed exchange's thread and group (a collective on
+        ``process_group``: every rank opens it at the same point)."""
+        if self._side is None and self.options.overlap and self._codec is not None:
             self._side = _SideChannel(self.process_group, self._backend)
             self._side_finalizer = weakref.finalize(self, self._side.close)
 
@@ -473,7 +528,9 @@ class OuterSync:
             return
         t0 = time.perf_counter()
         if isinstance(work, Future):
-            work.result()  # re-raises what failed on the worker thread (which settled)
+            # re-raises what failed on the worker thread (which settled); its time in
+            # collectives is the wait counted here, its decoding and encoding is the codec's
+            self.stats["codec_s"] = self.stats.get("codec_s", 0.0) + work.result()[1]
         else:
             work.wait()
             del work  # the handle holds the buffer too
@@ -568,8 +625,8 @@ class OuterSync:
         self.stats["syncs"] += 1
         if self.options.overlap and not blocking:
             self._launch_overlapped()
-        elif self.options.comm_dtype == "bf16":
-            self._sync_bf16()
+        elif self._codec is not None:
+            self._sync_compressed()
         elif self.options.shard_slow:
             self._sync_sharded()
         else:
@@ -585,15 +642,15 @@ class OuterSync:
 
     def _launch_overlapped(self) -> None:
         snapshot = self._flatten_params()
-        if self.options.comm_dtype == "bf16":
+        if self._codec is not None:
             self._open_side()  # after finish(), training went on
             assert self._side is not None and self._side.executor is not None
-            sent = self._bf16_delta(snapshot)
-            gathered = torch.empty_like(sent)
+            sent = self._encode_delta(snapshot)
+            mean = torch.empty(self.padded, device=self.device)
             side = self._side.group
-            work: Any = self._side.executor.submit(self._exchange_bf16, sent, gathered, side)
-            self.stats["bytes"] += 2 * self._ring_bytes(self.padded, 2, 1)
-            self._pending = _Pending(work, gathered, snapshot, self.step, is_delta=True)
+            work: Any = self._side.executor.submit(self._exchange, sent, mean, side)
+            self.stats["bytes"] += self._payload_bytes(sent)
+            self._pending = _Pending(work, mean, snapshot, self.step, is_delta=True)
         else:
             reduced = self._to_comm(snapshot.clone())
             holder = release.hold([reduced])
@@ -658,31 +715,61 @@ class OuterSync:
         self._timed(dist.all_gather_into_tensor, full, self._to_comm(self._slow))
         return full.to(self.device)[: self.numel]
 
-    def _bf16_delta(self, flat: Tensor) -> Tensor:
-        """The pseudo-gradient theta - phi (computed in fp32), padded to W shards, in bf16."""
+    def _encode_delta(self, flat: Tensor) -> Tensor:
+        """The pseudo-gradient theta - phi (fp32, padded to W chunks), plus the kept residual
+        with error feedback, encoded: ``(W, P)`` uint8 on the communication device. The
+        residual becomes what this encoding lost."""
+        t0 = time.perf_counter()
+        assert self._codec is not None
         delta = torch.zeros(self.padded, dtype=torch.float32, device=self.device)
         delta[: self.numel].copy_(flat).sub_(self._slow)
-        return self._to_comm(delta.to(torch.bfloat16))
+        if self._residual is not None:
+            delta.add_(self._residual)
+        chunks = delta.view(self.world_size, self.shard)
+        payload = self._codec.encode(chunks)
+        if self._residual is not None:
+            self._residual.copy_(chunks.sub_(self._codec.decode(payload, self.shard)).view(-1))
+        self.stats["codec_s"] += time.perf_counter() - t0
+        return self._to_comm(payload)
 
-    def _exchange_bf16(self, sent: Tensor, gathered: Tensor, group: Any) -> None:
-        """``gathered`` <- the ranks' mean of ``sent``: all-to-all (shard j of every rank to rank
-        j), a sum in fp32, all-gather of the bf16 mean shards. Blocking, on ``group``."""
-        received = torch.empty_like(sent)
-        release.blocking(dist.all_to_all_single, [received, sent], received, sent, group=group)
-        mean_shard = received.view(self.world_size, self.shard).float().sum(0).div_(self.world_size)
-        mean_shard = mean_shard.to(torch.bfloat16)
-        release.blocking(
-            dist.all_gather_into_tensor, [gathered, mean_shard], gathered, mean_shard, group=group
-        )
+    def _payload_bytes(self, payload: Tensor) -> int:
+        """Bytes this rank sends in the all-to-all and the all-gather of ``payload`` (``W``
+        chunks of ``P`` bytes): ``2 (W-1) P``."""
+        return 2 * (self.world_size - 1) * payload.shape[1]
 
-    def _sync_bf16(self) -> None:
-        sent = self._bf16_delta(self._flatten_params())
-        gathered = torch.empty_like(sent)
+    def _exchange(self, payload: Tensor, mean: Tensor, group: Any) -> tuple[float, float]:
+        """``mean`` <- the ranks' mean pseudo-gradient (fp32, padded) from their encoded
+        ``payload``s (:func:`~rangerdl.distributed.compression.exchange_mean`). Blocking, on
+        ``group``. Returns ``(seconds in collectives, seconds decoding and encoding)``."""
+        assert self._codec is not None
+        waited = [0.0]
+
+        def run(fn: Any, *tensors: Tensor, **kwargs: Any) -> None:
+            t0 = time.perf_counter()
+            release.blocking(fn, tensors, *tensors, group=group, **kwargs)
+            waited[0] += time.perf_counter() - t0
+
         t0 = time.perf_counter()
-        self._exchange_bf16(sent, gathered, self.process_group)
-        self.stats["time_s"] += time.perf_counter() - t0
-        self.stats["bytes"] += 2 * self._ring_bytes(self.padded, 2, 1)
-        mean_delta = gathered.to(self.device)[: self.numel].to(self.dtype)
+        result = exchange_mean(
+            self._codec,
+            payload,
+            self.shard,
+            self.world_size,
+            run,
+            device=self.device,
+            mean_residual=self._mean_residual,
+        )
+        mean.copy_(result)
+        return waited[0], time.perf_counter() - t0 - waited[0]
+
+    def _sync_compressed(self) -> None:
+        sent = self._encode_delta(self._flatten_params())
+        mean = torch.empty(self.padded, device=self.device)
+        comm_s, codec_s = self._exchange(sent, mean, self.process_group)
+        self.stats["time_s"] += comm_s
+        self.stats["codec_s"] += codec_s
+        self.stats["bytes"] += self._payload_bytes(sent)
+        mean_delta = mean[: self.numel].to(self.dtype)
         self._outer_update(self._slow, mean_delta, is_delta=True, warm=self._warm(self.step))
         self._set_params(self._slow)
 

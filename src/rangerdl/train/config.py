@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rangerdl.distributed.options import SyncOptions
+from rangerdl.distributed.options import MAX_BLOCK_SIZE, SyncOptions
 
 __all__ = [
     "LIMITS",
@@ -188,8 +188,8 @@ class LogConfig:
 class DistributedConfig(SyncOptions):
     """The sync options (``rangerdl.distributed.SyncOptions``: ``sync_every``, ``outer_lr``,
     ``outer_momentum``, ``nesterov``, ``sync_every_warmup_steps``, ``overlap``,
-    ``overlap_steps``, ``eager``, ``shard_slow``, ``comm_dtype``, ``buffer_policy``), plus how the
-    job runs."""
+    ``overlap_steps``, ``eager``, ``shard_slow``, ``comm_dtype``, ``compression``, ``block_size``,
+    ``topk_density``, ``error_feedback``, ``buffer_policy``), plus how the job runs."""
 
     strategy: str = "lookahead"
     """``lookahead``: workers step locally and sync the Lookahead slow weights every
@@ -380,6 +380,8 @@ LIMITS: dict[str, Bounds] = {
     "distributed.outer_momentum": Bounds(),
     "distributed.sync_every_warmup_steps": _COUNT,
     "distributed.overlap_steps": _POSITIVE_COUNT,
+    "distributed.block_size": Bounds(1, MAX_BLOCK_SIZE, integer=True),
+    "distributed.topk_density": Bounds(0.0, 1.0, open_low=True),
     "distributed.timeout_s": Bounds(1.0, MAX_TIMEOUT_S, unit=" s"),
 }
 """``"table.key"``: the range of every number in a config (each item of a list)."""

@@ -29,6 +29,13 @@ Per strategy (``S`` = optimizer steps in the run, ``k`` = steps between syncs):
   and waited for ``d`` steps later (``[distributed] overlap_steps``; the row uses the smallest
   ``d <= k`` with ``d t_c >= T_sync`` and names it), so only ``max(0, T_sync - d t_c)`` blocks; the
   sync launched at the last step has nothing to hide behind. bf16 with overlap: both.
+- Distributed Ranger(k) with ``[distributed] compression`` int8/int4/int2/topk (rows without
+  overlap): the encoded pseudo-gradient by all-to-all then all-gather, ``2 T_ag`` of ``W P``
+  bytes, ``P`` the bytes of one encoded chunk of ``ceil(n / W)`` values
+  (:func:`rangerdl.distributed.cost.payload_bytes`: values, fp32 block scales, top-k positions;
+  ``block_size`` 256, ``topk_density`` 0.03 unless given). Encoding and decoding time is not
+  in the model (``benchmarks/compression.py`` measures it: under 1% of a step on the GPT
+  workload).
 
 Share communicating = comm / (compute + comm), per run. The smallest ``k`` under a share is found
 by bisection over ``1..S``. Speedup over DDP = DDP's estimated run time / the row's; no
@@ -50,18 +57,21 @@ from typing import Any
 
 from rangerdl.distributed.cost import (
     Link,
-    all_gather_time,
     allreduce_time,
+    compressed_sync_bytes,
+    compressed_sync_time,
     ring_bytes,
 )
 from rangerdl.train.config import MAX_COUNT, Bounds
 from rangerdl.workflow.units import format_bandwidth, format_bytes, format_seconds
 
 __all__ = [
+    "COMPRESSED",
     "DDP_BUCKET_BYTES",
     "DDP_FIRST_BUCKET_BYTES",
     "DEFAULT_KS",
     "LIMITS",
+    "Payload",
     "Plan",
     "Row",
     "StepTimes",
@@ -76,6 +86,8 @@ __all__ = [
 DDP_FIRST_BUCKET_BYTES = 1024 * 1024  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
 DDP_BUCKET_BYTES = 25 * 1024 * 1024  # DistributedDataParallel(bucket_cap_mb=25)
 DEFAULT_KS = (4, 8, 16, 32, 64, 128)
+COMPRESSED = ("int8", "int4", "int2", "topk")
+"""The payloads below bf16 that ``make_plan`` adds a row for at every k."""
 BACKWARD_SHARE = 2 / 3
 """When only a step time is given: backward is twice the forward (2N and 4N FLOPs per token of
 Kaplan et al., "Scaling laws for neural language models", 2020), the optimizer step folded in."""
@@ -150,16 +162,55 @@ def ddp_step_time(
     return best, estimate, times.total_s + comm, comm
 
 
+@dataclass(frozen=True)
+class Payload:
+    """What a distributed-Ranger sync sends (``[distributed] compression`` and its settings)."""
+
+    compression: str = "none"
+    block_size: int = 256
+    topk_density: float = 0.03
+
+    @classmethod
+    def of(cls, comm_dtype: str = "fp32", compression: str = "none", **kwargs: Any) -> Payload:
+        """From ``comm_dtype`` (the alias: ``bf16`` is ``compression = "bf16"``) and
+        ``compression``."""
+        if comm_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"comm_dtype must be fp32 or bf16, got {comm_dtype!r}")
+        if comm_dtype == "bf16" and compression == "none":
+            compression = "bf16"
+        return cls(compression, **kwargs)
+
+    def sync_bytes(self, numel: int, world_size: int) -> int:
+        """Bytes one rank sends in the sync's main collectives."""
+        if self.compression == "none":
+            return ring_bytes(numel, 4, world_size)
+        return compressed_sync_bytes(
+            self.compression, numel, world_size, self.block_size, self.topk_density
+        )
+
+    def sync_time(self, numel: int, world_size: int, link: Link) -> float:
+        """Seconds of the sync's main collectives."""
+        if self.compression == "none":
+            return allreduce_time(numel, 4, world_size, link)
+        return compressed_sync_time(
+            self.compression, numel, world_size, link, self.block_size, self.topk_density
+        )
+
+
 def sync_time(
-    numel: int, world_size: int, link: Link, *, comm_dtype: str = "fp32", buffer_numel: int = 0
+    numel: int,
+    world_size: int,
+    link: Link,
+    *,
+    comm_dtype: str = "fp32",
+    buffer_numel: int = 0,
+    payload: Payload | None = None,
 ) -> float:
-    """Seconds for one distributed-Ranger sync (``rangerdl.distributed.sync.OuterSync._sync``)."""
-    if comm_dtype == "fp32":
-        main = allreduce_time(numel, 4, world_size, link)
-    elif comm_dtype == "bf16":
-        main = 2 * all_gather_time(numel, 2, world_size, link)
-    else:
-        raise ValueError(f"comm_dtype must be fp32 or bf16, got {comm_dtype!r}")
+    """Seconds for one distributed-Ranger sync (``rangerdl.distributed.sync.OuterSync._sync``):
+    the payload's collectives (``payload``, else ``comm_dtype``), the step-count check and the
+    floating buffers."""
+    payload = payload or Payload.of(comm_dtype)
+    main = payload.sync_time(numel, world_size, link)
     check = allreduce_time(2, 8, world_size, link)
     buffers = allreduce_time(buffer_numel, 4, world_size, link) if buffer_numel else 0.0
     return main + check + buffers
@@ -180,6 +231,7 @@ class Row:
     syncs: int
     step_bounds_s: tuple[float, float] | None = None  # DDP: (best, worst) per step
     overlap_steps: int = 0  # overlap: steps of compute the all-reduce may take
+    compression: str = "none"  # [distributed] compression ("bf16" also for comm_dtype bf16)
 
     @property
     def run_s(self) -> float:
@@ -197,7 +249,7 @@ class Row:
     def label(self) -> str:
         if self.strategy != "lookahead":
             return {"ddp": "DDP", "post_local_sgd": f"PostLocalSGD k={self.k}"}[self.strategy]
-        extra = ", bf16" if self.comm_dtype == "bf16" else ""
+        extra = f", {self.compression}" if self.compression != "none" else ""
         if self.overlap:
             extra += f", overlap {self.overlap_steps}"
         return f"distributed Ranger k={self.k}{extra}"
@@ -236,10 +288,13 @@ def local_row(
     comm_dtype: str = "fp32",
     overlap: bool = False,
     buffer_numel: int = 0,
+    payload: Payload | None = None,
 ) -> Row:
-    """PostLocalSGD or distributed Ranger syncing every ``k`` steps (module docstring)."""
+    """PostLocalSGD or distributed Ranger syncing every ``k`` steps (module docstring); what a
+    sync sends is ``payload`` (default: from ``comm_dtype``)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    payload = payload or Payload.of(comm_dtype)
     overlap_steps = 0
     if strategy == "post_local_sgd":
         syncs = steps // k
@@ -248,9 +303,7 @@ def local_row(
         sent = syncs * ring_bytes(numel, 4, world_size)
     else:
         syncs = math.ceil(steps / k)
-        per_sync = sync_time(
-            numel, world_size, link, comm_dtype=comm_dtype, buffer_numel=buffer_numel
-        )
+        per_sync = sync_time(numel, world_size, link, buffer_numel=buffer_numel, payload=payload)
         if overlap and syncs:
             # the smallest [distributed] overlap_steps whose compute covers the all-reduce
             overlap_steps = min(k, max(1, math.ceil(per_sync / max(times.total_s, 1e-12))))
@@ -259,15 +312,12 @@ def local_row(
             comm = hidden_syncs * exposed + (syncs - hidden_syncs) * per_sync
         else:
             comm = syncs * per_sync
-        if comm_dtype == "bf16":
-            sent = syncs * 2 * ring_bytes(numel, 2, world_size, factor=1.0)
-        else:
-            sent = syncs * ring_bytes(numel, 4, world_size)
+        sent = syncs * payload.sync_bytes(numel, world_size)
         sent += syncs * ring_bytes(buffer_numel, 4, world_size)
     return Row(
         strategy,
         k,
-        comm_dtype,
+        "bf16" if payload.compression == "bf16" else "fp32",
         overlap,
         steps,
         steps * times.total_s,
@@ -275,6 +325,7 @@ def local_row(
         sent,
         syncs,
         overlap_steps=overlap_steps,
+        compression=payload.compression if strategy == "lookahead" else "none",
     )
 
 
@@ -338,8 +389,12 @@ def make_plan(
     max_share: float = 0.1,
     buffer_numel: int = 0,
     times_source: str = "given",
+    compressions: tuple[str, ...] = COMPRESSED,
+    block_size: int = 256,
+    topk_density: float = 0.03,
 ) -> Plan:
-    """Every row of ``rangerdl plan`` (see the module docstring).
+    """Every row of ``rangerdl plan`` (see the module docstring): per k, fp32 and bf16 with and
+    without overlap, and each of ``compressions`` (with ``block_size``, ``topk_density``).
 
     Raises:
         ValueError: an input outside its range in :data:`LIMITS`, named by its option.
@@ -361,21 +416,23 @@ def make_plan(
     plan.rows.append(ddp_row(*args))
     plan.rows.append(local_row(*args, strategy="post_local_sgd", k=plsgd_k))
     variants = {
-        "fp32": ("fp32", False),
-        "bf16": ("bf16", False),
-        "overlap": ("fp32", True),
-        "bf16 overlap": ("bf16", True),
+        "fp32": (Payload(), False),
+        "bf16": (Payload("bf16"), False),
+        "overlap": (Payload(), True),
+        "bf16 overlap": (Payload("bf16"), True),
     }
+    for name in compressions:
+        variants[name] = (Payload(name, block_size, topk_density), False)
     for k in sorted(set(ks)):
-        for dtype, overlap in variants.values():
+        for payload, overlap in variants.values():
             plan.rows.append(
-                local_row(*args, k=k, comm_dtype=dtype, overlap=overlap, buffer_numel=buffer_numel)
+                local_row(*args, k=k, payload=payload, overlap=overlap, buffer_numel=buffer_numel)
             )
-    for name, (dtype, overlap) in variants.items():
+    for name, (payload, overlap) in variants.items():
 
-        def build(k: int, dtype: str = dtype, overlap: bool = overlap) -> Row:
+        def build(k: int, payload: Payload = payload, overlap: bool = overlap) -> Row:
             return local_row(
-                *args, k=k, comm_dtype=dtype, overlap=overlap, buffer_numel=buffer_numel
+                *args, k=k, payload=payload, overlap=overlap, buffer_numel=buffer_numel
             )
 
         plan.smallest_k[name] = smallest_k(max_share, build, steps)
