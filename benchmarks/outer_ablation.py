@@ -93,7 +93,7 @@ ROWS = _rows()
 DEFAULT_ROWS = ("ddp_adamw", "ranger_k8", "ranger_k8_nesterov_m09", "ranger_k8_nesterov_m05")
 
 
-RETIME_NOTE = "The same runs again, back to back, when the machine was quieter (``retime``):"
+RETIME_NOTE = "The same runs again, back to back, when the machine was quieter (section retime):"
 PROTOCOL = (
     "all rows 1000 steps, seed 0, eval every 40 steps; the best non-overlapped Lookahead row by "
     "final val loss then with overlap, and at 2000 and 1504 steps (target: DDP AdamW at 1000); "

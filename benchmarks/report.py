@@ -286,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--docs", action="store_true", help="rewrite the table blocks")
     mode.add_argument("--check", action="store_true", help="exit 1 if a table block differs")
     args = parser.parse_args(argv)
+    if not args.results.is_dir():
+        parser.error(f"--results {args.results}: no such folder")
     made = tables(args.results)
     if not (args.docs or args.check):
         for name, text in made.items():

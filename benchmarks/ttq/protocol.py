@@ -76,16 +76,17 @@ LR_CENTRE = {"gpt": {"adamw": 2e-3, "ranger": 1.6e-2}, "digits": {"adamw": 1e-2,
 full step budget, flat_anneal schedule; the sweep is in ``ttq_protocol.json``'s ``fixed_budget``
 section, ``lr_sweep``)."""
 SEEDS: tuple[int, ...] = (0, 1, 2)
-RUNGS = (1.0, 1.25, 1.5, 2.0, 3.0)
+RUNGS: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0, 3.0)
 EVAL_EVERY = {"gpt": 32, "digits": 16}
 QUICK = False
 """``--quick``: tiny models and budgets (a smoke test of the whole pipeline; numbers meaningless)."""
 
 
 def use_quick() -> None:
-    """Switch the protocol to its smoke-test sizes (tiny budgets, one lr, one seed)."""
-    global QUICK, TUNE_FACTORS, SEEDS
+    """Switch the protocol to its smoke-test sizes (tiny budgets, one lr, one seed, two rungs)."""
+    global QUICK, TUNE_FACTORS, SEEDS, RUNGS
     QUICK = True
+    RUNGS = (1.0, 1.5)
     B.update(gpt=64, digits=16)
     TUNE_FACTORS = (1.0,)
     SEEDS = (0,)
@@ -374,15 +375,21 @@ def _stats(values: list[float]) -> dict[str, Any]:
     }
 
 
+def budgets(payload: dict[str, Any]) -> dict[str, int]:
+    """B per workload as the JSON's runs were made (a ``--quick`` JSON has its own), else ``B``."""
+    return dict(payload.get("constants", {}).get("B", B))
+
+
 def analyse(payload: dict[str, Any]) -> list[dict[str, Any]]:
     """Per cell: target, DDP's time and the cell's limit; per contender: equal-token finals,
     ladder, time to target per seed, speedup, fraction of the limit, bytes, comm share."""
     runs = [r for r in payload["runs"] if r["stage"] == "run" and r.get("ok")]
+    b = budgets(payload)
     out = []
     for spec in CELLS:
         cell = [r for r in runs if r["cell"] == spec.key]
         free = [r for r in runs if r["cell"] == spec.unlimited_key and r["entry"] == "ddp_adamw"]
-        steps_b = B[spec.workload]
+        steps_b = b[spec.workload]
         ddp = [r for r in cell if r["entry"] == "ddp_adamw" and r["steps_budget"] == steps_b]
         if not ddp:
             continue

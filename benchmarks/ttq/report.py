@@ -215,11 +215,12 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cells = p.analyse(payload)
+    b = p.budgets(payload)
     runs = [r for r in payload["runs"] if r["stage"] == "run" and r.get("ok")]
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), squeeze=False)
     for ax, cell in zip(axes.flat, cells, strict=False):
         for row in cell["rows"]:
-            steps = row.get("rung", p.B[cell["cell"].split("-")[0]])
+            steps = row.get("rung", b[cell["cell"].split("-")[0]])
             if row["entry"] != "ddp_adamw" and "rung" not in row:
                 steps = max(x["steps"] for x in row["ladder"])  # never reached: longest rung
             pick = [

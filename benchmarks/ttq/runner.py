@@ -346,10 +346,11 @@ def run_cell(
         ]
         atomic_write_json(out, mine)
     names = [n for n in spec.entries if n == "ddp_adamw" or not entries or n in entries]
-    lrs = {n: p.tuned_lr(payload, spec.workload, 2, n) for n in names}
-    missing = [n for n, lr in lrs.items() if lr is None]
+    found = {n: p.tuned_lr(payload, spec.workload, 2, n) for n in names}
+    missing = [n for n, lr in found.items() if lr is None]
     if missing:
         raise SystemExit(f"{spec.key}: no tuning runs for {', '.join(missing)}: run `tune` first")
+    lrs = {n: lr for n, lr in found.items() if lr is not None}
     steps_b, every = p.B[spec.workload], p.EVAL_EVERY[spec.workload]
     seeds = p.SEEDS[: spec.seeds]
 
