@@ -179,3 +179,24 @@ def test_no_words_about_how_the_project_was_made() -> None:
                     f"{path.relative_to(ROOT)}:{n}: {match.group(0)!r}: {line.strip()[:90]}"
                 )
     assert not found, "\n".join(found[:40])
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_docs_resolve() -> None:
+    broken = []
+    for doc in DOCS:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(#[^)\s]*)?\)", doc.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path = (doc.parent / target).resolve() if target else doc
+            if not path.exists():
+                broken.append(f"{doc.name}: {target} does not exist")
+            elif anchor and path.suffix == ".md":
+                headings = re.findall(r"^#+ (.*)$", path.read_text(), re.MULTILINE)
+                if anchor[1:] not in {github_anchor(h) for h in headings}:
+                    broken.append(f"{doc.name}: no heading {anchor} in {target or doc.name}")
+    assert not broken, "\n".join(broken)
