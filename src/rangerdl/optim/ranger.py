@@ -3,9 +3,13 @@
 The class validates its arguments and keeps lazy per-parameter state; the functional :func:`ranger`
 dispatches to one of three implementations that compute the same update:
 
-* ``fused``: once the variance is rectified (rho_t > threshold), the RAdam step is an AdamW step with
-  ``lr' = lr * r_t``, ``eps' = eps / sqrt(1 - beta2^t)`` and ``weight_decay' = weight_decay / r_t``, so
-  PyTorch's own fused AdamW kernel (CPU and CUDA) does it in one pass over memory. The first few
+* ``fused`` on contiguous float32 CPU tensors: rangerdl's one-pass kernel (``_ranger_cpu.c``, built
+  once per machine by ``_cpu_kernel.py``): per row, the gradient's mean and then the whole update,
+  Lookahead folded into the k-th step; 28 bytes per value like fused AdamW (+8/k on the k-th step).
+* ``fused`` elsewhere (CUDA, other dtypes, no C compiler): once the variance is rectified
+  (rho_t > threshold), the RAdam step is an AdamW step with ``lr' = lr * r_t``,
+  ``eps' = eps / sqrt(1 - beta2^t)`` and ``weight_decay' = weight_decay / r_t``, so PyTorch's own
+  fused AdamW kernel does it; gradient centralisation is a separate pass. The first few
   (unrectified) steps use the foreach path.
 * ``foreach``: torch ``_foreach_*`` kernels over all tensors of a device/dtype/step bucket.
 * single-tensor: a plain loop; the reference the others are tested against.
@@ -29,6 +33,7 @@ from torch.utils._foreach_utils import (
     _get_fused_kernels_supported_devices,
 )
 
+from rangerdl.optim import _cpu_kernel
 from rangerdl.optim._radam_math import rectification
 from rangerdl.optim.lookahead import lookahead_, slow_buffers
 
@@ -117,8 +122,12 @@ class Ranger(Optimizer):
         gc_conv_only: centralise only tensors with more than 3 dimensions (conv kernels).
         maximize: maximise the objective instead of minimising.
         foreach: use the ``torch._foreach_*`` implementation. ``None`` picks the fastest available.
-        fused: use PyTorch's fused AdamW kernel for rectified steps. ``None`` picks it when every
-            parameter is on a device and dtype the kernel supports.
+        fused: the fused step (see the module docstring). ``None`` picks it when every parameter
+            is on a device and dtype torch's fused kernels support (CPU, CUDA, ...; float16/32/64,
+            bfloat16). On the CPU with float32 this is a one-pass C kernel that the first step
+            builds with the system C compiler (``$CC`` or ``cc``, about a second, logged at INFO,
+            cached in ``$RANGERDL_CACHE`` or ``~/.cache/rangerdl``); without a compiler it warns
+            once and uses torch's fused AdamW kernel. ``RANGERDL_CPU_KERNEL=0`` turns it off.
         lookahead: keep slow weights and take the Lookahead step. ``False`` leaves RAdam with
             gradient centralisation (no ``slow_buffer``): the inner step of distributed Ranger,
             whose ``rangerdl.distributed.OuterSync`` holds the slow weights across workers
@@ -126,7 +135,10 @@ class Ranger(Optimizer):
 
     Raises:
         ValueError: a hyperparameter out of range (named), complex parameters, ``fused=True`` on
-            an unsupported device or dtype.
+            an unsupported device or dtype, ``fused=True`` with ``foreach=True``.
+
+    Warns:
+        RuntimeWarning: (once per process) the one-pass CPU kernel cannot be built.
     """
 
     def __init__(
@@ -333,7 +345,7 @@ def _centralisable(g: Tensor, min_dim: int) -> bool:
     """GC applies to tensors of more than ``min_dim`` dimensions whose centralised dimensions
     (1..n-1) hold more than one value: with one value (fan-in 1: ``Linear(1, H)``, ``Embedding(n,
     1)``, a 1x1 conv on one channel) centralising would zero the gradient for good."""
-    return g.dim() > min_dim and g[0].numel() > 1
+    return g.dim() > min_dim and g.numel() > g.shape[0]
 
 
 def _centralize(
@@ -421,12 +433,20 @@ def ranger(
         "gc_conv_only": gc_conv_only,
         "maximize": maximize,
     }
+    synced: set[int] = set()  # Lookahead already folded into the step
     if fused or foreach:
         # One bucket per (device, dtype, step): the scalars of a kernel call must be shared.
         buckets: dict[tuple[torch.device, torch.dtype, int], list[int]] = defaultdict(list)
         for i, (p, s) in enumerate(zip(params, steps, strict=True)):
             buckets[(p.device, p.dtype, s)].append(i)
         for (_, _, step), idx in buckets.items():
+            sync = slow_buffers is not None and step % k == 0
+            if fused and _one_pass_step(
+                idx, params, grads, exp_avgs, exp_avg_sqs, slow_buffers if sync else None,
+                step=step, alpha=alpha, **hyper,
+            ):  # fmt: skip
+                synced.update(idx if sync else ())
+                continue
             ps, gs, ms, vs, ts = _pick(idx, params, grads, exp_avgs, exp_avg_sqs, state_steps)
             _multi_tensor_ranger(
                 ps, gs, ms, vs, ts, step, fused=fused, gc_scratch=gc_scratch, **hyper
@@ -437,9 +457,68 @@ def ranger(
                 params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], steps[i], **hyper
             )
     if slow_buffers is not None:
-        due = [i for i, s in enumerate(steps) if s % k == 0]
+        due = [i for i, s in enumerate(steps) if s % k == 0 and i not in synced]
         _, slow = _pick(due, params, slow_buffers)
         lookahead_([params[i] for i in due], slow, alpha, foreach=foreach)
+
+
+def _one_pass_step(
+    idx: list[int],
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    slow_buffers: list[Tensor] | None,
+    *,
+    step: int,
+    alpha: float,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    threshold: float,
+    use_gc: bool,
+    gc_conv_only: bool,
+    maximize: bool,
+) -> bool:
+    """The whole step of one bucket (and its Lookahead step when ``slow_buffers`` is given) in
+    rangerdl's one-pass CPU kernel. ``False`` (nothing done) where the kernel does not apply:
+    not contiguous float32 on the CPU, or no C compiler."""
+    lists = _pick(idx, params, grads, exp_avgs, exp_avg_sqs)
+    if slow_buffers is not None:
+        lists += _pick(idx, slow_buffers)
+    if not _cpu_kernel.applies([t for lst in lists for t in lst]):
+        return False
+    lib = _cpu_kernel.load()
+    if lib is None:
+        return False
+    ps, gs, ms, vs = lists[:4]
+    min_dim = 3 if gc_conv_only else 1
+    bias_correction1 = 1 - beta1**step
+    rect = rectification(step, beta2, threshold)
+    if rect is None:
+        step_size = lr / bias_correction1
+    else:
+        step_size = lr * rect * math.sqrt(1 - beta2**step) / bias_correction1
+    _cpu_kernel.step(
+        lib,
+        ps,
+        gs,
+        ms,
+        vs,
+        lists[4] if slow_buffers is not None else None,
+        [use_gc and _centralisable(g, min_dim) for g in gs],
+        maximize=maximize,
+        decay=1 - lr * weight_decay,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        step_size=step_size,
+        rectified=rect is not None,
+        alpha=alpha,
+    )
+    return True
 
 
 def _single_tensor_ranger(
@@ -552,6 +631,11 @@ def _fused_rectified_step(
 ) -> None:
     device = params[0].device
     step_t = torch.tensor(float(step), dtype=torch.float32, device=device)
+    # The fused kernel walks a gradient's memory in its parameter's order: give it that layout.
+    grads = [
+        g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+        for p, g in zip(params, grads, strict=True)
+    ]
 
     def kernel(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor]) -> None:
         torch._fused_adamw_(

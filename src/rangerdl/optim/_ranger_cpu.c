@@ -1,0 +1,103 @@
+/* Ranger's step for contiguous float32 CPU tensors in one pass over memory.
+ *
+ * Per row of a tensor (a "row" is everything behind index 0: the dimensions gradient
+ * centralisation averages over), the kernel sums the gradient row while it streams into cache,
+ * then updates the row: centralised gradient, decoupled weight decay, exp_avg (lerp, ATen's
+ * formula), exp_avg_sq, the parameter, and on a Lookahead step the slow weights, whose value the
+ * parameter then takes. Each value of g, p, m, v is read once and p, m, v written once (28 bytes
+ * per value, as torch's fused AdamW), plus the slow buffer on the k-th step.
+ *
+ * Rows are independent and every row is computed by one thread in a fixed order, so the result
+ * does not depend on the number of threads.
+ *
+ * Built at run time by rangerdl/optim/_cpu_kernel.py with the system C compiler, loaded through
+ * ctypes. The formulas are those of ranger.py's single-tensor reference step.
+ */
+#include <math.h>
+#include <stdint.h>
+
+typedef struct {
+    float *p;
+    const float *g;
+    float *m;
+    float *v;
+    float *s;       /* slow buffer; read only on a Lookahead step */
+    int64_t numel;
+    int64_t rows;
+    int64_t cols;   /* values per row; the last row may be shorter (uncentred tensors only) */
+    int32_t center; /* subtract the row mean of the gradient */
+} ranger_tensor;
+
+typedef struct {
+    float sign;    /* -1 to maximize */
+    float decay;   /* 1 - lr * weight_decay */
+    float w1;      /* 1 - beta1, the lerp weight of exp_avg */
+    float beta2;
+    float w2;      /* 1 - beta2 */
+    float eps;
+    float neg_ss;  /* minus the step size */
+    float alpha;   /* Lookahead lerp weight */
+} ranger_scalars;
+
+static inline __attribute__((always_inline)) float lerp(float a, float b, float w) {
+    /* ATen's lerp: exact at both ends. */
+    float d = b - a;
+    return (w < 0.5f) ? a + w * d : b - d * (1.0f - w);
+}
+
+static inline __attribute__((always_inline)) void row_update(
+    float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
+    float *restrict s, int64_t n, int center, const ranger_scalars *c, int rect, int sync,
+    int decay) {
+    float mu = 0.0f;
+    if (center) {
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < n; j++) acc += g[j];
+        mu = c->sign * acc / (float)n;
+    }
+    const float sign = c->sign, dec = c->decay, w1 = c->w1, b2 = c->beta2, w2 = c->w2;
+    const float eps = c->eps, neg_ss = c->neg_ss, alpha = c->alpha;
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) {
+        float gj = sign * g[j] - mu;
+        float pj = decay ? p[j] * dec : p[j];
+        float mj = lerp(m[j], gj, w1);
+        float vj = v[j] * b2 + w2 * gj * gj;
+        m[j] = mj;
+        v[j] = vj;
+        pj = rect ? pj + neg_ss * mj / (sqrtf(vj) + eps) : pj + neg_ss * mj;
+        if (sync) {
+            pj = lerp(s[j], pj, alpha);
+            s[j] = pj;
+        }
+        p[j] = pj;
+    }
+}
+
+/* One parallel region for all tensors; no barrier between tensors. The flags are compile-time
+ * constants in each expansion, so every variant of the row loop is vectorised on its own. */
+#define RANGER_LOOP(RECT, SYNC, DECAY)                                                         \
+    _Pragma("omp parallel num_threads(num_threads)") for (int64_t t = 0; t < num; t++) {      \
+        const ranger_tensor *x = &ts[t];                                                       \
+        _Pragma("omp for schedule(static) nowait") for (int64_t r = 0; r < x->rows; r++) {     \
+            int64_t o = r * x->cols;                                                           \
+            int64_t n = x->numel - o < x->cols ? x->numel - o : x->cols;                       \
+            row_update(x->p + o, x->g + o, x->m + o, x->v + o, (SYNC) ? x->s + o : 0, n,       \
+                       x->center, c, (RECT), (SYNC), (DECAY));                                 \
+        }                                                                                      \
+    }
+
+void ranger_step(const ranger_tensor *ts, int64_t num, int num_threads, const ranger_scalars *c,
+                 int rect, int sync, int decay) {
+    switch ((rect ? 4 : 0) | (sync ? 2 : 0) | (decay ? 1 : 0)) {
+        case 0: RANGER_LOOP(0, 0, 0) break;
+        case 1: RANGER_LOOP(0, 0, 1) break;
+        case 2: RANGER_LOOP(0, 1, 0) break;
+        case 3: RANGER_LOOP(0, 1, 1) break;
+        case 4: RANGER_LOOP(1, 0, 0) break;
+        case 5: RANGER_LOOP(1, 0, 1) break;
+        case 6: RANGER_LOOP(1, 1, 0) break;
+        default: RANGER_LOOP(1, 1, 1) break;
+    }
+}
