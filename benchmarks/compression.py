@@ -20,7 +20,11 @@ timed on gloo over loopback.
 
     python benchmarks/compression.py                 # ~9 min per seed on 2 cores
     python benchmarks/compression.py --seeds 0 --payloads none int4
+    python benchmarks/compression.py --merge --seeds 0 --payloads topk:0.1   # another density
     python benchmarks/compression.py --quick         # smoke test, numbers meaningless
+
+A payload ``topk:D`` is ``topk`` with ``topk_density = D``. ``--merge`` keeps the runs (and the
+microbenchmarks) already in the results file and replaces those it runs again.
 """
 
 from __future__ import annotations
@@ -67,18 +71,20 @@ def overrides(payload: str, seed: int, steps: int) -> list[str]:
             "--optim.eps=1e-8",
             "--distributed.strategy=ddp",
         ]
+    compression, _, density = payload.partition(":")
     return [
         *common,
         "--optim.name=ranger",
         f"--optim.lr={LR['ranger']}",
         f"--optim.k={K}",
         "--distributed.strategy=lookahead",
-        f"--distributed.compression={payload}",
+        f"--distributed.compression={compression}",
+        *([f"--distributed.topk_density={density}"] if density else []),
     ]
 
 
 def train(workdir: Path, payload: str, seed: int, steps: int, quick: bool) -> dict[str, Any]:
-    name = f"{payload}-s{seed}"
+    name = f"{payload.replace(':', '-')}-s{seed}"
     args = [str(CONFIG), *overrides(payload, seed, steps), f"--run.name={name}"]
     args += [f"--run.dir={workdir / 'runs'}", *(QUICK if quick else ())]
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -218,7 +224,8 @@ def analyse(payload: dict[str, Any]) -> list[dict[str, Any]]:
     ddp = [r for r in runs if r["payload"] == "ddp"]
     ddp_bytes = statistics.mean(r["bytes_per_rank"] for r in ddp) if ddp else None
     rows = []
-    for name in ("ddp", *PAYLOADS):
+    extra = sorted({r["payload"] for r in runs} - {"ddp", *PAYLOADS})
+    for name in ("ddp", *PAYLOADS, *extra):
         mine = [r for r in runs if r["payload"] == name]
         if not mine:
             continue
@@ -267,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--payloads", nargs="+", default=["ddp", *PAYLOADS])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--merge", action="store_true", help="keep the runs already in --out")
     args = parser.parse_args(argv)
+    old = json.loads(args.out.read_text()) if args.merge and args.out.exists() else None
     with tempfile.TemporaryDirectory(prefix="rdl-compression-") as tmp:
         workdir = Path(tmp)
         os.environ["RANGERDL_CACHE"] = str(workdir / "cache")
@@ -283,10 +292,13 @@ def main(argv: list[str] | None = None) -> int:
             "error_feedback": True,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
             "quick": args.quick,
-            "codec_micro_s": codec_micro(numel),
-            "exchange_s_w2": exchange_modes(numel),
+            "codec_micro_s": old["codec_micro_s"] if old else codec_micro(numel),
+            "exchange_s_w2": old["exchange_s_w2"] if old else exchange_modes(numel),
             "runs": [],
         }
+        redo = {(p, s) for p in args.payloads for s in args.seeds}
+        if old:
+            payload["runs"] = [r for r in old["runs"] if (r["payload"], r["seed"]) not in redo]
         print(f"GPT: {numel:,} parameters; codec per sync (s): {payload['codec_micro_s']}")
         print(f"exchange at W=2 (s): {payload['exchange_s_w2']}", flush=True)
         steps = 32 if args.quick else STEPS
