@@ -166,10 +166,11 @@ def load() -> ctypes.CDLL | None:
         return lib
 
 
-def applies(tensors: list[Tensor]) -> bool:
-    """The kernel handles contiguous float32 CPU tensors only."""
-    return all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
+def applies(device: torch.device, dtype: torch.dtype, tensors: list[Tensor]) -> bool:
+    """The kernel handles contiguous float32 CPU tensors only (``tensors`` all on ``device``,
+    of ``dtype``)."""
+    return (
+        device.type == "cpu" and dtype == torch.float32 and all(t.is_contiguous() for t in tensors)
     )
 
 

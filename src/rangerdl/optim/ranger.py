@@ -488,7 +488,9 @@ def _one_pass_step(
     lists = _pick(idx, params, grads, exp_avgs, exp_avg_sqs)
     if slow_buffers is not None:
         lists += _pick(idx, slow_buffers)
-    if not _cpu_kernel.applies([t for lst in lists for t in lst]):
+    if not _cpu_kernel.applies(
+        params[idx[0]].device, params[idx[0]].dtype, [t for lst in lists for t in lst]
+    ):
         return False
     lib = _cpu_kernel.load()
     if lib is None:
