@@ -25,10 +25,7 @@ HERE = Path(__file__).resolve().parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
-def launch(tmp_path: Path, spec: dict[str, Any], nproc: int = 2, ok: bool = True) -> Any:
-    """Run the scenario; the per-rank records (or, with ``ok=False``, the failed process)."""
-    out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
-    out.mkdir()
+def _torchrun(out: Path, given: Any, nproc: int) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -40,9 +37,54 @@ def launch(tmp_path: Path, spec: dict[str, Any], nproc: int = 2, ok: bool = True
         f"--nproc-per-node={nproc}",
         str(HERE / "worker.py"),
         str(out),
-        json.dumps(spec),
+        json.dumps(given),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _key(spec: dict[str, Any], nproc: int) -> str:
+    return f"w{nproc}-" + json.dumps(spec, sort_keys=True)
+
+
+_BATCH_DIR: list[Path] = []
+_BATCHED: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _batch_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    _BATCH_DIR[:] = [tmp_path_factory.mktemp("batched")]
+    _BATCHED.clear()
+
+
+def _run_batch(nproc: int) -> None:
+    """Every scenario of ``SCENARIOS`` with ``nproc`` workers in one torchrun launch (one process
+    group, one after another): a launch costs more than most scenarios."""
+    todo = [(spec, n) for spec, n in SCENARIOS if n == nproc]
+    names = {_key(spec, n): f"s{i}" for i, (spec, n) in enumerate(todo)}
+    out = _BATCH_DIR[0] / f"w{nproc}"
+    out.mkdir()
+    proc = _torchrun(out, [[names[_key(spec, n)], spec] for spec, n in todo], nproc)
+    for key, name in names.items():
+        _BATCHED[key] = (
+            proc
+            if proc.returncode
+            else [torch.load(out / name / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
+        )
+
+
+def launch(tmp_path: Path, spec: dict[str, Any], nproc: int = 2, ok: bool = True) -> Any:
+    """Run the scenario; the per-rank records (or, with ``ok=False``, the failed process).
+    Scenarios listed in ``SCENARIOS`` run in one shared launch per world size."""
+    key = _key(spec, nproc)
+    if ok and any(_key(s, n) == key for s, n in SCENARIOS):
+        if key not in _BATCHED:
+            _run_batch(nproc)
+        result = _BATCHED[key]
+        assert not isinstance(result, subprocess.CompletedProcess), result.stderr[-3000:]
+        return result
+    out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+    out.mkdir()
+    proc = _torchrun(out, spec, nproc)
     if not ok:
         return proc
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -62,32 +104,49 @@ def single_process_ranger(steps: int, **kwargs: Any) -> list[torch.Tensor]:
     return traj
 
 
-@pytest.mark.parametrize(
-    "sync", [{}, {"overlap": True, "overlap_steps": 3, "eager": True}], ids=["blocking", "eager"]
-)
+ONE_WORKER_SYNCS = [{}, {"overlap": True, "overlap_steps": 3, "eager": True}]
+
+
+def one_worker_spec(sync: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "ranger", "steps": 20, "lr": 0.05, "sync": sync}
+
+
+@pytest.mark.parametrize("sync", ONE_WORKER_SYNCS, ids=["blocking", "eager"])
 def test_one_worker_equals_single_process_ranger_bitwise(
     tmp_path: Path, sync: dict[str, Any]
 ) -> None:
     # eager overlap: the outer step is taken at launch with the worker's own weights, which with
     # one worker are the mean, so the late merge moves nothing
-    spec = {"kind": "ranger", "steps": 20, "lr": 0.05, "sync": sync}
-    (rec,) = launch(tmp_path, spec, nproc=1)
+    (rec,) = launch(tmp_path, one_worker_spec(sync), nproc=1)
     ref = single_process_ranger(20, lr=0.05)
     assert all(torch.equal(a, b) for a, b in zip(rec["traj"], ref, strict=True))
     if not sync:
         assert rec["synced_equal"] == [True, True, True]
 
 
+DIFFERENT_INIT = {"kind": "ranger", "steps": 1, "different_init": True}
+SGD_K1 = {"kind": "sgd_lookahead", "k": 1, "alpha": 1.0, "steps": 12}
+DDP_12 = {"kind": "ddp", "steps": 12}
+WARMUP = {
+    "kind": "sgd_lookahead",
+    "k": 4,
+    "alpha": 0.7,
+    "steps": 12,
+    "sync": {"outer_momentum": 0.9, "nesterov": True, "sync_every_warmup_steps": 12},
+}
+AVERAGED = {"k": 4, "steps": 16, "momentum": 0.9}
+
+
 def test_parameters_start_identical_from_rank_zero(tmp_path: Path) -> None:
-    recs = launch(tmp_path, {"kind": "ranger", "steps": 1, "different_init": True})
+    recs = launch(tmp_path, DIFFERENT_INIT)
     assert not torch.equal(flat(make_model(0)), flat(make_model(1)))
     assert torch.equal(recs[0]["init"], flat(make_model(0)))
     assert torch.equal(recs[1]["init"], flat(make_model(0)))
 
 
 def test_sgd_k1_alpha1_equals_ddp(tmp_path: Path) -> None:
-    ours = launch(tmp_path, {"kind": "sgd_lookahead", "k": 1, "alpha": 1.0, "steps": 12})
-    ddp = launch(tmp_path, {"kind": "ddp", "steps": 12})
+    ours = launch(tmp_path, SGD_K1)
+    ddp = launch(tmp_path, DDP_12)
     for r in range(2):
         for a, b in zip(ours[r]["traj"], ddp[r]["traj"], strict=True):
             assert torch.allclose(a, b, atol=1e-6, rtol=0)
@@ -97,19 +156,16 @@ def test_sgd_k1_alpha1_equals_ddp(tmp_path: Path) -> None:
 
 def test_sync_every_warmup_averages_every_step_like_ddp(tmp_path: Path) -> None:
     # during the warm-up every step ends with plain averaging, whatever the outer step after it
-    sync = {"outer_momentum": 0.9, "nesterov": True, "sync_every_warmup_steps": 12}
-    spec = {"kind": "sgd_lookahead", "k": 4, "alpha": 0.7, "steps": 12, "sync": sync}
-    ours = launch(tmp_path, spec)
-    ddp = launch(tmp_path, {"kind": "ddp", "steps": 12})
+    ours = launch(tmp_path, WARMUP)
+    ddp = launch(tmp_path, DDP_12)
     for r in range(2):
         for a, b in zip(ours[r]["traj"], ddp[r]["traj"], strict=True):
             assert torch.allclose(a, b, atol=1e-6, rtol=0)
 
 
 def test_alpha1_without_momentum_equals_periodic_model_averager(tmp_path: Path) -> None:
-    spec = {"k": 4, "steps": 16, "momentum": 0.9}
-    ours = launch(tmp_path, {"kind": "sgd_lookahead", "alpha": 1.0, **spec})
-    torch_avg = launch(tmp_path, {"kind": "averager", **spec})
+    ours = launch(tmp_path, {"kind": "sgd_lookahead", "alpha": 1.0, **AVERAGED})
+    torch_avg = launch(tmp_path, {"kind": "averager", **AVERAGED})
     for r in range(2):
         for a, b in zip(ours[r]["traj"], torch_avg[r]["traj"], strict=True):
             assert torch.allclose(a, b, atol=1e-7, rtol=0)
@@ -118,11 +174,14 @@ def test_alpha1_without_momentum_equals_periodic_model_averager(tmp_path: Path) 
     assert ours[0]["synced_equal"] == [True] * 4
 
 
+SHARD_BASE = {"kind": "ranger", "steps": 14, "sync": {"outer_momentum": 0.5, "sync_every": 3}}
+SHARDED = {**SHARD_BASE, "sync": {**SHARD_BASE["sync"], "shard_slow": True}}
+
+
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_shard_slow_equals_unsharded(tmp_path: Path, nproc: int) -> None:
-    base = {"kind": "ranger", "steps": 14, "sync": {"outer_momentum": 0.5, "sync_every": 3}}
-    plain = launch(tmp_path, base, nproc=nproc)
-    sharded = launch(tmp_path, {**base, "sync": {**base["sync"], "shard_slow": True}}, nproc=nproc)
+    plain = launch(tmp_path, SHARD_BASE, nproc=nproc)
+    sharded = launch(tmp_path, SHARDED, nproc=nproc)
     for r in range(nproc):
         for a, b in zip(plain[r]["traj"], sharded[r]["traj"], strict=True):
             if nproc == 2:  # two-term sums are the same in any order: bitwise
@@ -134,23 +193,26 @@ def test_shard_slow_equals_unsharded(tmp_path: Path, nproc: int) -> None:
     assert sharded[0]["comm"]["mem/outer_state_bytes"] <= full / nproc + 64
 
 
-@pytest.mark.parametrize(
-    ("delay", "comm_dtype", "eager"),
-    [
-        (1, "fp32", False),
-        (4, "fp32", False),
-        (3, "bf16", False),
-        (3, "fp32", True),
-        (4, "bf16", True),
-    ],
-)
+OVERLAP_CASES = [
+    (1, "fp32", False),
+    (4, "fp32", False),
+    (3, "bf16", False),
+    (3, "fp32", True),
+    (4, "bf16", True),
+]
+
+
+def overlap_spec(delay: int, comm_dtype: str, eager: bool) -> dict[str, Any]:
+    sync = {"overlap": True, "sync_every": 4, "overlap_steps": delay, "comm_dtype": comm_dtype}
+    return {"kind": "ranger", "steps": 18, "lr": 0.05, "sync": {**sync, "eager": eager}}
+
+
+@pytest.mark.parametrize(("delay", "comm_dtype", "eager"), OVERLAP_CASES)
 def test_overlap_equals_delayed_merge_simulation(
     tmp_path: Path, delay: int, comm_dtype: str, eager: bool
 ) -> None:
     world, k, alpha, steps, lr = 2, 4, 0.5, 18, 0.05
-    sync = {"overlap": True, "sync_every": k, "overlap_steps": delay, "comm_dtype": comm_dtype}
-    sync["eager"] = eager
-    recs = launch(tmp_path, {"kind": "ranger", "steps": steps, "lr": lr, "sync": sync})
+    recs = launch(tmp_path, overlap_spec(delay, comm_dtype, eager))
 
     # The simulation: W replicas in one process. At a sync step s each replica's weights are
     # snapshotted and averaged; after step s + delay phi moves toward that mean and each replica
@@ -205,9 +267,22 @@ def _set_flat(model: torch.nn.Module, values: torch.Tensor) -> None:
             offset += p.numel()
 
 
+FINISH_CASES = [
+    (10, False, 3, "fp32"),
+    (10, True, 3, "fp32"),
+    (8, True, 2, "fp32"),
+    (10, True, 3, "bf16"),
+]
+
+
+def finish_spec(steps: int, overlap: bool, comm_dtype: str) -> dict[str, Any]:
+    sync = {"sync_every": 4, "overlap": overlap, "comm_dtype": comm_dtype}
+    return {"kind": "ranger", "steps": steps, "finish": True, "sync": sync}
+
+
 @pytest.mark.parametrize(
     ("steps", "overlap", "syncs", "comm_dtype"),
-    [(10, False, 3, "fp32"), (10, True, 3, "fp32"), (8, True, 2, "fp32"), (10, True, 3, "bf16")],
+    FINISH_CASES,
     ids=[
         "partial-window",
         "overlap-partial-window",
@@ -218,16 +293,20 @@ def _set_flat(model: torch.nn.Module, values: torch.Tensor) -> None:
 def test_finish_leaves_every_rank_on_the_global_weights(
     tmp_path: Path, steps: int, overlap: bool, syncs: int, comm_dtype: str
 ) -> None:
-    sync = {"sync_every": 4, "overlap": overlap, "comm_dtype": comm_dtype}
-    recs = launch(tmp_path, {"kind": "ranger", "steps": steps, "finish": True, "sync": sync})
+    recs = launch(tmp_path, finish_spec(steps, overlap, comm_dtype))
     assert torch.equal(recs[0]["final"], recs[1]["final"])
     # 8 steps with overlap: the sync launched at step 8 is merged by finish(), and no more is needed
     assert recs[0]["comm"]["comm/syncs"] == syncs
 
 
+FP32_12 = {"kind": "ranger", "steps": 12}
+BF16_12 = {"kind": "ranger", "steps": 12, "sync": {"comm_dtype": "bf16"}}
+RING = {"kind": "ranger", "steps": 12, "sync": {"sync_every": 4}}
+
+
 def test_bf16_pseudo_gradients_halve_the_bytes_and_track_fp32(tmp_path: Path) -> None:
-    fp32 = launch(tmp_path, {"kind": "ranger", "steps": 12})
-    bf16 = launch(tmp_path, {"kind": "ranger", "steps": 12, "sync": {"comm_dtype": "bf16"}})
+    fp32 = launch(tmp_path, FP32_12)
+    bf16 = launch(tmp_path, BF16_12)
     assert all(bf16[0]["synced_equal"]) and all(bf16[1]["synced_equal"])
     assert (bf16[0]["traj"][-1] - fp32[0]["traj"][-1]).abs().max() < 2e-3
     assert not torch.equal(bf16[0]["traj"][-1], fp32[0]["traj"][-1])
@@ -236,7 +315,7 @@ def test_bf16_pseudo_gradients_halve_the_bytes_and_track_fp32(tmp_path: Path) ->
 
 
 def test_bytes_follow_the_ring_formula(tmp_path: Path) -> None:
-    recs = launch(tmp_path, {"kind": "ranger", "steps": 12, "sync": {"sync_every": 4}}, nproc=4)
+    recs = launch(tmp_path, RING, nproc=4)
     numel = sum(p.numel() for p in make_model(0).parameters())
     per_sync = 2 * 3 / 4 * numel * 4
     assert recs[1]["comm"]["comm/syncs"] == 3
@@ -246,17 +325,17 @@ def test_bytes_follow_the_ring_formula(tmp_path: Path) -> None:
     assert recs[1]["comm"]["comm/broadcast_bytes"] == 0
 
 
-@pytest.mark.parametrize("policy", ["average", "broadcast", "local"])
+POLICIES = ["average", "broadcast", "local"]
+
+
+def policy_spec(policy: str) -> dict[str, Any]:
+    sync = {"sync_every": 4, "buffer_policy": policy}
+    return {"kind": "ranger", "steps": 8, "batch_norm": True, "sync": sync}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
 def test_buffer_policies(tmp_path: Path, policy: str) -> None:
-    recs = launch(
-        tmp_path,
-        {
-            "kind": "ranger",
-            "steps": 8,
-            "batch_norm": True,
-            "sync": {"sync_every": 4, "buffer_policy": policy},
-        },
-    )
+    recs = launch(tmp_path, policy_spec(policy))
     at_sync = [
         [r["buffers"][3][i] for r in recs] for i in range(3)
     ]  # mean, var, num_batches_tracked
@@ -303,13 +382,20 @@ def test_options_that_cannot_combine_are_refused() -> None:
         SyncOptions(overlap=True, overlap_steps=0).validate()
 
 
-@pytest.mark.parametrize("name", ["ranger", "adamw", "sgd", "lion"])
+ATTACHED = ["ranger", "adamw", "sgd", "lion"]
+
+
+def attach_spec(name: str) -> dict[str, Any]:
+    return {"kind": "attach", "optimizer": name, "k": 3, "alpha": 0.5, "steps": 9, "lr": 0.01}
+
+
+@pytest.mark.parametrize("name", ATTACHED)
 def test_outer_sync_attaches_to_any_optimizer(tmp_path: Path, name: str) -> None:
     """One worker: OuterSync(optimizer) equals single-process Lookahead(optimizer) bit for bit;
     two workers: identical weights after every sync, the outer state in the state dict."""
     from rangerdl import Lookahead
 
-    spec = {"kind": "attach", "optimizer": name, "k": 3, "alpha": 0.5, "steps": 9, "lr": 0.01}
+    spec = attach_spec(name)
     (rec,) = launch(tmp_path, spec, nproc=1)
     model = make_model(0)
     ref: torch.optim.Optimizer
@@ -356,3 +442,19 @@ def test_distributed_loop_example_runs_as_written(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     accuracy = float(proc.stdout.split("2 workers: ")[1].split()[0])
     assert accuracy > 0.9
+
+
+# Every scenario whose launch succeeds, by world size: run in one launch each (see ``launch``).
+SCENARIOS: list[tuple[dict[str, Any], int]] = [
+    *[(one_worker_spec(sync), 1) for sync in ONE_WORKER_SYNCS],
+    *[(attach_spec(name), 1) for name in ATTACHED],
+    *[(spec, 2) for spec in (DIFFERENT_INIT, SGD_K1, DDP_12, WARMUP, FP32_12, BF16_12)],
+    ({"kind": "sgd_lookahead", "alpha": 1.0, **AVERAGED}, 2),
+    ({"kind": "averager", **AVERAGED}, 2),
+    *[(spec, n) for n in (2, 4) for spec in (SHARD_BASE, SHARDED)],
+    *[(overlap_spec(*case), 2) for case in OVERLAP_CASES],
+    *[(finish_spec(steps, overlap, dtype), 2) for steps, overlap, _, dtype in FINISH_CASES],
+    *[(policy_spec(policy), 2) for policy in POLICIES],
+    *[(attach_spec(name), 2) for name in ATTACHED],
+    (RING, 4),
+]

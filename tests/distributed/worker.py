@@ -1,6 +1,9 @@
 """Run by ``torchrun`` from the tests: one scenario, given as JSON, results saved per rank.
 
 torchrun --standalone --nproc-per-node=W worker.py OUT_DIR '{"kind": "ranger", ...}'
+
+Or several, one after another in the same process group (one launch instead of one each), each
+saved under ``OUT_DIR/NAME``: ``worker.py OUT_DIR '[["NAME", {...}], ...]'``.
 """
 
 from __future__ import annotations
@@ -21,12 +24,22 @@ from rangerdl.distributed import OuterSync, SyncOptions, distributed_ranger
 
 
 def main() -> None:
-    out, spec = Path(sys.argv[1]), json.loads(sys.argv[2])
+    out, given = Path(sys.argv[1]), json.loads(sys.argv[2])
+    scenarios = [(out / name, spec) for name, spec in given] if isinstance(given, list) else []
     # A hang shows where every thread was, then exits, well before the test's own timeout.
-    faulthandler.dump_traceback_later(150, exit=True)
+    faulthandler.dump_traceback_later(150 + 30 * len(scenarios), exit=True)
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
     torch.set_num_threads(1)
+    for folder, spec in scenarios or [(out, given)]:
+        folder.mkdir(exist_ok=True)
+        run(folder, spec)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(out: Path, spec: dict) -> None:
+    """One scenario on the process group already set up; every rank saves ``out/rankR.pt``."""
+    rank = dist.get_rank()
     model = make_model(
         seed=rank if spec.get("different_init") else 0,
         batch_norm=spec.get("batch_norm", False),
@@ -87,12 +100,13 @@ def main() -> None:
     if outer is not None:
         record["comm"] = outer.comm_stats()
     torch.save(record, out / f"rank{rank}.pt")
+    if outer is not None:
+        outer.close()
     # Free DDP (its reducer holds the group) before the group: destroyed the other way round,
     # its teardown can wait forever on a thread of the dead group.
     del forward, opt, outer
     gc.collect()
     dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
