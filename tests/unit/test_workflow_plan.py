@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -119,6 +121,24 @@ def test_plan_cli_prints_and_writes_json(tmp_path: Path) -> None:
     plan = json.loads((tmp_path / "p.json").read_text())
     row = next(r for r in plan["rows"] if r["label"] == "distributed Ranger k=10")
     assert row["bytes_per_rank"] == 60 * 1_900_000_000  # 600 steps / 10, 2*19/20 GB each
+
+
+def test_plan_cli_takes_the_block_size_from_the_config() -> None:
+    from rangerdl.cli import main
+
+    rows = {}
+    for block in (256, 32):
+        out = io.StringIO()
+        argv = ["plan", "--workers", "2", "--bandwidth", "20mbit", "--params", "1M"]
+        argv += ["--step-time", "60ms", "--k", "8", f"--distributed.block_size={block}"]
+        with contextlib.redirect_stdout(out):
+            assert main(argv) == 0
+        rows[block] = next(
+            line
+            for line in out.getvalue().splitlines()
+            if line.startswith("distributed Ranger k=8, int4 ")
+        )
+    assert rows[256] != rows[32]  # one fp32 scale per 32 values costs more bytes than per 256
 
 
 def test_plan_check_benchmark_reproduces(tmp_path: Path) -> None:

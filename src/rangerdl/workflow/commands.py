@@ -102,6 +102,8 @@ def _plan(args: argparse.Namespace, extra: list[str]) -> int:
         max_share=args.max_share,
         buffer_numel=buffers,
         times_source=source,
+        block_size=cfg.distributed.block_size,
+        topk_density=cfg.distributed.topk_density,
     )
     print(format_plan(plan))
     if args.json is not None:
