@@ -195,6 +195,31 @@ def plan_check_table(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def compression_table(payload: dict[str, Any]) -> str:
+    """Per payload: bytes per rank, DDP's bytes over them, the validation loss at equal steps
+    over the seeds, and encode + decode time per sync as a share of one training step."""
+    steps = payload["runs"][0]["steps"]
+    lines = [
+        f"{payload['workers']} workers, k = {payload['k']}, {steps} steps, "
+        f"{payload['params']:,} parameters, block_size {payload['block_size']}, topk_density "
+        f"{payload['topk_density']}, error feedback {'on' if payload['error_feedback'] else 'off'}",
+        "",
+        "| payload | MB per rank | DDP's bytes / these | val loss (seeds) | mean +- sd "
+        "| encode + decode per sync / one step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in payload["summary"]:
+        name = "DDP AdamW" if r["payload"] == "ddp" else r["payload"]
+        losses = ", ".join(f"{v:.4f}" for v in r["val_loss"])
+        share = r["codec_share_in_run"]
+        lines.append(
+            f"| {name} | {r['bytes_per_rank'] / 1e6:.1f} | {r['ddp_bytes_over_these']:.1f}x "
+            f"| {losses} | {r['val_loss_mean']:.4f} +- {r['val_loss_sd']:.4f} "
+            f"| {_num(None if share is None else 100 * share, '.1f')}{'%' if share else ''} |"
+        )
+    return "\n".join(lines)
+
+
 def _ablation(section: str | None) -> Callable[[dict[str, Any]], str]:
     def render(payload: dict[str, Any]) -> str:
         import outer_ablation
@@ -222,6 +247,7 @@ def _registry() -> dict[str, tuple[str, Callable[[dict[str, Any]], str]]]:
         "optimizer_step": ("optimizer_step.json", optimizer_step_table),
         "data_loader": ("data_loader.json", data_loader_tables),
         "keras_step": ("keras_step.json", keras_step_table),
+        "compression": ("compression.json", compression_table),
     }
 
 
