@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-keras lint bench clean
 
 setup: $(STAMP)
 
@@ -27,11 +27,22 @@ lint: setup
 	$(PY) -m mypy
 
 # The main run covers tests/keras_backends on the PyTorch backend; Keras picks its backend at
-# import, so TensorFlow and JAX each get a process of their own.
+# import, so TensorFlow and JAX each get a process of their own, side by side (each mostly
+# single-threaded), each with its own temporary folder; their logs are printed when both end.
+KERAS_BACKENDS := tensorflow jax
 test: lint
 	$(PY) -m pytest -q --durations=15
-	KERAS_BACKEND=tensorflow $(PY) -m pytest -q tests/keras_backends
-	KERAS_BACKEND=jax $(PY) -m pytest -q tests/keras_backends
+	@$(MAKE) --no-print-directory test-keras
+
+test-keras: setup
+	@for b in $(KERAS_BACKENDS); do \
+	  (KERAS_BACKEND=$$b $(PY) -m pytest -q -p no:cacheprovider --basetemp=$(VENV)/pytest-keras-$$b \
+	    tests/keras_backends > $(VENV)/keras-$$b.log 2>&1; echo $$? > $(VENV)/keras-$$b.rc) & \
+	done; wait; status=0; \
+	for b in $(KERAS_BACKENDS); do \
+	  echo "== tests/keras_backends on $$b"; cat $(VENV)/keras-$$b.log; \
+	  test "$$(cat $(VENV)/keras-$$b.rc)" = 0 || status=1; \
+	done; exit $$status
 
 bench: setup
 	bash benchmarks/run_all.sh

@@ -156,6 +156,23 @@ def test_sweep_file_errors_name_the_key(tmp_path: Path) -> None:
         load_sweep(path)
 
 
+def test_ctrl_c_is_one_line_that_says_how_to_continue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rangerdl.cli import main
+    from rangerdl.workflow import sweep
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    path = _write(tmp_path, 2, "none", [0.01])
+    assert main(["sweep", str(path), f"--dir={tmp_path / 'sw'}"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Run the same command again" in err
+    assert "Traceback" not in err
+
+
 def test_dump_toml_round_trips_a_config() -> None:
     import tomllib
 

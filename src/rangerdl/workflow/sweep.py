@@ -624,10 +624,21 @@ def _sweep(args: argparse.Namespace, extra: list[str]) -> int:
     except ImportError:
         raise ValueError("rangerdl sweep needs Optuna: pip install 'rangerdl[sweep]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # heartbeat_interval and the matplotlib plots are marked experimental by Optuna: a warning
+    # on every run that says nothing about the sweep.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     spec = load_sweep(args.file, extra, folder=args.dir)
     if args.n_trials is not None:
         spec.n_trials = args.n_trials
-    study = run_sweep(spec, args.storage)
+    try:
+        study = run_sweep(spec, args.storage)
+    except KeyboardInterrupt:
+        print(
+            f"rangerdl sweep: interrupted; the trial that was running is marked failed. Run the "
+            f"same command again to continue the study in {spec.folder}",
+            file=sys.stderr,
+        )
+        return 130
     written = write_outputs(study, spec)
     rows = ranked(study, spec)
     print(format_table(rows, spec.metric))
