@@ -110,17 +110,31 @@ def convergence_tables(payload: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------- others
 def optimizer_step_table(payload: dict[str, Any]) -> str:
+    """Per optimizer and case (size x threads): the median ratio of its step time to fused
+    AdamW's over the repeats, with min-max, and the bytes-moved floor of that ratio."""
+    cases = payload["results"]
+    heads = [f"{c['size']}, {c['threads']} thread{'s' if c['threads'] > 1 else ''}" for c in cases]
     lines = [
-        f"{payload['num_tensors']} tensors, {payload['num_values'] / 1e6:.1f}M values, "
-        f"{payload['threads']} threads, {payload['device']}, torch {payload['torch']}",
+        f"Step time / torch's fused AdamW step time, median (min-max) of {payload['repeats']} "
+        f"repeats of {payload['steps_per_repeat']} steps, {payload['device']}, torch "
+        f"{payload['torch']}; fused AdamW's step: "
+        + ", ".join(
+            f"{h} {c['rows'][0]['median_ms']:.2f} ms" for h, c in zip(heads, cases, strict=True)
+        ),
         "",
-        "| optimizer | median step (ms) | vs fused AdamW |",
-        "|---|---|---|",
+        "| optimizer | " + " | ".join(heads) + " | floor |",
+        "|---" * (len(heads) + 2) + "|",
     ]
-    for r in payload["rows"]:
-        lines.append(
-            f"| {r['optimizer']} | {r['median_ms']:.1f} | {r['ratio_to_fused_adamw']:.2f}x |"
-        )
+    for i, row in enumerate(cases[0]["rows"]):
+        cells = []
+        for c in cases:
+            r = c["rows"][i]
+            assert r["optimizer"] == row["optimizer"], (r["optimizer"], row["optimizer"])
+            cells.append(
+                f"{r['ratio_to_fused_adamw']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
+            )
+        floor = row["floor_ratio_to_adamw"]
+        lines.append(f"| {row['optimizer']} | " + " | ".join(cells) + f" | {floor:.3f}x |")
     return "\n".join(lines)
 
 
