@@ -159,3 +159,21 @@ def test_plan_check_benchmark_reproduces(tmp_path: Path) -> None:
     assert (
         result["summary"]["allreduce"]["within_target"] == result["summary"]["allreduce"]["cells"]
     )
+
+
+def test_a_busy_machine_is_named_before_the_plan_trusts_its_timing(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from rangerdl.workflow import plan
+
+    monkeypatch.setattr(plan.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(plan.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    with caplog.at_level("WARNING", logger="rangerdl.workflow.plan"):
+        assert not plan.warn_if_busy([0.010, 0.011, 0.012], 2)
+        assert not caplog.records
+        assert plan.warn_if_busy([0.010, 0.011, 0.040], 2)  # one step 4x the fastest
+        monkeypatch.setattr(plan.os, "getloadavg", lambda: (6.0, 6.0, 6.0))
+        assert plan.warn_if_busy([0.010, 0.011, 0.012], 2)
+    assert len(caplog.records) == 2
+    assert "--train.threads=1" in caplog.records[-1].getMessage()
+    assert "load average 6.0 on 2 CPUs" in caplog.records[-1].getMessage()

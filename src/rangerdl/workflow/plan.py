@@ -49,7 +49,9 @@ benchmarks it is 2-13% optimistic per collective.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -64,6 +66,8 @@ from rangerdl.distributed.cost import (
 )
 from rangerdl.train.config import MAX_COUNT, Bounds
 from rangerdl.workflow.units import format_bandwidth, format_bytes, format_seconds
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "COMPRESSED",
@@ -561,4 +565,31 @@ def count_and_time(cfg: Any, world_size: int, *, repeats: int = 5) -> tuple[int,
         if i >= 2:
             samples.append((t1 - t0, t2 - t1, t3 - t2))
     fwd, bwd, opt = (statistics.median(s[j] for s in samples) for j in range(3))
+    warn_if_busy([sum(s) for s in samples], torch.get_num_threads())
     return numel, buffers, StepTimes(fwd, bwd, opt)
+
+
+BUSY_SPREAD = 1.5
+"""Slowest over fastest timed step above which the timing is called unreliable."""
+
+
+def warn_if_busy(step_s: list[float], threads: int) -> bool:
+    """Warn (and return True) when the timed steps say the machine was busy: the slowest step
+    took more than ``BUSY_SPREAD`` x the fastest, or the load average exceeds the CPUs. A plan
+    made from such a timing can give the opposite verdict (a step timed 300x too slow makes any
+    network look fast)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cpus = os.cpu_count() or 1
+    spread = max(step_s) / min(step_s) if min(step_s) > 0 else 1.0
+    if spread <= BUSY_SPREAD and load <= cpus:
+        return False
+    log.warning(
+        "the timed steps varied %.1fx (load average %.1f on %d CPUs, %d torch threads): the "
+        "machine is busy and the step time, and with it every figure below, may be far off. "
+        "Rerun on an idle machine, with --train.threads=1, or give --params and --step-time",
+        spread,
+        load,
+        cpus,
+        threads,
+    )
+    return True
