@@ -376,7 +376,7 @@ class Cluster:
         (a temporary folder if None) and into the results. A command still running at
         ``timeout_s``, or ``peer_failure_grace_s`` after another one failed, is killed: SIGTERM to
         its process group, then after 5 s SIGKILL to every process left in its namespace (torchrun
-        puts its workers in their own sessions, so a process group is not enough).
+        starts each worker with setsid, in a process group of its own, so one group is not enough).
         """
         if not self.hosts:
             raise RuntimeError("cluster is not started")

@@ -24,8 +24,9 @@ RANGERDL = Path(sys.executable).with_name("rangerdl")
 TIMEOUT_S = 30  # the collective timeout of the jobs here; a refusal must come well before it
 
 # Rank r starts in $DIRr with $DIRr/cache as its cache: one node per rank, as far as paths go.
-# Each rank runs in a session of its own: torchrun stops the other workers' process groups as
-# soon as one worker fails, which may be before a slower rank has printed its own error.
+# Each rank runs under setsid, in a process group of its own: torchrun stops the other workers'
+# process groups as soon as one worker fails, which may be before a slower rank has printed its
+# own error.
 WRAP = """#!/bin/bash
 if [ "$RANK" = 0 ]; then d=$DIR0; else d=$DIR1; fi
 extra=()  # with $ABSOLUTE: this node's own absolute paths, spelled differently on each rank

@@ -1,4 +1,4 @@
-"""Fixtures for end-to-end tests: a digits cache prepared once per session, tiny configs."""
+"""Fixtures for end-to-end tests: a digits cache prepared once per pytest run, tiny configs."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ def test_hosts_reach_each_other_and_are_removed_on_exception(root_with_tc: None)
 def test_timeout_kills_the_whole_namespace(root_with_tc: None) -> None:
     with netsim.Cluster(num_hosts=1, rate=None) as c:
         start = time.monotonic()
-        # The child sleeps in a session of its own: killing the process group would miss it.
+        # The child sleeps in a process group of its own (setsid): killing the group would miss it.
         cmd = ["sh", "-c", "setsid sleep 60 & sleep 60"]
         res = c.run(cmd, host=0, timeout_s=1.0)
         assert res.killed == "timeout" and not res.ok
