@@ -383,8 +383,7 @@ class OuterSync:
         if self._residual is not None and self._mean_residual is not None:
             state["error_feedback"] = self._residual.clone()
             state["error_feedback_mean"] = self._mean_residual.clone()
-        if self._pending is not None:
-            self._wait_pending()
+        if self._pending is not None:  # waited for above
             state["pending_reduced"] = self._pending.reduced.clone()
             state["pending_snapshot"] = self._pending.snapshot.clone()
             state["pending_launched_at"] = self._pending.launched_at

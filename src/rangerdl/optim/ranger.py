@@ -462,6 +462,20 @@ def ranger(
         lookahead_([params[i] for i in due], slow, alpha, foreach=foreach)
 
 
+def _step_size(
+    step: int, lr: float, beta1: float, beta2: float, threshold: float
+) -> tuple[float | None, float]:
+    """``(r_t, step size)`` of RAdam's step ``step`` (Liu et al. 2020): rectified (``r_t`` not
+    None), the parameter moves by ``-size * m / (sqrt(v) + eps)`` with ``size = lr r_t
+    sqrt(1 - beta2^t) / (1 - beta1^t)``; before that by ``-size * m`` with ``size = lr / (1 -
+    beta1^t)`` (SGD with bias-corrected momentum)."""
+    bias_correction1 = 1 - beta1**step
+    rect = rectification(step, beta2, threshold)
+    if rect is None:
+        return None, lr / bias_correction1
+    return rect, lr * rect * math.sqrt(1 - beta2**step) / bias_correction1
+
+
 def _one_pass_step(
     idx: list[int],
     params: list[Tensor],
@@ -497,12 +511,7 @@ def _one_pass_step(
         return False
     ps, gs, ms, vs = lists[:4]
     min_dim = 3 if gc_conv_only else 1
-    bias_correction1 = 1 - beta1**step
-    rect = rectification(step, beta2, threshold)
-    if rect is None:
-        step_size = lr / bias_correction1
-    else:
-        step_size = lr * rect * math.sqrt(1 - beta2**step) / bias_correction1
+    rect, step_size = _step_size(step, lr, beta1, beta2, threshold)
     _cpu_kernel.step(
         lib,
         ps,
@@ -545,14 +554,11 @@ def _single_tensor_ranger(
         param.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    rect = rectification(step, beta2, threshold)
+    rect, step_size = _step_size(step, lr, beta1, beta2, threshold)
     if rect is None:
-        param.add_(exp_avg, alpha=-lr / bias_correction1)
+        param.add_(exp_avg, alpha=-step_size)
     else:
-        denom = exp_avg_sq.sqrt().add_(eps)
-        step_size = lr * rect * math.sqrt(1 - beta2**step) / bias_correction1
-        param.addcdiv_(exp_avg, denom, value=-step_size)
+        param.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-step_size)
 
 
 def _multi_tensor_ranger(
@@ -576,9 +582,8 @@ def _multi_tensor_ranger(
     gc_scratch: dict[tuple[torch.device, torch.dtype], Tensor] | None,
 ) -> None:
     """One bucket: every tensor on one device, of one dtype, at one step."""
-    bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
-    rect = rectification(step, beta2, threshold)
+    rect, step_size = _step_size(step, lr, beta1, beta2, threshold)
 
     if fused and rect is not None:
         # RAdam's rectified step is AdamW with lr' = lr r_t, eps' = eps / sqrt(bc2), wd' = wd / r_t.
@@ -606,11 +611,10 @@ def _multi_tensor_ranger(
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
     if rect is None:
-        torch._foreach_add_(params, exp_avgs, alpha=-lr / bias_correction1)
+        torch._foreach_add_(params, exp_avgs, alpha=-step_size)
     else:
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(denom, eps)
-        step_size = lr * rect * math.sqrt(bias_correction2) / bias_correction1
         torch._foreach_addcdiv_(params, exp_avgs, cast(list[Tensor], denom), value=-step_size)
 
 
