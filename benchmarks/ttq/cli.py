@@ -9,12 +9,15 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from common import atomic_write_json
 from ttq import protocol as p
 from ttq import report, runner
+
+QUICK_OUT = Path(tempfile.gettempdir()) / "rangerdl-ttq-quick" / "ttq_protocol.json"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--cell", required=True, choices=[c.key for c in p.CELLS])
     c.add_argument("--runs", nargs="+", required=True, help="ENTRY:STEPS, seed 0")
     for x in (t, r, rep, c):
-        x.add_argument("--out", type=Path, default=runner.OUT)
+        x.add_argument(
+            "--out",
+            type=Path,
+            help=f"results JSON (default: {runner.OUT.relative_to(runner.REPO)}; with --quick: "
+            f"{QUICK_OUT}, never the committed results)",
+        )
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny sizes and budgets")
     return parser
 
@@ -89,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         p.use_quick()
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else runner.OUT
     if args.stage == "tune":
         runner.tune(args.entries, args.workload, args.hosts, args.out)
     elif args.stage == "run":
