@@ -6,16 +6,30 @@ PY := $(VENV)/bin/python
 # The CPU wheel this machine carries; plain `torch` would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.setup-stamp
+# torchft (benchmarks/peers: DiLoCo as a time-to-quality contender) asks for any torch >= 2.7 and
+# pip would swap ours for a CUDA build: install it without dependencies, then its runtime ones.
+TORCHFT_PIN ?= torchft==0.2.0
+TORCHFT_DEPS := opentelemetry-api opentelemetry-sdk opentelemetry-exporter-otlp-proto-http
+FT_STAMP := $(VENV)/.torchft-stamp
 
-.PHONY: setup demo test test-keras lint bench clean
+.PHONY: setup bench-peers demo test test-keras lint bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(FT_STAMP)
+
+# The benchmark's outside contenders (torchft's DiLoCo and Streaming DiLoCo).
+bench-peers: $(FT_STAMP)
 
 # Rebuilt only when pyproject.toml changes, so a second `make setup` is instant.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check -q $(TORCH_PIN)
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev]"
+	@touch $@
+
+$(FT_STAMP): $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps $(TORCHFT_PIN)
+	$(PY) -m pip install --disable-pip-version-check -q $(TORCHFT_DEPS)
+	@$(PY) -c "import torch, torchft; v = torch.__version__; assert v.startswith('$(patsubst torch==%,%,$(TORCH_PIN))'), v"
 	@touch $@
 
 demo: setup
