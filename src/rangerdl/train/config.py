@@ -44,6 +44,10 @@ class RunConfig:
     """Parent folder of run folders."""
     seed: int = 0
     """Seed for model initialisation, data order and dropout. Same seed, same config: same result."""
+    data_seed: int = -1
+    """Seed of the training data order alone (the sampler's shuffle); -1: ``seed``. Set it apart
+    from ``seed`` to tell how much of a seed's result comes from the initial weights and how much
+    from the order of the data. A held-out validation set stays ``seed``'s."""
     resume: str = "never"
     """``never``: a fresh run refuses an existing run folder (continue it with ``--resume``);
     ``auto``: continue the run in ``dir/name`` when it exists (from its latest complete
@@ -347,6 +351,7 @@ _NON_NEGATIVE = Bounds(0.0)
 
 LIMITS: dict[str, Bounds] = {
     "run.seed": Bounds(0, MAX_SEED, integer=True),
+    "run.data_seed": Bounds(-1, MAX_SEED, integer=True),
     "data.seq_len": Bounds(1, MAX_SEQ_LEN, integer=True),
     "data.batch_size": Bounds(1, MAX_BATCH, integer=True),
     "data.eval_batch_size": Bounds(1, MAX_BATCH, integer=True),

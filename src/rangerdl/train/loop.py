@@ -94,7 +94,7 @@ def _train(
         global_batch_size=cfg.data.batch_size,
         rank=rt.rank,
         world_size=rt.world_size,
-        seed=cfg.run.seed,
+        seed=cfg.run.seed if cfg.run.data_seed < 0 else cfg.run.data_seed,
         drop_last=cfg.data.drop_last,
         manifest_checksum=splits["train"].checksum,
     )
