@@ -17,22 +17,25 @@ keeps the rest):
    entry that differs from another only in transport (bf16) takes that one's lr. Every cell uses
    the lrs tuned with 2 hosts.
 2. ``run``: per cell, on the simulated network:
-   - equal tokens: every contender at B steps (DDP AdamW's budget); seeds ``SEEDS`` for DDP AdamW
-     and the headline contenders in the headline cell, seed 0 elsewhere; mean +- sd of the final
-     validation loss (slow weights for Lookahead contenders; ``final_loss``). "Matches DDP" =
-     within DDP AdamW's seed spread (mean +- sd), else the relative gap.
-   - time to target: target = DDP AdamW's mean final validation loss at B steps. Each local
-     contender trains through the ladder ``RUNGS`` (x B steps, rounded up to a multiple of its
-     k; fixed in advance; the step budget sizes its LR schedule) in order and stops at the first
-     rung whose run reaches the target; its time to target is the first crossing on the training
-     wall clock (``time/train_s``, interpolated between evaluations). Longer rungs are not run
-     once a rung reaches it (a longer schedule stays at a high LR longer and reaches a given loss
-     later); the rungs that were run are all in the JSON. With several seeds, each climbs the
-     ladder from seed 0's rung, and the row's rung is the first that every seed reaches (its
-     time: the mean over seeds there).
-   - per row: time to target, speedup over DDP (DDP AdamW's mean B-step training time / time to
-     target), that speedup as a fraction of the cell's limit (DDP's time at the cell's rate /
-     DDP's time with no rate limit: no method beats DDP by more), final loss at equal tokens,
+   - the target: DDP AdamW at B steps with each of ``TARGET_SEEDS`` (7), on loopback (a run's
+     loss curve does not depend on the link; ``target_cell``); target = the **median** of their
+     final validation losses, so that no single seed moves it. Their min and max are DDP's
+     spread.
+   - DDP AdamW at B steps in the cell (seed 0: its time there) and with no rate limit (the
+     cell's limit: DDP's time at the cell's rate / DDP's time with no rate limit).
+   - every other contender climbs the ladder ``RUNGS`` (x B steps, rounded up to a multiple of
+     its k; fixed in advance and the same for every contender; the step budget sizes its LR
+     schedule), with all of ``SEEDS`` (3) at each rung, and stops at the first rung where the
+     median of its seeds' times to target is finite: a seed's time is the first crossing of the
+     target on the training wall clock (``time/train_s``, interpolated between evaluations),
+     and a seed that never crosses counts as never, so 2 of 3 must cross. A rung past B at
+     which 2 seeds have already missed is cut short. Longer rungs are not run once a rung
+     reaches it (a longer schedule stays at a high LR longer and reaches a given loss later);
+     every run is in the JSON.
+   - per row: final loss at B steps (equal tokens: median, min-max over seeds), the rung, time
+     to target (median, min-max, how many seeds cross), speedup over DDP (DDP's B-step time in
+     the cell / time to target), over the best peer (``Entry.family`` ``peer``: what a user
+     would pick instead) for distributed Ranger, that speedup as a fraction of the cell's limit,
      bytes per rank (``comm/bytes``), share of training time communicating.
 3. ``report``: the tables (markdown) and the figure: each contender's curve up to its
    time-to-target rung, with the target line and DDP.
@@ -58,6 +61,7 @@ runs in the JSON.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +80,9 @@ LR_CENTRE = {"gpt": {"adamw": 2e-3, "ranger": 1.6e-2}, "digits": {"adamw": 1e-2,
 full step budget, flat_anneal schedule; the sweep is in ``ttq_protocol.json``'s ``fixed_budget``
 section, ``lr_sweep``)."""
 SEEDS: tuple[int, ...] = (0, 1, 2)
+"""Every contender's seeds in every cell: its time to target is their median."""
+TARGET_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
+"""DDP AdamW's seeds that set the target (the median of their final losses)."""
 RUNGS: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0, 3.0)
 EVAL_EVERY = {"gpt": 32, "digits": 16}
 QUICK = False
@@ -84,12 +91,13 @@ QUICK = False
 
 def use_quick() -> None:
     """Switch the protocol to its smoke-test sizes (tiny budgets, one lr, one seed, two rungs)."""
-    global QUICK, TUNE_FACTORS, SEEDS, RUNGS
+    global QUICK, TUNE_FACTORS, SEEDS, TARGET_SEEDS, RUNGS
     QUICK = True
     RUNGS = (1.0, 1.5)
     B.update(gpt=64, digits=16)
     TUNE_FACTORS = (1.0,)
     SEEDS = (0,)
+    TARGET_SEEDS = (0, 1)
     EVAL_EVERY.update(gpt=16, digits=8)
 
 
@@ -108,6 +116,10 @@ class Contender:
     comm_dtype: str = "fp32"
     extra: tuple[str, ...] = ()
     """More ``--key=value`` overrides, appended last (e.g. the outer optimizer's settings)."""
+    program: str = "rangerdl"
+    """What trains it: ``rangerdl`` (``rangerdl train``) or ``torchft``
+    (``benchmarks/peers/torchft_train.py``: torchft's DiLoCo, its sync ``--diloco.*``, one
+    replica group per host)."""
 
     def overrides(self, lr: float) -> list[str]:
         out = [f"--optim.name={self.optimizer}", f"--optim.lr={lr}"]
@@ -115,6 +127,8 @@ class Contender:
             out += ["--optim.betas=[0.9, 0.999]", "--optim.eps=1e-8"]
         if self.strategy is None:
             return out + list(self.extra)
+        if self.program == "torchft":  # the outer step's settings are in extra (``_diloco``)
+            return [*out, f"--diloco.sync_every={self.sync_every}", *self.extra]
         out.append(f"--distributed.strategy={self.strategy}")
         if self.strategy == "lookahead":
             out.append(f"--optim.k={self.sync_every}")  # Ranger's k; sync_every defaults to it
@@ -174,6 +188,9 @@ class Entry:
     name: str
     contender: Contender
     what: str
+    family: str = "rangerdl"
+    """``rangerdl`` (distributed Ranger, OuterSync), ``peer`` (what a user would pick instead)
+    or ``target`` (DDP AdamW)."""
 
     @property
     def k(self) -> int:
@@ -189,14 +206,44 @@ def _ranger(
     return Entry(name, c, "distributed Ranger")
 
 
+def _diloco(
+    name: str,
+    k: int,
+    what: str,
+    *,
+    outer_lr: float = 0.7,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    fragments: int = 1,
+    delay: int = 0,
+) -> Entry:
+    """torchft's DiLoCo over AdamW syncing every ``k`` steps (Streaming DiLoCo with ``fragments``
+    > 1, each fragment's all-reduce overlapped with ``delay`` steps); the outer step is torch SGD
+    (``outer_lr``, ``momentum``, ``nesterov``; the defaults are DiLoCo's published ones)."""
+    extra = (
+        f"--diloco.outer_lr={outer_lr}",
+        f"--diloco.outer_momentum={momentum}",
+        f"--diloco.nesterov={str(nesterov).lower()}",
+        f"--diloco.fragments={fragments}",
+        f"--diloco.fragment_sync_delay={delay}",
+    )
+    return Entry(name, Contender(name, "diloco", "adamw", k, extra=extra, program="torchft"), what)
+
+
 def _entries() -> dict[str, Entry]:
     overlap4, overlap8 = "--distributed.overlap_steps=4", "--distributed.overlap_steps=8"
     out = [
-        Entry("ddp_adamw", Contender("ddp_adamw", "ddp", "adamw"), "torch DDP, AdamW (target)"),
+        Entry(
+            "ddp_adamw",
+            Contender("ddp_adamw", "ddp", "adamw"),
+            "torch DDP, AdamW (target)",
+            "target",
+        ),
         Entry(
             "post_local_sgd_k8",
             Contender("post_local_sgd_k8", "post_local_sgd", "adamw", 8),
             "torch PostLocalSGDOptimizer over AdamW, averaging every 8 steps",
+            "peer",
         ),
         _ranger("ranger_k8", 8),
         _ranger("ranger_k8_bf16", 8, dtype="bf16"),
@@ -238,6 +285,37 @@ def _entries() -> dict[str, Entry]:
             "OuterSync around AdamW (distributed Lookahead(AdamW), alpha 0.5): the inner-optimizer "
             "ablation",
         ),
+        # torchft 0.2.0 (benchmarks/peers): its outer step is made for hundreds of inner steps
+        # per sync (its effective step ~ lr / (1 - momentum) = 7x the mean change)
+        _diloco(
+            "diloco_k8",
+            8,
+            "torchft DiLoCo over AdamW every 8 steps, its published outer step (Nesterov SGD, "
+            "lr 0.7, momentum 0.9)",
+        ),
+        _diloco(
+            "diloco_k32",
+            32,
+            "torchft DiLoCo over AdamW every 32 steps (nearer the period it was made for), its "
+            "published outer step",
+        ),
+        _diloco(
+            "diloco_k8_outer1",
+            8,
+            "torchft DiLoCo over AdamW every 8 steps, outer lr 1 without momentum: plain "
+            "averaging (a check: it should track post_local_sgd_k8)",
+            outer_lr=1.0,
+            momentum=0.0,
+            nesterov=False,
+        ),
+        _diloco(
+            "streaming_diloco_k32_f4",
+            32,
+            "torchft Streaming DiLoCo over AdamW: 4 fragments, one synced every 8 steps (each "
+            "every 32), its all-reduce overlapped with 1 step; published outer step",
+            fragments=4,
+            delay=1,
+        ),
     ]
     return {e.name: e for e in out}
 
@@ -257,8 +335,6 @@ class CellSpec:
     hosts: int
     rate: str
     entries: tuple[str, ...]
-    seeds: int = 1
-    """Seeds for DDP AdamW and the best two local contenders (3 in the headline cell)."""
 
     @property
     def key(self) -> str:
@@ -282,7 +358,6 @@ CELLS = (
             "ranger_k8_bf16",  # blocking; ranger_k8 (fp32) has its lr and curve
             "ranger_k8_bf16_overlap4_eager",  # the same, overlapped (ranger_k8_overlap4_eager: fp32)
         ),
-        seeds=3,
     ),
     # at 20 Mbit/s a bf16 sync takes ~0.5 s, ~9 steps of compute: blocking, then overlapped for
     # 8 steps, eager (without eager the overlap loses 13% of loss per step; k=16 eager 4% more
@@ -295,6 +370,14 @@ CELLS = (
 )
 TARGETS = {"gpt-2h-100mbit": 2.5, "gpt-2h-20mbit": 8.0, "gpt-4h-100mbit": 2.0}
 """The speedup set as the goal of each cell (time to DDP AdamW's final loss)."""
+
+
+def target_cell(workload: str) -> str:
+    """The cell key of DDP AdamW's target seeds: 2 ranks on loopback. DDP's loss per step does
+    not depend on the link (the same seed gives the same curve at any rate) nor on the number of
+    hosts at the same global batch (measured: 1.6253 with 2 hosts, 1.6254 with 4), so one set of
+    seeds sets every cell's target of the workload."""
+    return f"{workload}-2h-target"
 
 
 def tune_cell(workload: str, hosts: int) -> str:
@@ -345,7 +428,7 @@ def final_loss(run: dict[str, Any]) -> float:
     """The validation loss at the run's last step (slow weights for Lookahead contenders). In the
     run stage every point of a curve, this one included, scores the same validation windows (the
     workload's ``eval_batches``: 512 fixed windows for GPT, the whole split for digits;
-    ``--train.final_eval_batches``), so the target (DDP's mean of these) and a contender's
+    ``--train.final_eval_batches``), so the target (the median of DDP's) and a contender's
     crossing, wherever it falls, are measured alike. Tuning scores the whole split instead."""
     step, _, loss = run["curve"][-1]
     if step != run["steps_budget"]:
@@ -353,16 +436,26 @@ def final_loss(run: dict[str, Any]) -> float:
     return float(loss)
 
 
-def rung_reached(runs: list[dict[str, Any]], target: float) -> int | None:
-    """The row's rung: the smallest step budget at which every seed the contender ran has a run
-    and every one of those runs reaches ``target`` (None: no such rung). A rung that seed 0
-    reaches but another seed does not is passed over: the ladder goes on for every seed."""
-    seeds = {r["seed"] for r in runs}
+def seed_times(runs: list[dict[str, Any]], target: float) -> dict[int, float | None]:
+    """Each seed's time to ``target`` (None: its run never reaches it)."""
+    return {int(r["seed"]): time_to_target(r["curve"], target) for r in runs}
+
+
+def median_time(times: dict[int, float | None], seeds: tuple[int, ...]) -> float | None:
+    """The median over ``seeds`` of their times to target, a seed that never crosses (or has no
+    run) counting as never: None unless more than half of the seeds cross (2 of 3)."""
+    values = [times.get(s) for s in seeds]
+    t = statistics.median(math.inf if v is None else v for v in values)
+    return None if math.isinf(t) else t
+
+
+def rung_reached(runs: list[dict[str, Any]], target: float, seeds: tuple[int, ...]) -> int | None:
+    """The row's rung: the smallest step budget at which the median over ``seeds`` of the times
+    to target is finite (more than half of the seeds cross; a seed without a run there counts
+    as never). None: no rung of the ladder."""
     for steps in sorted({r["steps_budget"] for r in runs}):
         at = [r for r in runs if r["steps_budget"] == steps]
-        if {r["seed"] for r in at} == seeds and all(
-            time_to_target(r["curve"], target) is not None for r in at
-        ):
+        if median_time(seed_times(at, target), seeds) is not None:
             return int(steps)
     return None
 
@@ -370,8 +463,9 @@ def rung_reached(runs: list[dict[str, Any]], target: float) -> int | None:
 def _stats(values: list[float]) -> dict[str, Any]:
     return {
         "values": values,
-        "mean": statistics.mean(values) if values else None,
-        "sd": statistics.stdev(values) if len(values) > 1 else None,
+        "median": statistics.median(values) if values else None,
+        "min": min(values) if values else None,
+        "max": max(values) if values else None,
     }
 
 
@@ -380,45 +474,67 @@ def budgets(payload: dict[str, Any]) -> dict[str, int]:
     return dict(payload.get("constants", {}).get("B", B))
 
 
+def target_runs(payload: dict[str, Any], workload: str) -> list[dict[str, Any]]:
+    """DDP AdamW's target seeds of ``workload`` (B steps, :func:`target_cell`)."""
+    steps_b = budgets(payload)[workload]
+    return [
+        r
+        for r in payload["runs"]
+        if r["stage"] == "run"
+        and r.get("ok")
+        and r["cell"] == target_cell(workload)
+        and r["entry"] == "ddp_adamw"
+        and r["steps_budget"] == steps_b
+    ]
+
+
 def analyse(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per cell: target, DDP's time and the cell's limit; per contender: equal-token finals,
-    ladder, time to target per seed, speedup, fraction of the limit, bytes, comm share."""
+    """Per cell: the target (median of DDP's target seeds), DDP's time in the cell and the
+    cell's limit; per contender: finals at B steps, the ladder, each seed's time to target, the
+    median, speedups over DDP and over the best peer, fraction of the limit, bytes, comm share."""
     runs = [r for r in payload["runs"] if r["stage"] == "run" and r.get("ok")]
+    seeds = tuple(payload.get("constants", {}).get("seeds", SEEDS))
     b = budgets(payload)
     out = []
     for spec in CELLS:
         cell = [r for r in runs if r["cell"] == spec.key]
         free = [r for r in runs if r["cell"] == spec.unlimited_key and r["entry"] == "ddp_adamw"]
         steps_b = b[spec.workload]
+        finals = _stats([final_loss(r) for r in target_runs(payload, spec.workload)])
         ddp = [r for r in cell if r["entry"] == "ddp_adamw" and r["steps_budget"] == steps_b]
-        if not ddp:
+        if not ddp or finals["median"] is None:
             continue
-        target = statistics.mean(final_loss(r) for r in ddp)
+        target = finals["median"]
         ddp_time = statistics.mean(r["train_time_s"] for r in ddp)
         limit = ddp_time / free[0]["train_time_s"] if free else None
-        ddp_finals = _stats([final_loss(r) for r in ddp])
         summary: dict[str, Any] = {
             "cell": spec.key,
             "target_val_loss": target,
-            "ddp_final": ddp_finals,
+            "target_seeds": finals,
             "ddp_train_time_s": _stats([r["train_time_s"] for r in ddp]),
             "ddp_no_limit_train_time_s": free[0]["train_time_s"] if free else None,
             "limit": limit,
             "speedup_target": TARGETS.get(spec.key),
             "rows": [],
         }
-        spread = (
-            ddp_finals["mean"] - (ddp_finals["sd"] or 0.0),
-            ddp_finals["mean"] + (ddp_finals["sd"] or 0.0),
-        )
         for name in spec.entries:
             mine = [r for r in cell if r["entry"] == name]
             if mine:
                 summary["rows"].append(
-                    _row(name, mine, ddp, free, target, ddp_time, limit, spread, steps_b)
+                    _row(name, mine, ddp, free, target, ddp_time, limit, finals, steps_b, seeds)
                 )
+        _versus_best_peer(summary["rows"])
         out.append(summary)
     return out
+
+
+def _versus_best_peer(rows: list[dict[str, Any]]) -> None:
+    """Each distributed Ranger row: the best peer's time to target / its own."""
+    peers = [r["time_to_target_s"] for r in rows if r["family"] == "peer" and r.get("rung")]
+    best = min(peers, default=None)
+    for r in rows:
+        if r["family"] == "rangerdl" and best is not None and r.get("time_to_target_s"):
+            r["speedup_over_best_peer"] = best / r["time_to_target_s"]
 
 
 def _row(
@@ -429,44 +545,45 @@ def _row(
     target: float,
     ddp_time: float,
     limit: float | None,
-    spread: tuple[float, float],
+    finals: dict[str, Any],
     steps_b: int,
+    seeds: tuple[int, ...],
 ) -> dict[str, Any]:
     """One contender's row of a cell (see :func:`analyse`)."""
-    equal = [r for r in mine if r["steps_budget"] == steps_b]
-    finals = _stats([final_loss(r) for r in equal])
-    row: dict[str, Any] = {"entry": name, "lr": mine[0]["lr"], "k": ENTRIES[name].k}
-    row["what"] = ENTRIES[name].what
-    row["equal_tokens"] = finals
-    if finals["mean"] is not None:
-        row["vs_ddp"] = finals["mean"] / target - 1
-        row["matches_ddp"] = spread[0] <= finals["mean"] <= spread[1] or finals["mean"] < spread[0]
-    ladder = sorted((r for r in mine if r["seed"] == 0), key=lambda r: r["steps_budget"])
+    entry = ENTRIES[name]
+    equal = _stats([final_loss(r) for r in mine if r["steps_budget"] == steps_b])
+    row: dict[str, Any] = {"entry": name, "lr": mine[0]["lr"], "k": entry.k}
+    row |= {"what": entry.what, "family": entry.family, "equal_tokens": equal}
+    if equal["median"] is not None:
+        row["vs_ddp"] = equal["median"] / target - 1
+        row["within_ddp_spread"] = equal["median"] <= finals["max"]
     row["ladder"] = [
         {
-            "steps": r["steps_budget"],
-            "final_val_loss": final_loss(r),
-            "final_val_loss_whole_split": r["final_val_loss"],
-            "train_time_s": r["train_time_s"],
-            "time_to_target_s": time_to_target(r["curve"], target),
+            "steps": steps,
+            "time_to_target_per_seed": seed_times(at, target),
+            "final_val_loss_per_seed": {int(r["seed"]): final_loss(r) for r in at},
+            "train_time_s_per_seed": {int(r["seed"]): r["train_time_s"] for r in at},
         }
-        for r in ladder
+        for steps in sorted({r["steps_budget"] for r in mine})
+        for at in [[r for r in mine if r["steps_budget"] == steps]]
     ]
-    hit = rung_reached(mine, target)
     hit_rows: list[dict[str, Any]] = []
     if name == "ddp_adamw":
         row["time_to_target_s"] = ddp_time
         hit_rows = ddp
-    elif hit is not None:
-        row["rung"] = hit
-        hit_rows = sorted((r for r in mine if r["steps_budget"] == hit), key=lambda r: r["seed"])
-        times = [time_to_target(r["curve"], target) for r in hit_rows]
-        row["time_to_target_per_seed"] = times
-        row["time_to_target_s"] = statistics.mean(t for t in times if t is not None)
     else:
-        first = next((x for x in row["ladder"] if x["time_to_target_s"] is not None), None)
-        if first is not None:  # seed 0 reached it, another seed not within the ladder
-            row["seed0_rung"] = first["steps"]
+        hit = rung_reached(mine, target, seeds)
+        if hit is not None:
+            hit_rows = sorted(
+                (r for r in mine if r["steps_budget"] == hit), key=lambda r: r["seed"]
+            )
+            times = seed_times(hit_rows, target)
+            crossed = [t for t in times.values() if t is not None]
+            row |= {"rung": hit, "time_to_target_per_seed": times}
+            row["time_to_target_s"] = median_time(times, seeds)
+            row["time_to_target_min_s"] = min(crossed)
+            row["time_to_target_max_s"] = max(crossed) if len(crossed) == len(seeds) else None
+            row["seeds_crossing"] = f"{len(crossed)}/{len(seeds)}"
     t = row.get("time_to_target_s")
     if t and name != "ddp_adamw":
         row["speedup"] = ddp_time / t

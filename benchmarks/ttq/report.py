@@ -8,9 +8,10 @@ from typing import Any
 from ttq import protocol as p
 
 CELL_HEADER = (
-    "| contender | lr | final loss at B steps (seeds) | vs DDP | rung (steps) "
-    "| time to target (s) | speedup | of limit | bytes fewer | comm share | others' CPU |\n"
-    + "|---" * 11
+    "| contender | lr | final loss at B steps: median (min-max) | vs target | rung (steps) "
+    "| time to target (s): median (min-max) | seeds crossing | speedup over DDP "
+    "| over best peer | of limit | MB per rank | bytes fewer | comm share | others' CPU |\n"
+    + "|---" * 14
     + "|"
 )
 
@@ -23,47 +24,57 @@ def _pct(v: float | None) -> str:
     return _f(None if v is None else 100 * v, ".0f", "%")
 
 
+def _spread(s: dict[str, Any], fmt: str) -> str:
+    """``median (min-max)`` of a :func:`protocol._stats`, or the one value."""
+    if s["median"] is None:
+        return "-"
+    if len(s["values"]) == 1:
+        return format(s["median"], fmt)
+    return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
+
+
 def _time_cell(row: dict[str, Any]) -> str:
     t = row.get("time_to_target_s")
-    if t is not None:
+    if t is None:
+        return "not reached"
+    if "time_to_target_min_s" not in row:
         return f"{t:.1f}"
-    if row.get("seed0_rung"):
-        return f"seed 0 at {row['seed0_rung']} steps; not every seed within the ladder"
-    return "not reached"
+    hi = row.get("time_to_target_max_s")
+    return f"{t:.1f} ({row['time_to_target_min_s']:.1f}-{'never' if hi is None else f'{hi:.1f}'})"
+
+
+def cell_line(cell: dict[str, Any]) -> str:
+    """The line above a cell's table: the target, DDP's spread, DDP's time and the limit."""
+    d = cell["target_seeds"]
+    goal = f"; goal {cell['speedup_target']}x over DDP" if cell["speedup_target"] else ""
+    free = cell["ddp_no_limit_train_time_s"]
+    return (
+        f"**{cell['cell']}**: target {cell['target_val_loss']:.4f}, the median final loss of "
+        f"{len(d['values'])} DDP AdamW seeds (min {d['min']:.4f}, max {d['max']:.4f}); DDP "
+        f"trains B steps in {cell['ddp_train_time_s']['median']:.1f} s here, "
+        f"{_f(free, '.1f', ' s')} with no rate limit: limit {_f(cell['limit'], '.2f', 'x')}{goal}"
+    )
 
 
 def cell_table(cell: dict[str, Any]) -> str:
-    """One analysed cell: a line with its target, DDP's time and limit, then one row per
-    contender."""
-    d = cell["ddp_final"]
-    sd = f", sd {d['sd']:.4f}" if d["sd"] else ""
-    goal = f"; target speedup {cell['speedup_target']}x" if cell["speedup_target"] else ""
-    lines = [
-        f"**{cell['cell']}**: target {cell['target_val_loss']:.4f} (DDP AdamW, "
-        f"{len(d['values'])} seed(s){sd}), DDP {cell['ddp_train_time_s']['mean']:.1f} s; "
-        f"limit {_f(cell['limit'], '.2f', 'x')}{goal}",
-        "",
-        CELL_HEADER,
-    ]
+    """One analysed cell: :func:`cell_line`, then one row per contender."""
+    lines = [cell_line(cell), "", CELL_HEADER]
     for r in cell["rows"]:
-        eq = r["equal_tokens"]
-        eq_s = "-"
-        if eq["mean"] is not None:
-            eq_s = f"{eq['mean']:.4f}" + (f" +- {eq['sd']:.4f}" if eq["sd"] else "")
-            eq_s += f" ({len(eq['values'])})"
         vs = r.get("vs_ddp")
-        vs_s = "-" if vs is None else f"{100 * vs:+.1f}%"
-        if r["entry"] != "ddp_adamw" and r.get("matches_ddp"):
-            vs_s += " (within)" if vs is not None and vs >= 0 else " (below)"
+        vs_s = "-" if vs is None or r["entry"] == "ddp_adamw" else f"{100 * vs:+.1f}%"
+        mb = r.get("bytes_per_rank")
         cells = [
             r["entry"],
             f"{r['lr']:.3g}",
-            eq_s,
+            _spread(r["equal_tokens"], ".4f"),
             vs_s,
             str(r.get("rung", "-")),
             _time_cell(r),
+            r.get("seeds_crossing", "-"),
             _f(r.get("speedup"), ".2f", "x"),
+            _f(r.get("speedup_over_best_peer"), ".2f", "x"),
             _pct(r.get("fraction_of_limit")),
+            _f(None if mb is None else mb / 1e6, ".0f"),
             _f(r.get("bytes_fewer_than_ddp"), ".1f", "x"),
             _pct(r.get("comm_share")),
             _pct(r.get("others_cpu_share")),

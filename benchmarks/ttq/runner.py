@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from common import atomic_write_json
+from peers import launch as torchft_peer
 from ttq import protocol as p
 
 BENCH = p.BENCH
@@ -88,15 +89,30 @@ def launch(
     env: dict[str, str],
     log_dir: Path,
     timeout_s: float,
+    program: str = "rangerdl",
 ) -> Launch:
-    """Run ``rangerdl train TRAIN_ARGS``: one process, in the netsim cluster, or plain torchrun."""
+    """Run ``rangerdl train TRAIN_ARGS``: one process, in the netsim cluster, or plain torchrun.
+    ``program="torchft"``: torchft's DiLoCo, one replica group per host (``benchmarks/peers``)."""
     target = ["-m", "rangerdl", "train", *train_args]
     log_dir.mkdir(parents=True, exist_ok=True)
     meter = CpuMeter()
     t0 = time.monotonic()
+    if program == "torchft" and cluster is None:
+        results = torchft_peer.run_loopback(
+            train_args, hosts, env=env, log_dir=log_dir, timeout_s=timeout_s
+        )
+        bad = next((r for r in results if not r.ok), None)
+        error = "" if bad is None else f"host {bad.host} rc {bad.returncode} killed {bad.killed}"
+        error += f": {bad.stderr[-2000:]}" if bad is not None else ""
+        return Launch(bad is None, error, time.monotonic() - t0, meter.others_share())
     if cluster is not None:
         tx = _tx_bytes(cluster)
-        results = cluster.torchrun(target, env=env, timeout_s=timeout_s, log_dir=log_dir)
+        if program == "torchft":
+            results = torchft_peer.run_cluster(
+                cluster, train_args, env=env, timeout_s=timeout_s, log_dir=log_dir
+            )
+        else:
+            results = cluster.torchrun(target, env=env, timeout_s=timeout_s, log_dir=log_dir)
         failed = [r for r in results if not r.ok]
         error = ""
         if failed:
@@ -231,6 +247,11 @@ class Runner:
         run_dir = self.workdir / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)
         command = reproduce_command(w.config, args, self.hosts, self.rate, self.netsim)
+        if c.program == "torchft":
+            config = os.path.relpath(w.config, REPO)
+            command = torchft_peer.reproduce_command(
+                [config, *args], self.hosts, self.rate, self.netsim
+            )
         argv = [str(w.config), *args, f"--run.dir={self.workdir / 'runs'}"]
         print(f"  {c.name:<22} ", end="", flush=True)
         res = launch(
@@ -240,6 +261,7 @@ class Runner:
             env=self.env,
             log_dir=self.workdir / "logs" / name,
             timeout_s=self.timeout_s,
+            program=c.program,
         )
         row: dict[str, Any] = {"contender": c.name, "command": command, "ok": res.ok}
         row |= {"wall_s": res.wall_s, "others_cpu_share": res.others_cpu_share}
@@ -323,12 +345,14 @@ def run_cell(
     netsim: bool = True,
     entries: list[str] | None = None,
 ) -> None:
-    """Stage 2 for one cell: DDP's seeds (+ its no-limit time), every local contender's ladder at
-    seed 0, then the best two again at the other seeds: at B (equal tokens) and up the ladder
-    from seed 0's rung until each reaches the target, then every seed at the highest such rung.
+    """Stage 2 for one cell: DDP AdamW's target seeds (loopback, shared by the workload's
+    cells), DDP with no rate limit (the cell's limit) and in the cell (its time), then every
+    contender up the ladder, all of ``SEEDS`` at each rung, until the median of their times to
+    target is finite (a rung past B where that has become impossible is cut short).
     Learning rates: the tuning winners in ``tuning`` (default: ``out``), found with 2 hosts.
-    ``netsim=False`` runs the cell on loopback with no rate limit (a smoke test of the stage);
-    ``entries`` keeps only those contenders (DDP AdamW always runs: it sets the target)."""
+    ``redo`` reruns the cell's runs (not the target seeds); ``netsim=False`` runs the cell on
+    loopback with no rate limit (a smoke test of the stage); ``entries`` keeps only those
+    contenders (DDP AdamW always runs)."""
     payload = load(tuning or out)
     if tuning is not None:  # carry the tuning runs along, so that `out` tells the whole story
         tuned = [r for r in payload["runs"] if r["stage"] == "tune"]
@@ -336,9 +360,9 @@ def run_cell(
         keep = {run_key(r) for r in tuned}
         mine["runs"] = [r for r in mine["runs"] if run_key(r) not in keep] + tuned
         atomic_write_json(out, mine)
+    cells = {spec.key, spec.unlimited_key}
     if redo:  # a fresh cell: no run of an earlier invocation mixes into this one's analysis
         mine = load(out)
-        cells = {spec.key, spec.unlimited_key}
         mine["runs"] = [
             r
             for r in mine["runs"]
@@ -352,52 +376,42 @@ def run_cell(
         raise SystemExit(f"{spec.key}: no tuning runs for {', '.join(missing)}: run `tune` first")
     lrs = {n: lr for n, lr in found.items() if lr is not None}
     steps_b, every = p.B[spec.workload], p.EVAL_EVERY[spec.workload]
-    seeds = p.SEEDS[: spec.seeds]
-
-    def done(entry: str, seed: int, steps: int, cell: str) -> dict[str, Any] | None:
-        key = ("run", cell, entry, lrs[entry], seed, steps)
-        rows = [r for r in load(out)["runs"] if run_key(r) == key and r.get("ok")]
-        if redo:  # only this invocation's runs count
-            rows = [r for r in rows if r["started"] >= REDO_SINCE]
-        return rows[-1] if rows else None
 
     def go(runner: Runner, entry: str, seed: int, steps: int) -> dict[str, Any]:
-        row = done(entry, seed, steps, runner.cell)
-        if row is None:
-            row = runner.run(p.ENTRIES[entry], lrs[entry], seed, steps, "run", every)
-            save_run(out, row)
+        key = ("run", runner.cell, entry, lrs[entry], seed, steps)
+        rows = [r for r in load(out)["runs"] if run_key(r) == key and r.get("ok")]
+        if redo and runner.cell in cells:  # only this invocation's runs count
+            rows = [r for r in rows if r["started"] >= REDO_SINCE]
+        if rows:
+            return rows[-1]
+        row = runner.run(p.ENTRIES[entry], lrs[entry], seed, steps, "run", every)
+        save_run(out, row)
         return row
+
+    def crossing(row: dict[str, Any], target: float) -> float | None:
+        return p.time_to_target(row["curve"], target) if row.get("ok") else None
 
     with tempfile.TemporaryDirectory(prefix="rdl-ttq-run-") as tmp:
         workdir = Path(tmp)
         prepare_data(workdir, p.QUICK, {spec.workload})
         w, h = spec.workload, spec.hosts
+        with Runner(workdir, w, 2, None, cell=p.target_cell(w), netsim=False) as runner:
+            finals = [go(runner, "ddp_adamw", s, steps_b) for s in p.TARGET_SEEDS]
+        target = statistics.median(p.final_loss(r) for r in finals if r.get("ok"))
         with Runner(workdir, w, h, None, cell=spec.unlimited_key, netsim=netsim) as runner:
             go(runner, "ddp_adamw", 0, steps_b)  # the cell's limit: DDP with no rate limit
         with Runner(workdir, w, h, spec.rate, cell=spec.key, netsim=netsim) as runner:
-            ddp = [go(runner, "ddp_adamw", s, steps_b) for s in seeds]
-            target = statistics.mean(p.final_loss(r) for r in ddp if r.get("ok"))
-            reached: dict[str, tuple[int, float]] = {}
+            go(runner, "ddp_adamw", 0, steps_b)  # DDP's time in this cell
             for name in names[1:]:
                 for steps in p.rung_steps(w, p.ENTRIES[name].k):
-                    row = go(runner, name, 0, steps)
-                    t = p.time_to_target(row["curve"], target) if row.get("ok") else None
-                    if t is not None:
-                        reached[name] = (steps, t)
+                    times: dict[int, float | None] = {}
+                    for seed in p.SEEDS:
+                        never = sum(t is None for t in times.values())
+                        if steps != steps_b and never > len(p.SEEDS) // 2:
+                            break  # the median cannot be finite here (B runs every seed)
+                        times[seed] = crossing(go(runner, name, seed, steps), target)
+                    if p.median_time(times, p.SEEDS) is not None:
                         break
-            best = sorted(reached, key=lambda n: reached[n][1])[:2]
-            for name in best:
-                ladder = p.rung_steps(w, p.ENTRIES[name].k)
-                first = {0: reached[name][0]}
-                for seed in seeds[1:]:
-                    go(runner, name, seed, steps_b)  # equal tokens
-                    for steps in (s for s in ladder if s >= reached[name][0]):
-                        row = go(runner, name, seed, steps)
-                        first[seed] = steps
-                        if row.get("ok") and p.time_to_target(row["curve"], target) is not None:
-                            break
-                for seed in seeds:  # the row's rung: the first that every seed reaches
-                    go(runner, name, seed, max(first.values()))
 
 
 def recheck(spec: p.CellSpec, wanted: list[tuple[str, int]], out: Path, command: str) -> None:
