@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--entries", nargs="+", choices=list(p.ENTRIES), default=list(p.ENTRIES))
     t.add_argument("--workload", choices=list(p.B), default="gpt")
     t.add_argument("--hosts", type=int, default=2)
+    t.add_argument("--redo", action="store_true", help="rerun tuning runs already in the JSON")
     r = sub.add_parser("run", help="stage 2: the cells on the simulated network (root)")
     r.add_argument("--cells", nargs="+", choices=[c.key for c in p.CELLS])
     r.add_argument("--entries", nargs="+", choices=list(p.ENTRIES), help="only these contenders")
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         args.out = QUICK_OUT if args.quick else runner.OUT
     if args.stage == "tune":
-        runner.tune(args.entries, args.workload, args.hosts, args.out)
+        runner.tune(args.entries, args.workload, args.hosts, args.out, args.redo)
     elif args.stage == "run":
         if not args.no_netsim:
             _need_netsim()

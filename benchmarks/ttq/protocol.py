@@ -11,7 +11,9 @@ keeps the rest):
 1. ``tune``: every contender gets the same tuning budget: ``TUNE_FACTORS`` (5) learning rates,
    the centre (the single-process sweep's best for its inner optimizer, ``LR_CENTRE``)
    times 2^-1 ... 2^1, each trained for B steps with seed ``TUNE_SEED`` (not a scoring seed: no
-   contender is tuned on the runs it is scored on); the lowest final validation loss wins. Runs on
+   contender is tuned on the runs it is scored on); the lowest final validation loss wins. When
+   the winner is an edge of the grid, the grid goes one factor further on that side, up to
+   ``TUNE_EXTEND`` (2) times, for every contender alike (``next_lr``). Runs on
    loopback (``torchrun --standalone``): a run's loss curve does not depend on the network (the
    same seed gives the same curve at any rate; only its wall-clock changes). ``TUNED_AS``: an
    entry that differs from another only in transport (bf16) takes that one's lr. Every cell uses
@@ -75,6 +77,8 @@ B = {"gpt": 1024, "digits": 160}
 ladder is a multiple of every k used (8, 16, 32), so no run ends on a partial sync."""
 TUNE_SEED = 100
 TUNE_FACTORS: tuple[float, ...] = (0.5, 0.7071, 1.0, 1.4142, 2.0)
+TUNE_EXTEND = 2
+"""Trials added past an edge of the grid that wins (``next_lr``), at most."""
 LR_CENTRE = {"gpt": {"adamw": 2e-3, "ranger": 1.6e-2}, "digits": {"adamw": 1e-2, "ranger": 3e-2}}
 """The single-process sweep's best lr per optimizer and workload (final validation loss after the
 full step budget, flat_anneal schedule; the sweep is in ``ttq_protocol.json``'s ``fixed_budget``
@@ -393,6 +397,21 @@ def rung_steps(workload: str, k: int) -> list[int]:
 def tune_lrs(workload: str, optimizer: str) -> list[float]:
     """The tuning grid of one optimizer: its centre lr times ``TUNE_FACTORS``, 3 digits."""
     return [float(f"{LR_CENTRE[workload][optimizer] * f:.3g}") for f in TUNE_FACTORS]
+
+
+def next_lr(losses: dict[float, float]) -> float | None:
+    """The grid's next trial when the best lr so far (lowest final loss) is the highest or the
+    lowest tried: one more grid factor (sqrt 2) past it, 3 digits; None when the best is inside
+    the grid (or nothing ran). The same rule for every contender, at most ``TUNE_EXTEND``
+    times; every trial is in the JSON."""
+    if not losses:
+        return None
+    best = min(losses, key=lambda lr: losses[lr])
+    if len(losses) > 1 and best == max(losses):
+        return float(f"{best * math.sqrt(2):.3g}")
+    if len(losses) > 1 and best == min(losses):
+        return float(f"{best / math.sqrt(2):.3g}")
+    return None
 
 
 def tuned_lr(payload: dict[str, Any], workload: str, hosts: int, name: str) -> float | None:

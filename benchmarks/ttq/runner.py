@@ -322,8 +322,10 @@ def save_run(path: Path, row: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- stages
-def tune(names: list[str], workload: str, hosts: int, out: Path) -> None:
-    """Stage 1: the lr grid of every entry in ``names``, seed TUNE_SEED, B steps, loopback."""
+def tune(names: list[str], workload: str, hosts: int, out: Path, redo: bool = False) -> None:
+    """Stage 1: the lr grid of every entry in ``names``, seed TUNE_SEED, B steps, loopback;
+    extended past an edge that wins (``protocol.next_lr``). Runs already in ``out`` are kept
+    unless ``redo``."""
     steps = p.B[workload]
     with tempfile.TemporaryDirectory(prefix="rdl-ttq-tune-") as tmp:
         workdir = Path(tmp)
@@ -332,9 +334,23 @@ def tune(names: list[str], workload: str, hosts: int, out: Path) -> None:
         with Runner(workdir, workload, hosts, None, cell=cell, netsim=False) as runner:
             for name in names:
                 e = p.ENTRIES[name]
-                for lr in p.tune_lrs(workload, e.contender.optimizer):
+
+                def trial(lr: float, e: p.Entry = e) -> dict[str, Any]:
+                    key = ("tune", cell, e.name, lr, p.TUNE_SEED, steps)
+                    rows = [r for r in load(out)["runs"] if run_key(r) == key and r.get("ok")]
+                    if rows and not redo:
+                        return rows[-1]
                     row = runner.run(e, lr, p.TUNE_SEED, steps, "tune", eval_every=steps)
                     save_run(out, row)
+                    return row
+
+                tried = {lr: trial(lr) for lr in p.tune_lrs(workload, e.contender.optimizer)}
+                for _ in range(p.TUNE_EXTEND):
+                    losses = {lr: r["final_val_loss"] for lr, r in tried.items() if r.get("ok")}
+                    lr = p.next_lr(losses)
+                    if lr is None:
+                        break
+                    tried[lr] = trial(lr)
 
 
 def run_cell(

@@ -222,3 +222,10 @@ def test_ttq_protocol_time_is_the_median_of_seeds_a_miss_counts_as_never() -> No
     assert full["time_to_target_s"] == pytest.approx(40.0)
     assert full["time_to_target_min_s"] == pytest.approx(50 * 2 / 3)
     assert full["time_to_target_max_s"] is None  # a seed never crossed
+
+
+def test_ttq_protocol_tuning_grid_goes_past_a_winning_edge() -> None:
+    assert proto.next_lr({0.008: 1.7, 0.016: 1.65, 0.032: 1.6}) == pytest.approx(0.0453)
+    assert proto.next_lr({0.008: 1.5, 0.016: 1.65, 0.032: 1.6}) == pytest.approx(0.00566)
+    assert proto.next_lr({0.008: 1.7, 0.016: 1.5, 0.032: 1.6}) is None
+    assert proto.next_lr({}) is None and proto.next_lr({0.01: 1.0}) is None
