@@ -231,7 +231,8 @@ def _diloco(
         f"--diloco.fragments={fragments}",
         f"--diloco.fragment_sync_delay={delay}",
     )
-    return Entry(name, Contender(name, "diloco", "adamw", k, extra=extra, program="torchft"), what)
+    c = Contender(name, "diloco", "adamw", k, extra=extra, program="torchft")
+    return Entry(name, c, what, "peer")
 
 
 def _entries() -> dict[str, Entry]:
