@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -52,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         faulthandler.enable()
     try:
         return int(args.run(args, extra) or 0)
+    except BrokenPipeError:  # `rangerdl plan ... | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
     except (ValueError, FileNotFoundError, DiskFullError) as exc:
         print(f"rangerdl {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -177,3 +177,26 @@ def test_a_busy_machine_is_named_before_the_plan_trusts_its_timing(
     assert len(caplog.records) == 2
     assert "--train.threads=1" in caplog.records[-1].getMessage()
     assert "load average 6.0 on 2 CPUs" in caplog.records[-1].getMessage()
+
+
+def test_verdict_names_the_smallest_k_of_a_lossless_payload_first() -> None:
+    from rangerdl.workflow.plan import verdict
+
+    def plan(bps: float) -> str:
+        times = StepTimes.from_total(0.06)
+        return verdict(
+            make_plan(numel=450_000, times=times, world_size=2, link=Link(bps, 1e-4), steps=600)
+        )
+
+    slow = plan(1e8)
+    assert slow.startswith("verdict: DDP spends 69% of each step communicating here")
+    assert "from k = 2 (bf16 overlap)" in slow  # not topk's k = 1, which costs quality
+    assert "or k = 1 with compression = topk (check its loss)" in slow
+    assert "DDP is fine on this link" in plan(1e11)
+
+
+def test_plan_piped_into_head_ends_without_a_traceback() -> None:
+    cmd = f"{sys.executable} -m rangerdl plan --workers 2 --bandwidth 100mbit --params 1M "
+    cmd += "--step-time 50ms | head -1"
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("verdict: ") and out.stderr == ""

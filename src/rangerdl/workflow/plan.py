@@ -443,9 +443,34 @@ def make_plan(
     return plan
 
 
+def verdict(plan: Plan) -> str:
+    """The plan in one line: does communication dominate DDP's step here, and the smallest k
+    that keeps distributed Ranger's communication within ``max_share``, with the first payload
+    (in the table's order) that reaches it: fp32 or bf16 (which loses no quality, measured)
+    first; a compressed payload only where those need a larger k (it can cost quality)."""
+    ddp, limit = plan.ddp, _ratio(plan.ddp.run_s / plan.ddp.compute_s)
+    head = f"verdict: DDP spends {100 * ddp.comm_share:.0f}% of each step communicating here"
+    if ddp.comm_share <= plan.max_share:
+        return f"{head}: DDP is fine on this link (local updates save at most {limit})"
+    found = {name: k for name, k in plan.smallest_k.items() if k is not None}
+    if not found:
+        return f"{head}; no k up to {plan.steps} keeps communication within the share"
+    plain = {name: k for name, k in found.items() if name not in COMPRESSED}
+    name = min(plain or found, key=lambda n: found[n])  # min keeps the table's order on ties
+    say = f"{head} (speedup bound {limit}); distributed Ranger keeps it within "
+    say += f"{100 * plan.max_share:g}% from k = {found[name]} ({name})"
+    smaller = {n: k for n, k in found.items() if n in COMPRESSED and k < found[name]}
+    if smaller:
+        n = min(smaller, key=lambda x: smaller[x])
+        say += f", or k = {smaller[n]} with compression = {n} (check its loss)"
+    return say
+
+
 def format_plan(plan: Plan) -> str:
     t, link, ddp = plan.times, plan.link, plan.ddp
     lines = [
+        verdict(plan),
+        "",
         f"model: {plan.numel:,} parameters ({format_bytes(4 * plan.numel)} fp32)"
         + (f", {plan.buffer_numel:,} floating buffer values" if plan.buffer_numel else ""),
         f"compute per worker and step: {format_seconds(t.total_s)} "
