@@ -295,7 +295,7 @@ def make_fragments(model: nn.Module, count: int) -> list[tuple[str, nn.Module]]:
             f"--diloco.fragments={count}: the model has {len(layers)} layers to split ({names})"
         )
     points = split_layers([sum(p.numel() for p in ps) for _, ps in layers], count)
-    out = []
+    out: list[tuple[str, nn.Module]] = []
     for a, b in itertools.pairwise(points):
         group = layers[a:b]
         name = group[0][0] if b - a == 1 else f"{group[0][0]}..{group[-1][0]}"
@@ -342,12 +342,12 @@ def make_manager(group: ReplicaGroup, opts: DilocoOptions, state: nn.Module, inn
     from torchft.manager import Manager
     from torchft.process_group import ProcessGroupGloo
 
-    class HostTransport(HTTPTransport):  # type: ignore[misc]
+    class HostTransport(HTTPTransport):
         def address(self) -> str:
             port = self._server.socket.getsockname()[1]
             return f"http://{group.host}:{port}/checkpoint/"
 
-    class CountingManager(Manager):  # type: ignore[misc]
+    class CountingManager(Manager):
         counted_bytes = 0
 
         def allreduce(
