@@ -19,6 +19,7 @@ sys.path.append(str(BENCH))  # after everything else: shadows nothing
 launch = importlib.import_module("peers.launch")
 torchft_train = importlib.import_module("peers.torchft_train")
 runner = importlib.import_module("ttq.runner")
+proto = importlib.import_module("ttq.protocol")
 
 CONFIG = BENCH / "configs" / "ttq_gpt.toml"
 C, T, V = 32, 32, 256  # n_embd, seq_len, byte vocabulary
@@ -126,3 +127,20 @@ def test_refuses_unknown_options_and_other_optimizers(
     assert "--diloco.sync_evry: unknown" in _refusal(["--diloco.sync_evry=8"], capsys)
     err = _refusal(["--optim.name=ranger", "--train.steps=16", "--train.eval_every=8"], capsys)
     assert "the inner optimizer here is torch AdamW" in err
+
+
+def test_protocol_entries_reach_the_peer() -> None:
+    from rangerdl.train.config import load_config
+
+    peers = [e.contender for e in proto.ENTRIES.values() if e.contender.program == "torchft"]
+    assert {c.name for c in peers} >= {"diloco_k8", "diloco_k8_outer1", "streaming_diloco_k32_f4"}
+    for c in peers:
+        mine, rest = torchft_train.split_arguments(c.overrides(1e-3))
+        opts = torchft_train.parse_diloco(mine)
+        cfg = load_config(CONFIG, [*rest, f"--train.steps={proto.B['gpt']}"])
+        torchft_train.check_config(cfg, opts, 2)
+        assert (opts.sync_every, cfg.optim.name, cfg.optim.lr) == (c.sync_every, "adamw", 1e-3)
+    outer1 = torchft_train.parse_diloco(
+        torchft_train.split_arguments(proto.ENTRIES["diloco_k8_outer1"].contender.overrides(1))[0]
+    )
+    assert (outer1.outer_lr, outer1.outer_momentum, outer1.nesterov) == (1.0, 0.0, False)
