@@ -38,11 +38,17 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="loopback, no rate limit: a smoke test of the stage (the cells' times mean nothing)",
     )
+    st = sub.add_parser(
+        "seedstudy", help="DDP AdamW with (init seed, data-order seed, lr) apart, loopback"
+    )
+    st.add_argument("--runs", nargs="+", required=True, help="INIT,DATA,LR e.g. 2,0,0.002")
+    st.add_argument("--workload", choices=list(p.B), default="gpt")
+    st.add_argument("--redo", action="store_true", help="rerun runs already in the JSON")
     rep = sub.add_parser("report", help="stage 3: tables and figure from the JSON")
     c = sub.add_parser("recheck", help="rerun committed runs: the machine then and now (root)")
     c.add_argument("--cell", required=True, choices=[c.key for c in p.CELLS])
     c.add_argument("--runs", nargs="+", required=True, help="ENTRY:STEPS, seed 0")
-    for x in (t, r, rep, c):
+    for x in (t, r, st, rep, c):
         x.add_argument(
             "--out",
             type=Path,
@@ -61,6 +67,17 @@ def _recheck_runs(parser: argparse.ArgumentParser, items: list[str]) -> list[tup
             parser.error(f"--runs: {item!r} is not ENTRY:STEPS with a known entry")
         wanted.append((name, int(steps)))
     return wanted
+
+
+def _study_runs(parser: argparse.ArgumentParser, items: list[str]) -> list[tuple[int, int, float]]:
+    out = []
+    for item in items:
+        try:
+            init, data, lr = item.split(",")
+            out.append((int(init), int(data), float(lr)))
+        except ValueError:
+            parser.error(f"--runs: {item!r} is not INIT,DATA,LR (two seeds and a learning rate)")
+    return out
 
 
 def _need_netsim() -> None:
@@ -109,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.cells or spec.key in args.cells:
                 netsim = not args.no_netsim
                 runner.run_cell(spec, args.out, args.redo, args.tuning, netsim, args.entries)
+    elif args.stage == "seedstudy":
+        runner.seed_study(args.workload, _study_runs(parser, args.runs), args.out, args.redo)
     elif args.stage == "recheck":
         _need_netsim()
         spec = next(c for c in p.CELLS if c.key == args.cell)

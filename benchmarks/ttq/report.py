@@ -180,6 +180,40 @@ def tuning_ablation_table(payload: dict[str, Any], cell: str | None = None) -> s
     return "\n".join(lines)
 
 
+def seed_study_table(payload: dict[str, Any], workload: str = "gpt") -> str:
+    """DDP AdamW's target seeds and the seed study: validation loss along the run per (init
+    seed, data-order seed, lr); the target seeds' order seed is their init seed."""
+    rows = [
+        r
+        for r in p.target_runs(payload, workload)
+        + [
+            r
+            for r in payload["runs"]
+            if r["stage"] == "seedstudy" and r["cell"].startswith(f"{workload}-") and r.get("ok")
+        ]
+    ]
+    if not rows:
+        return ""
+    steps = sorted({int(s) for r in rows for s, _, _ in r["curve"]})
+    show = [s for s in (32, 128, 512) if s in steps] + [max(steps)]
+    lines = [
+        "| init seed | data-order seed | lr | "
+        + " | ".join(f"val loss at {s}" for s in show)
+        + " |",
+        "|---" * (3 + len(show)) + "|",
+    ]
+    key = lambda r: (r["stage"] != "run", r["lr"] != 0.002, r["seed"], r.get("data_seed", -1))  # noqa: E731
+    for r in sorted(rows, key=key):
+        at = {int(s): loss for s, _, loss in r["curve"]}
+        data = r.get("data_seed", -1)
+        lines.append(
+            f"| {r['seed']} | {r['seed'] if data < 0 else data} | {r['lr']:.3g} | "
+            + " | ".join(_f(at.get(s), ".4f") for s in show)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def recheck_table(payload: dict[str, Any]) -> str:
     """Reruns of committed runs: training time then and now."""
     lines = [

@@ -430,6 +430,46 @@ def run_cell(
                         break
 
 
+def seed_study(
+    workload: str, runs: list[tuple[int, int, float]], out: Path, redo: bool = False
+) -> None:
+    """DDP AdamW at B steps on loopback with (initial-weights seed, data-order seed, lr) each:
+    which of the two seeds, or the lr, makes a DDP seed end far from the others. Rows: stage
+    ``seedstudy``, ``seed`` the init seed, ``data_seed`` the order's."""
+    steps, every = p.B[workload], p.EVAL_EVERY[workload]
+    with tempfile.TemporaryDirectory(prefix="rdl-ttq-seeds-") as tmp:
+        workdir = Path(tmp)
+        prepare_data(workdir, p.QUICK, {workload})
+        cell = f"{workload}-2h-seedstudy"
+        with Runner(workdir, workload, 2, None, cell=cell, netsim=False) as runner:
+            for init, data, lr in runs:
+                have = [
+                    r
+                    for r in load(out)["runs"]
+                    if r["stage"] == "seedstudy"
+                    and r["cell"] == cell
+                    and (r["seed"], r["data_seed"], r["lr"]) == (init, data, lr)
+                    and r.get("ok")
+                ]
+                if have and not redo:
+                    continue
+                e = p.ENTRIES["ddp_adamw"]
+                e = replace(e, contender=replace(e.contender, extra=(f"--run.data_seed={data}",)))
+                row = runner.run(e, lr, init, steps, "seedstudy", every)
+                row["data_seed"] = data
+                payload = load(out)
+                payload["runs"] = [
+                    r
+                    for r in payload["runs"]
+                    if not (
+                        r["stage"] == "seedstudy"
+                        and r["cell"] == cell
+                        and (r["seed"], r.get("data_seed"), r["lr"]) == (init, data, lr)
+                    )
+                ] + [row]
+                atomic_write_json(out, payload)
+
+
 def recheck(spec: p.CellSpec, wanted: list[tuple[str, int]], out: Path, command: str) -> None:
     """Rerun committed runs (entry, steps; seed 0, tuned lr) of ``spec`` the same way and record
     their training times now and then under ``rechecks`` in ``out``: the machine is shared and
