@@ -35,6 +35,9 @@ def _spread(s: dict[str, Any], fmt: str) -> str:
 
 def _time_cell(row: dict[str, Any]) -> str:
     t = row.get("time_to_target_s")
+    if t is None and row.get("seed0_only"):
+        s0 = row["seed0_only"]
+        return f"seed 0 only: {s0['time_to_target_s']:.1f} at {s0['rung']} steps"
     if t is None:
         return "not reached"
     if "time_to_target_min_s" not in row:
