@@ -100,12 +100,20 @@ def cells_tables(payload: dict[str, Any]) -> str:
 
 
 def tuning_table(payload: dict[str, Any]) -> str:
-    """Per tuning cell: each entry's final loss at each lr of its grid; * = chosen."""
+    """Per tuning cell: each entry's final loss at each lr it tried, by factor of its grid's
+    centre (the grid, then any trials past a winning edge); * = chosen."""
     runs = [r for r in payload["runs"] if r["stage"] == "tune" and r.get("ok")]
+    centres = payload.get("constants", {}).get("lr_centre", p.LR_CENTRE)
     lines = []
     for cell in sorted({r["cell"] for r in runs}):
+        workload = cell.split("-")[0]
         mine = [r for r in runs if r["cell"] == cell]
-        factors = payload.get("constants", {}).get("tune_factors", p.TUNE_FACTORS)
+
+        def factor(r: dict[str, Any], workload: str = workload) -> float:
+            centre = centres[workload][p.ENTRIES[r["entry"]].contender.optimizer]
+            return float(f"{r['lr'] / centre:.2g}")
+
+        factors = sorted({factor(r) for r in mine if r["entry"] in p.ENTRIES})
         lines.append(
             f"Tuning ({cell}, seed {p.TUNE_SEED}, final val loss after B steps; * = chosen)"
         )
@@ -113,13 +121,16 @@ def tuning_table(payload: dict[str, Any]) -> str:
         lines.append("| contender | " + " | ".join(f"x{f:.3g}" for f in factors) + " |")
         lines.append("|---" * (len(factors) + 1) + "|")
         for name in p.ENTRIES:
-            rows = sorted((r for r in mine if r["entry"] == name), key=lambda r: r["lr"])
+            rows = {factor(r): r for r in mine if r["entry"] == name}
             if not rows:
                 continue
-            best = min(rows, key=lambda r: r["final_val_loss"])
+            best = min(rows.values(), key=lambda r: r["final_val_loss"])
             cells_s = [
-                f"{r['lr']:.3g}: {r['final_val_loss']:.4f}" + ("*" if r is best else "")
-                for r in rows
+                "-"
+                if f not in rows
+                else f"{rows[f]['lr']:.3g}: {rows[f]['final_val_loss']:.4f}"
+                + ("*" if rows[f] is best else "")
+                for f in factors
             ]
             lines.append(f"| {name} | " + " | ".join(cells_s) + " |")
         lines.append("")
