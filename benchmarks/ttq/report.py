@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,7 @@ def tuning_table(payload: dict[str, Any]) -> str:
 
         def factor(r: dict[str, Any], workload: str = workload) -> float:
             centre = centres[workload][p.ENTRIES[r["entry"]].contender.optimizer]
-            return float(f"{r['lr'] / centre:.2g}")
+            return 2 ** (round(2 * math.log2(r["lr"] / centre)) / 2)  # the grid's sqrt 2 steps
 
         factors = sorted({factor(r) for r in mine if r["entry"] in p.ENTRIES})
         lines.append(
