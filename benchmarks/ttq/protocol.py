@@ -370,11 +370,11 @@ CELLS = (
         (
             "ddp_adamw",
             "post_local_sgd_k8",
-            "diloco_k32",
-            "streaming_diloco_k32_f4",
             "ranger_k8_bf16",  # blocking; ranger_k8 (fp32) has its lr and curve
             "ranger_k8_bf16_overlap4_eager",  # the same, overlapped (ranger_k8_overlap4_eager: fp32)
             "ranger_k4_bf16_overlap2_eager",
+            "diloco_k32",
+            "streaming_diloco_k32_f4",
         ),
     ),
     # at 20 Mbit/s a bf16 sync takes ~0.5 s, ~9 steps of compute: blocking, then overlapped for
