@@ -149,9 +149,11 @@ def describe(contender: p.Contender) -> str:
         return "single process Ranger"
     inner = "distributed Ranger" if c.optimizer == "ranger" else "OuterSync(AdamW)"
     parts = [f"{inner} k={c.sync_every}"]
+    options = dict(x.removeprefix("--distributed.").split("=", 1) for x in c.extra)
     if c.comm_dtype != "fp32":
         parts.append(c.comm_dtype)
-    options = dict(x.removeprefix("--distributed.").split("=", 1) for x in c.extra)
+    if "compression" in options:
+        parts.append(options["compression"])
     if c.overlap:
         parts.append(f"overlap {options.get('overlap_steps', 1)}")
         parts.append("eager" if c.eager else "not eager")
