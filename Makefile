@@ -26,10 +26,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev]"
 	@touch $@
 
+# Whatever torch is installed (ours, or a user's own GPU build) must be the one left after it.
 $(FT_STAMP): $(STAMP)
-	$(PY) -m pip install --disable-pip-version-check -q --no-deps $(TORCHFT_PIN)
-	$(PY) -m pip install --disable-pip-version-check -q $(TORCHFT_DEPS)
-	@$(PY) -c "import torch, torchft; v = torch.__version__; assert v.startswith('$(patsubst torch==%,%,$(TORCH_PIN))'), v"
+	@before=$$($(PY) -c "import torch; print(torch.__version__)") && \
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps $(TORCHFT_PIN) && \
+	$(PY) -m pip install --disable-pip-version-check -q $(TORCHFT_DEPS) && \
+	after=$$($(PY) -c "import torch, torchft; print(torch.__version__)") && \
+	{ test "$$before" = "$$after" || { echo "installing torchft replaced torch $$before by $$after"; exit 1; }; }
 	@touch $@
 
 demo: setup
