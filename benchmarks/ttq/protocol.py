@@ -346,9 +346,13 @@ def _entries() -> dict[str, Entry]:
 
 
 ENTRIES = _entries()
-TUNED_AS = {"ranger_k8_bf16": "ranger_k8"}
-"""Entries that take another's tuned lr: the same optimizer and sync, only the transport differs
-(bf16 pseudo-gradients instead of fp32 weights)."""
+TUNED_AS = {
+    "ranger_k8_bf16": "ranger_k8",
+    "ranger_k4_int8_overlap1_eager": "ranger_k4_bf16_overlap2_eager",
+}
+"""Entries that take another's tuned lr instead of a grid of their own (fewer trials, never
+more): the same optimizer and sync period, only the transport differs (bf16 or int8
+pseudo-gradients instead of fp32 weights; with overlap, how many steps hide it)."""
 
 
 # ---------------------------------------------------------------------------------- the cells
