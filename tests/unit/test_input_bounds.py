@@ -167,9 +167,10 @@ def test_every_numeric_config_key_has_limits() -> None:
     assert not missing
 
 
-def _bad_values(key_type: type) -> list[str]:
-    if key_type is int:  # past any loop count or allocation, and below zero
-        return ["100000000000000000000", "-100000000000000000000", "-1"]
+def _bad_values(key_type: type, low: float) -> list[str]:
+    if key_type is int:  # past any loop count or allocation, and below zero (or below a
+        # documented "unset" value such as [run] data_seed = -1)
+        return ["100000000000000000000", "-100000000000000000000", str(min(-1, int(low) - 1))]
     return ["nan", "inf", "-inf", "1e400"]
 
 
@@ -178,7 +179,7 @@ def _bad_values(key_type: type) -> list[str]:
     [
         (table, key, text)
         for table, key, key_type in _numeric_keys()
-        for text in _bad_values(key_type)
+        for text in _bad_values(key_type, LIMITS[f"{table}.{key}"].low)
         if not (table == "optim" and key == "betas")
     ],
 )
