@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every benchmark on a 2-core machine: about 88 min (projected from the measured runs; README):
+# Every benchmark on a 2-core machine: several hours, most of it the time-to-quality cells (the
+# headline cell alone ~2 h; docs/benchmarks.md):
 # optimizer step, data loader (if present), Keras step, convergence, the time-to-quality protocol;
 # then the table blocks of README.md and docs/ (`benchmarks/report.py --docs`).
 # Results: benchmarks/results/*.json and *.png (or $RESULTS_DIR). `make bench` runs this.
@@ -47,7 +48,7 @@ if "$PY" -c "import keras" 2>/dev/null; then
     run keras_step "$PY" benchmarks/keras_step.py $(out keras_step.json)
 fi
 run convergence "$PY" benchmarks/convergence.py $(out convergence.json)
-# the time-to-quality protocol's cells (~80 min), with the learning rates its `tune` stage chose
+# the time-to-quality protocol's cells (the headline ~2 h), with the learning rates its `tune` stage chose
 # (committed in results/ttq_protocol.json; `python benchmarks/ttq_protocol.py tune` redoes them, ~8 min
 # per entry)
 # shellcheck disable=SC2046
