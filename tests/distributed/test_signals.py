@@ -19,7 +19,11 @@ from test_distributed_train import TINY, cache, torchrun  # noqa: F401 - the fix
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-STEPS = ["--train.steps=1200", "--train.checkpoint_every=0", "--train.eval_every=0"]
+# Long enough that a signal sent on seeing an early step lands before the end on an idle machine
+# too (1200 steps took 1.7 s there: a run could finish between the test seeing step 60 and its
+# kill, and exit 0).
+LAST = 4000
+STEPS = [f"--train.steps={LAST}", "--train.checkpoint_every=0", "--train.eval_every=0"]
 
 
 def _wait_for_step(run: Path, step: int, proc: subprocess.Popen[str]) -> None:
@@ -35,7 +39,7 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen[str]) -> None:
 
 
 def _states(run: Path, world: int) -> list[dict[str, torch.Tensor]]:
-    folder = run / "checkpoints" / "step-1200"
+    folder = run / "checkpoints" / f"step-{LAST}"
     return [
         torch.load(folder / f"state-rank{r}.pt", weights_only=True)["model"] for r in range(world)
     ]
@@ -62,7 +66,7 @@ def test_ctrl_c_checkpoints_and_the_resumed_run_is_bitwise_identical(
     assert "SIGINT: stopping" in out
     assert f"continue with: rangerdl train --resume {cut / 't'}" in out
     done = [p.name for p in (cut / "t" / "checkpoints").iterdir()]
-    assert len(done) == 1 and 100 <= int(done[0].split("-")[1]) < 1200
+    assert len(done) == 1 and 100 <= int(done[0].split("-")[1]) < LAST
     resumed = subprocess.run(
         [sys.executable, "-m", "rangerdl", "train", "--resume", str(cut / "t")],
         env=env,
@@ -106,7 +110,7 @@ def test_sigterm_on_two_ranks_stops_both_at_one_step(cache: Path, tmp_path: Path
     assert proc.returncode != 0
     assert out.count("SIGTERM: stopping") == 2, out[-3000:]
     assert out.count("(SIGTERM); continue with") == 2, out[-3000:]
-    assert 60 <= _checkpoint_step(cut / "t") < 1200
+    assert 60 <= _checkpoint_step(cut / "t") < LAST
     torchrun(cache, ["--resume", str(cut / "t")])
     straight = tmp_path / "straight"
     torchrun(cache, [*args, f"--run.dir={straight}"])
