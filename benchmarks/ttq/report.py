@@ -200,14 +200,10 @@ def tuning_ablation_table(payload: dict[str, Any], cell: str | None = None) -> s
 def seed_study_table(payload: dict[str, Any], workload: str = "gpt") -> str:
     """DDP AdamW's target seeds and the seed study: validation loss along the run per (init
     seed, data-order seed, lr); the target seeds' order seed is their init seed."""
-    rows = [
+    rows = p.target_runs(payload, workload) + [
         r
-        for r in p.target_runs(payload, workload)
-        + [
-            r
-            for r in payload["runs"]
-            if r["stage"] == "seedstudy" and r["cell"].startswith(f"{workload}-") and r.get("ok")
-        ]
+        for r in payload["runs"]
+        if r["stage"] == "seedstudy" and r["cell"].startswith(f"{workload}-") and r.get("ok")
     ]
     if not rows:
         return ""
