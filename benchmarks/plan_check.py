@@ -40,8 +40,8 @@ from typing import Any
 
 from common import atomic_write_json
 from rangerdl.distributed.cost import TBF_EFFICIENCY, Link, allreduce_time, broadcast_time
+from rangerdl.units import parse_bandwidth, parse_duration
 from rangerdl.workflow.plan import StepTimes, ddp_step_time, local_row, sync_time
-from rangerdl.workflow.units import parse_bandwidth, parse_duration
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from rangerdl.distributed.cost import Link, all_gather_time, allreduce_time, broadcast_time
+from rangerdl.units import parse_bandwidth, parse_count, parse_duration
 from rangerdl.workflow.plan import StepTimes, ddp_step_time, local_row, make_plan
-from rangerdl.workflow.units import parse_bandwidth, parse_count, parse_duration
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,19 +14,12 @@ from typing import Any
 
 from rangerdl._fileio import atomic_write_text
 from rangerdl.train.run_folder import RunFolder
+from rangerdl.units import format_bytes
 
 log = logging.getLogger(__name__)
 
 COUNT_TAGS = ("step", "world_size", "comm/syncs", "model/params")
 """Tags whose values are counts: printed as integers."""
-
-
-def format_bytes(n: float) -> str:
-    """``22752000`` -> ``"22.8 MB"`` (decimal units: kB, MB, GB, TB)."""
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g} {unit}" if abs(n) < 100 * size else f"{n / size:.0f} {unit}"
-    return f"{int(n)} B"
 
 
 def format_value(tag: str, value: Any) -> str:

@@ -56,8 +56,8 @@ def _plan(args: argparse.Namespace, extra: list[str]) -> int:
     from rangerdl._fileio import atomic_write_text
     from rangerdl.distributed.cost import ETHERNET_EFFICIENCY, Link
     from rangerdl.train.config import load_config
+    from rangerdl.units import parse_bandwidth, parse_count, parse_duration
     from rangerdl.workflow.plan import DEFAULT_KS, StepTimes, check_option, format_plan, make_plan
-    from rangerdl.workflow.units import parse_bandwidth, parse_count, parse_duration
 
     def option(name: str, text: str, parse: Callable[[str], Any]) -> Any:
         try:

@@ -65,7 +65,7 @@ from rangerdl.distributed.cost import (
     ring_bytes,
 )
 from rangerdl.train.config import MAX_COUNT, Bounds
-from rangerdl.workflow.units import format_bandwidth, format_bytes, format_seconds
+from rangerdl.units import format_bandwidth, format_bytes, format_seconds
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Parse the quantities users type: ``100mbit``, ``10Gbit/s``, ``1ms``, ``0.4s``, ``1.3B``."""
+"""The quantities users type and read: ``100mbit``, ``10Gbit/s``, ``1ms``, ``0.4s``, ``1.3B`` (parsed) and
+bytes, rates and durations (formatted for the console)."""
 
 from __future__ import annotations
 
@@ -60,9 +61,10 @@ def parse_count(text: str) -> int:
 
 
 def format_bytes(n: float) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+    """``22752000`` -> ``"22.8 MB"`` (decimal units: kB, MB, GB, TB; 3 significant digits)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
+            return f"{n / scale:.3g} {unit}" if abs(n) < 100 * scale else f"{n / scale:.0f} {unit}"
     return f"{n:.0f} B"
 
 
