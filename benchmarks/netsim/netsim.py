@@ -328,6 +328,16 @@ class Cluster:
                     )
         self.rate = None if unlimited else rate
 
+    def sent_bytes(self) -> list[int]:
+        """Bytes each host's interface has sent so far (its kernel counter ``tx_bytes``: Ethernet
+        frames, headers included), in host order. Differences of two readings are a run's traffic
+        on the wire."""
+        out = []
+        for host in self.hosts:
+            shown = _ip(host.namespace, "-j", "-s", "link", "show", "dev", host.ifname).stdout
+            out.append(int(json.loads(shown)[0]["stats64"]["tx"]["bytes"]))
+        return out
+
     def close(self) -> None:
         """Kill every process in our namespaces and delete them; safe to call twice."""
         while self.namespaces:  # one at a time, so a signal in between leaves a consistent list

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from rangerdl.distributed.cost import TBF_EFFICIENCY
 from ttq import protocol as p
 
 CELL_HEADER = (
@@ -224,6 +225,32 @@ def seed_study_table(payload: dict[str, Any], workload: str = "gpt") -> str:
             + " | ".join(_f(at.get(s), ".4f") for s in show)
             + " |"
         )
+    return "\n".join(lines)
+
+
+def wire_table(payload: dict[str, Any]) -> str:
+    """Counted against measured bytes: per cell and contender, the bytes each host's interface
+    sent (``wire_tx_bytes_per_host``, averaged over the hosts) over rank 0's ``comm/bytes`` (the
+    syncs only: the first broadcast of the weights, rendezvous and TCP ACKs are sent too), min-max
+    over its runs; then divided by the Ethernet and TCP/IP headers a rate-limited link adds per
+    1448-byte segment (``rangerdl.distributed.cost.TBF_EFFICIENCY``)."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in payload["runs"]:
+        wire, counted = r.get("wire_tx_bytes_per_host"), r.get("bytes_per_rank_counted")
+        if r["stage"] == "run" and r.get("ok") and wire and counted:
+            groups.setdefault((r["cell"], r["entry"]), []).append(wire / counted)
+    if not groups:
+        return ""
+    lines = [
+        "| cell | contender | runs | sent / counted | sent / (counted x 1514/1448) |",
+        "|---|---|---|---|---|",
+    ]
+    for (cell, entry), ratios in sorted(groups.items()):
+        lo, hi = min(ratios), max(ratios)
+        framed = "-"  # no rate limit, no tbf: TCP segments of up to 64 KB (GSO), few headers
+        if not cell.endswith("-nolimit"):
+            framed = f"{lo * TBF_EFFICIENCY:.3f}-{hi * TBF_EFFICIENCY:.3f}"
+        lines.append(f"| {cell} | {entry} | {len(ratios)} | {lo:.3f}-{hi:.3f} | {framed} |")
     return "\n".join(lines)
 
 

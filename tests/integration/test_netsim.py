@@ -6,6 +6,7 @@ Needs root, ``ip`` and ``tc`` with tbf; skipped otherwise, saying why.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import signal
 import subprocess
@@ -129,3 +130,54 @@ def test_parse_rate_uses_tc_units() -> None:
         netsim.parse_rate("fast")
     with pytest.raises(ValueError, match="num_hosts"):
         netsim.Cluster(num_hosts=0)
+
+
+def _train_on_the_wire(
+    cluster: netsim.Cluster, run_dir: Path, compression: str, k: int
+) -> tuple[list[int], dict[str, float]]:
+    """Bytes each host's interface sent during a 64-step distributed Ranger run, and rank 0's
+    summary."""
+    before = cluster.sent_bytes()
+    results = cluster.torchrun(
+        [
+            "-m",
+            "rangerdl",
+            "train",
+            str(BENCHMARKS / "configs" / "ttq_gpt.toml"),
+            "--train.steps=64",
+            "--train.eval_every=0",
+            "--train.final_eval_batches=1",
+            "--train.threads=1",
+            "--optim.name=ranger",
+            f"--optim.k={k}",
+            "--distributed.strategy=lookahead",
+            f"--distributed.compression={compression}",
+            f"--run.dir={run_dir}",
+            f"--run.name={compression}-k{k}",
+        ],
+        timeout_s=300,
+    )
+    sent = [a - b for a, b in zip(cluster.sent_bytes(), before, strict=True)]
+    assert all(r.ok for r in results), results[0].stderr[-3000:] + results[1].stderr[-3000:]
+    summary = json.loads((run_dir / f"{compression}-k{k}" / "summary.json").read_text())
+    return sent, summary
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_counted_sync_bytes_are_the_bytes_on_the_wire(root_with_tc: None, tmp_path: Path) -> None:
+    """``comm/bytes`` (values, scales and indices handed to the collectives) against what the
+    hosts' interfaces send: the difference between a run that syncs every 2 steps and one that
+    syncs once takes out what is not a sync (rendezvous, the first broadcast, evaluation). An
+    unlimited veth carries TCP segments of up to 64 KB (GSO), so the headers add ~1-2%; a tc
+    rate limit cuts them to the MTU, adding 1514/1448 - 1 = 4.6% and the ACKs
+    (``rangerdl.distributed.cost.TBF_EFFICIENCY``)."""
+    with netsim.Cluster(num_hosts=2, rate=None) as cluster:
+        for compression in ("int8", "topk"):  # fp32 scales; bit-packed indices and bf16 values
+            once_sent, once = _train_on_the_wire(cluster, tmp_path, compression, 64)
+            sent, summary = _train_on_the_wire(cluster, tmp_path, compression, 2)
+            assert (once["comm/syncs"], summary["comm/syncs"]) == (1, 32)
+            counted = summary["comm/bytes"] - once["comm/bytes"]  # 31 syncs
+            for host in (0, 1):
+                wire = sent[host] - once_sent[host]
+                assert 1.0 <= wire / counted <= 1.05, (compression, host, wire, counted)

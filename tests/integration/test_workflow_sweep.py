@@ -98,6 +98,7 @@ def test_sweep_prunes_bad_learning_rates_and_writes_the_best_config(
     assert (folder / "history.png").stat().st_size > 0
     assert (folder / "importances.png").stat().st_size > 0
     assert "pruned" in proc.stdout and "rangerdl train" in proc.stdout
+    assert "trial-3 starts (3/4 trials finished)" in proc.stderr  # progress, one worker
     for t in trials:  # every trial is an ordinary run folder
         assert (Path(t.user_attrs["run_dir"]) / "config.json").is_file()
 

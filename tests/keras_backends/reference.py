@@ -20,6 +20,13 @@ TO_TORCH: list[tuple[int, ...]] = [(1, 0), (0,), (3, 2, 0, 1)]
 TO_KERAS: list[tuple[int, ...]] = [tuple(np.argsort(p)) for p in TO_TORCH]
 
 
+def to_numpy(variable: Any) -> np.ndarray:
+    """A Keras variable's value as a numpy array. ``keras.ops.convert_to_numpy(variable)`` goes
+    through ``Variable.__array__``, which lacks numpy 2's ``copy`` argument (a DeprecationWarning
+    per call on the JAX and TensorFlow backends); the backend tensor behind it converts cleanly."""
+    return np.array(np.asarray(variable.value))
+
+
 def initial_keras_arrays(seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(s).astype(np.float32) for s in KERAS_SHAPES]
@@ -100,9 +107,9 @@ def keras_trajectory(
 
     out = []
     for t in range(steps):
-        grads = grad_fn([keras.ops.convert_to_numpy(v) for v in variables], t)
+        grads = grad_fn([to_numpy(v) for v in variables], t)
         apply([keras.ops.convert_to_tensor(g) for g in grads])
-        out.append(np.concatenate([keras.ops.convert_to_numpy(v).ravel() for v in variables]))
+        out.append(np.concatenate([to_numpy(v).ravel() for v in variables]))
     return np.stack(out)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
-from reference import compiled_apply
+from reference import compiled_apply, to_numpy
 
 from rangerdl.keras import Lookahead, Ranger
 
@@ -42,7 +42,7 @@ def _compile(model: keras.Model, optimizer: Any, **kwargs: Any) -> keras.Model:
 
 
 def _weights(model: keras.Model) -> list[np.ndarray]:
-    return [keras.ops.convert_to_numpy(w) for w in model.weights]
+    return [to_numpy(w) for w in model.weights]
 
 
 def _optimizers() -> list[Any]:
@@ -104,10 +104,10 @@ def test_save_and_load_model_continues_training_identically(index: int, tmp_path
     loaded = keras.models.load_model(path)
     assert type(loaded.optimizer) is type(optimizer)
     assert loaded.optimizer.get_config() == optimizer.get_config()
-    assert int(keras.ops.convert_to_numpy(loaded.optimizer.iterations)) == 9
-    saved_state = [keras.ops.convert_to_numpy(v) for v in optimizer.variables]
+    assert int(to_numpy(loaded.optimizer.iterations)) == 9
+    saved_state = [to_numpy(v) for v in optimizer.variables]
     for a, b in zip(saved_state, loaded.optimizer.variables, strict=True):
-        np.testing.assert_array_equal(a, keras.ops.convert_to_numpy(b))  # slow weights included
+        np.testing.assert_array_equal(a, to_numpy(b))  # slow weights included
 
     fresh = _compile(_model(), Ranger(learning_rate=schedule))  # negative control: no state
     fresh.set_weights(model.get_weights())
@@ -161,7 +161,7 @@ def _run(optimizer: Any, grads: list[list[np.ndarray]], compiled: bool = True) -
     )
     for g in grads:
         apply([keras.ops.convert_to_tensor(a) for a in g])
-    return [keras.ops.convert_to_numpy(v) for v in variables]
+    return [to_numpy(v) for v in variables]
 
 
 def _assert_close(a: list[np.ndarray], b: list[np.ndarray], atol: float = 1e-6) -> None:
@@ -180,7 +180,7 @@ def test_loss_scale_optimizer_unscales_and_skips_non_finite_steps() -> None:
     scaled = [[g / 2 for g in step] if i > 5 else step for i, step in enumerate(scaled)]
     ours = _run(lso, scaled)
     _assert_close(ours, _run(Ranger(learning_rate=0.05), grads))
-    assert int(keras.ops.convert_to_numpy(lso.iterations)) == 8
+    assert int(to_numpy(lso.iterations)) == 8
 
 
 def test_mixed_precision_fit_wraps_ranger_in_a_loss_scale_optimizer() -> None:
@@ -229,9 +229,9 @@ def test_ema_averages_the_weights_after_the_lookahead_step() -> None:
     variables = [keras.Variable(rng.standard_normal(s).astype(np.float32)) for s in ((4, 3), (3,))]
     for g in grads:
         optimizer.apply([keras.ops.convert_to_tensor(a) for a in g], variables)
-    _assert_close([keras.ops.convert_to_numpy(v) for v in variables], trajectory[-1])
+    _assert_close([to_numpy(v) for v in variables], trajectory[-1])
     optimizer.finalize_variable_values(variables)
-    _assert_close([keras.ops.convert_to_numpy(v) for v in variables], average)
+    _assert_close([to_numpy(v) for v in variables], average)
 
 
 def test_gc_centralises_each_output_unit_of_a_dense_kernel() -> None:
@@ -239,7 +239,7 @@ def test_gc_centralises_each_output_unit_of_a_dense_kernel() -> None:
     kernel = keras.Variable(np.zeros((5, 3), np.float32))
     grad = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32) + 1.0
     Ranger(learning_rate=1.0).apply([keras.ops.convert_to_tensor(grad)], [kernel])
-    step = -keras.ops.convert_to_numpy(kernel)  # step 1 is lr * g_centralised
+    step = -to_numpy(kernel)  # step 1 is lr * g_centralised
     np.testing.assert_allclose(step, grad - grad.mean(axis=0), atol=1e-6)
     assert np.abs(step.sum(axis=1)).max() > 1e-2  # not per input row
 

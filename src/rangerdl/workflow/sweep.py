@@ -145,7 +145,15 @@ def run_trial(spec: SweepSpec, trial: Any) -> float:
     ]
     log_path = spec.folder / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("%s: %s", name, " ".join(f"{k}={v!r}" for k, v in values.items()))
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = len(trial.study.get_trials(deepcopy=False, states=finished))
+    log.info(
+        "%s starts (%d/%d trials finished): %s",
+        name,
+        done,
+        spec.n_trials,
+        " ".join(f"{k}={v!r}" for k, v in values.items()),
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
     with open(log_path, "w") as out:
         proc = subprocess.Popen(
