@@ -12,7 +12,7 @@ TORCHFT_PIN ?= torchft==0.2.0
 TORCHFT_DEPS := opentelemetry-api opentelemetry-sdk opentelemetry-exporter-otlp-proto-http
 FT_STAMP := $(VENV)/.torchft-stamp
 
-.PHONY: setup bench-peers demo test test-keras lint bench clean
+.PHONY: setup bench-peers demo test test-keras lint bench bench-ttq clean
 
 setup: $(STAMP) $(FT_STAMP)
 
@@ -63,6 +63,17 @@ test-keras: setup
 
 bench: setup
 	bash benchmarks/run_all.sh
+
+# The time-to-quality protocol from scratch for TTQ_CELLS (default the headline cell): the tuning
+# its contenders need, then the cell, then the docs' tables. Needs root (netsim). Estimated ~3 h on
+# 2 idle cores from the committed runs' wall times (docs/benchmarks.md). TTQ_REDO= keeps the runs
+# already in the JSON and adds only what is missing.
+TTQ_CELLS ?= gpt-2h-100mbit
+TTQ_REDO ?= --redo
+bench-ttq: setup
+	$(PY) benchmarks/ttq_protocol.py tune --cells $(TTQ_CELLS) $(TTQ_REDO)
+	$(PY) benchmarks/ttq_protocol.py run --cells $(TTQ_CELLS) $(TTQ_REDO)
+	$(PY) benchmarks/report.py --docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

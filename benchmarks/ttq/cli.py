@@ -27,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--entries", nargs="+", choices=list(p.ENTRIES), default=list(p.ENTRIES))
     t.add_argument("--workload", choices=list(p.B), default="gpt")
     t.add_argument("--hosts", type=int, default=2)
+    t.add_argument(
+        "--cells",
+        nargs="+",
+        choices=[c.key for c in p.CELLS],
+        help="tune what these cells' contenders need (instead of --entries and --workload)",
+    )
     t.add_argument("--redo", action="store_true", help="rerun tuning runs already in the JSON")
     r = sub.add_parser("run", help="stage 2: the cells on the simulated network (root)")
     r.add_argument("--cells", nargs="+", choices=[c.key for c in p.CELLS])
@@ -117,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         p.use_quick()
     if args.out is None:
         args.out = QUICK_OUT if args.quick else runner.OUT
-    if args.stage == "tune":
+    if args.stage == "tune" and args.cells:
+        for workload, names in p.tuning_entries(args.cells).items():
+            runner.tune(names, workload, 2, args.out, args.redo)
+    elif args.stage == "tune":
         runner.tune(args.entries, args.workload, args.hosts, args.out, args.redo)
     elif args.stage == "run":
         if not args.no_netsim:

@@ -444,6 +444,20 @@ def rung_steps(workload: str, k: int) -> list[int]:
     return sorted({-(-round(r * B[workload]) // k) * k for r in RUNGS})
 
 
+def tuning_entries(cells: list[str]) -> dict[str, list[str]]:
+    """What the ``tune`` stage must run for the cells keyed ``cells``: per workload, their
+    contenders, each replaced by the entry it takes its lr from (``TUNED_AS``), in cell order."""
+    out: dict[str, list[str]] = {}
+    for spec in CELLS:
+        if spec.key in cells:
+            names = out.setdefault(spec.workload, [])
+            for name in spec.entries:
+                name = TUNED_AS.get(name, name)
+                if name not in names:
+                    names.append(name)
+    return out
+
+
 def tune_lrs(workload: str, optimizer: str) -> list[float]:
     """The tuning grid of one optimizer: its centre lr times ``TUNE_FACTORS``, 3 digits."""
     return [float(f"{LR_CENTRE[workload][optimizer] * f:.3g}") for f in TUNE_FACTORS]

@@ -231,3 +231,16 @@ def test_ttq_protocol_tuning_grid_goes_past_a_winning_edge() -> None:
     assert proto.next_lr({0.008: 1.5, 0.016: 1.65, 0.032: 1.6}) == pytest.approx(0.00566)
     assert proto.next_lr({0.008: 1.7, 0.016: 1.5, 0.032: 1.6}) is None
     assert proto.next_lr({}) is None and proto.next_lr({0.01: 1.0}) is None
+
+
+def test_ttq_protocol_tunes_what_a_cell_needs_and_every_lr_has_a_source() -> None:
+    """``tune --cells`` (``make bench-ttq``): every contender of the cells, or the entry whose
+    lr it takes; never the entries that take a borrowed lr, each source tuned once."""
+    every = [c.key for c in proto.CELLS]
+    need = proto.tuning_entries(every)
+    for spec in proto.CELLS:
+        for name in spec.entries:
+            assert proto.TUNED_AS.get(name, name) in need[spec.workload], (spec.key, name)
+    for names in need.values():
+        assert len(names) == len(set(names)) and not set(names) & set(proto.TUNED_AS)
+    assert proto.tuning_entries(["gpt-2h-100mbit"])["gpt"][0] == "ddp_adamw"
