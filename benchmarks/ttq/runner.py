@@ -72,15 +72,6 @@ class CpuMeter:
         return others / max(self.cpus * (t1 - self.t0), 1e-9)
 
 
-def _tx_bytes(cluster: Any) -> list[int]:
-    out = []
-    for host in cluster.hosts:
-        path = f"/sys/class/net/{host.ifname}/statistics/tx_bytes"
-        res = cluster.run(["cat", path], host=host.index, timeout_s=30)
-        out.append(int(res.stdout.strip()) if res.ok else -1)
-    return out
-
-
 def launch(
     train_args: list[str],
     *,
@@ -106,7 +97,7 @@ def launch(
         error += f": {bad.stderr[-2000:]}" if bad is not None else ""
         return Launch(bad is None, error, time.monotonic() - t0, meter.others_share())
     if cluster is not None:
-        tx = _tx_bytes(cluster)
+        tx = cluster.sent_bytes()
         if program == "torchft":
             results = torchft_peer.run_cluster(
                 cluster, train_args, env=env, timeout_s=timeout_s, log_dir=log_dir
@@ -120,7 +111,7 @@ def launch(
             error = f"host {r.host} rc {r.returncode} killed {r.killed}: {r.stderr[-2000:]}"
         wall = time.monotonic() - t0
         share = meter.others_share()
-        after = _tx_bytes(cluster)
+        after = cluster.sent_bytes()
         wire = sum(b - a for a, b in zip(tx, after, strict=True)) / len(tx)
         return Launch(not failed, error, wall, share, wire)
     argv = [sys.executable, *target]
