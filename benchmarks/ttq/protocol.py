@@ -33,7 +33,9 @@ keeps the rest):
      and a seed that never crosses counts as never, so 2 of 3 must cross. A rung past B at
      which 2 seeds have already missed is cut short. Longer rungs are not run once a rung
      reaches it (a longer schedule stays at a high LR longer and reaches a given loss later);
-     every run is in the JSON.
+     every run is in the JSON. A rung other than B whose curves miss the target in another cell
+     of the same workload and hosts is skipped (``known_miss``: a seed's curve does not depend
+     on the link).
    - per row: final loss at B steps (equal tokens: median, min-max over seeds), the rung, time
      to target (median, min-max, how many seeds cross), speedup over DDP (DDP's B-step time in
      the cell / time to target), over the best peer (``Entry.family`` ``peer``: what a user
@@ -530,6 +532,36 @@ def median_time(times: dict[int, float | None], seeds: tuple[int, ...]) -> float
     values = [times.get(s) for s in seeds]
     t = statistics.median(math.inf if v is None else v for v in values)
     return None if math.isinf(t) else t
+
+
+def known_miss(
+    payload: dict[str, Any], spec: CellSpec, entry: str, lr: float, steps: int, target: float
+) -> str | None:
+    """The cell whose runs show that ``entry`` at ``lr`` with a budget of ``steps`` misses
+    ``target`` in ``spec`` too, or None. A run's loss curve does not depend on the link (the same
+    seed gives the same curve, bit for bit, at any rate: DDP, PostLocalSGD, distributed Ranger
+    with or without overlap, DiLoCo), so a rung whose curves at the same hosts stay above the
+    target for more than half of ``SEEDS`` in another cell (the ladder cuts a rung short there)
+    stays above it here: ``run`` skips it (never the B rung, whose finals are the equal-token
+    column)."""
+    for r in payload["runs"]:
+        other = r["cell"]
+        if other == spec.key or not other.startswith(f"{spec.workload}-{spec.hosts}h-"):
+            continue
+        if r["stage"] != "run" or other.endswith(("-target", "-nolimit")):
+            continue
+        if (r["entry"], r["lr"], r["steps_budget"]) != (entry, lr, steps) or not r.get("ok"):
+            continue
+        same = [
+            x
+            for x in payload["runs"]
+            if x["stage"] == "run" and x["cell"] == other and x.get("ok")
+            and (x["entry"], x["lr"], x["steps_budget"]) == (entry, lr, steps)
+        ]  # fmt: skip
+        times = seed_times([x for x in same if int(x["seed"]) in SEEDS], target)
+        if sum(t is None for t in times.values()) > len(SEEDS) // 2:  # the ladder's cut, too
+            return other
+    return None
 
 
 def rung_reached(runs: list[dict[str, Any]], target: float, seeds: tuple[int, ...]) -> int | None:

@@ -411,6 +411,10 @@ def run_cell(
             go(runner, "ddp_adamw", 0, steps_b)  # DDP's time in this cell
             for name in names[1:]:
                 for steps in p.rung_steps(w, p.ENTRIES[name].k):
+                    elsewhere = p.known_miss(load(out), spec, name, lrs[name], steps, target)
+                    if steps != steps_b and elsewhere:
+                        print(f"  {name:<22}  {steps} steps: misses in {elsewhere} (skipped)")
+                        continue
                     times: dict[int, float | None] = {}
                     for seed in p.SEEDS:
                         never = sum(t is None for t in times.values())

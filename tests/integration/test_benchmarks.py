@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -244,3 +245,27 @@ def test_ttq_protocol_tunes_what_a_cell_needs_and_every_lr_has_a_source() -> Non
     for names in need.values():
         assert len(names) == len(set(names)) and not set(names) & set(proto.TUNED_AS)
     assert proto.tuning_entries(["gpt-2h-100mbit"])["gpt"][0] == "ddp_adamw"
+
+
+def test_ttq_protocol_skips_only_rungs_another_cell_shows_cannot_cross() -> None:
+    """A rung whose link-independent curves miss the target for 2 of 3 seeds at the same hosts
+    in another cell is not rerun; the B rung always is; other hosts or a crossing never count."""
+    spec = next(c for c in proto.CELLS if c.key == "gpt-2h-20mbit")
+
+    def run(cell: str, seed: int, steps: int, loss: float) -> dict[str, Any]:
+        return {
+            "stage": "run", "cell": cell, "entry": "diloco_k32", "lr": 0.001, "seed": seed,
+            "steps_budget": steps, "ok": True, "curve": [[steps, 10.0, loss]],
+        }  # fmt: skip
+
+    target = 1.6
+    misses = [run("gpt-2h-100mbit", s, 1280, 1.7) for s in (0, 1)]  # cut short after 2 misses
+    crosses = [run("gpt-2h-100mbit", s, 2048, loss) for s, loss in ((0, 1.5), (1, 1.7), (2, 1.5))]
+    four_hosts = [run("gpt-4h-100mbit", s, 1536, 1.7) for s in (0, 1, 2)]
+    payload = {"runs": misses + crosses + four_hosts}
+    assert proto.known_miss(payload, spec, "diloco_k32", 0.001, 1280, target) == "gpt-2h-100mbit"
+    assert proto.known_miss(payload, spec, "diloco_k32", 0.001, 2048, target) is None
+    assert proto.known_miss(payload, spec, "diloco_k32", 0.001, 1536, target) is None
+    assert proto.known_miss(payload, spec, "diloco_k32", 0.002, 1280, target) is None  # other lr
+    one_miss = {"runs": [run("gpt-2h-100mbit", 0, 1280, 1.7), run("gpt-2h-100mbit", 1, 1280, 1.5)]}
+    assert proto.known_miss(one_miss, spec, "diloco_k32", 0.001, 1280, target) is None
