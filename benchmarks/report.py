@@ -255,6 +255,7 @@ def _registry() -> dict[str, tuple[str, Callable[[dict[str, Any]], str]]]:
         "ttq_recheck": ("ttq_protocol.json", ttq_report.recheck_table),
         "ttq_seedstudy": ("ttq_protocol.json", ttq_report.seed_study_table),
         "ttq_wire": ("ttq_protocol.json", ttq_report.wire_table),
+        "ttq_links": ("ttq_protocol.json", ttq_report.links_table),
         "outer_ablation": ("outer_ablation.json", _ablation(None)),
         "outer_ablation_retime": ("outer_ablation.json", _ablation("retime")),
         "plan_check": ("plan_check.json", plan_check_table),

@@ -163,6 +163,45 @@ def describe(contender: p.Contender) -> str:
     return ", ".join(parts)
 
 
+def settings(entry: str, lr: float) -> str:
+    """A distributed Ranger entry as the TOML keys a user sets:
+    ``[optim] k = 4, lr = 0.016; [distributed] compression = "int8", overlap = true, ...``."""
+    c = p.ENTRIES[entry].contender
+    options = dict(x.removeprefix("--distributed.").split("=", 1) for x in c.extra)
+    out = []
+    compression = options.get("compression", "bf16" if c.comm_dtype == "bf16" else None)
+    if compression:
+        out.append(f'compression = "{compression}"')
+    out.append(f"overlap = {str(c.overlap).lower()}")
+    if c.overlap:
+        out.append(f"overlap_steps = {options.get('overlap_steps', 1)}")
+        out.append(f"eager = {str(c.eager).lower()}")
+    return f"[optim] k = {c.sync_every}, lr = {lr:g}; [distributed] {', '.join(out)}"
+
+
+def links_table(payload: dict[str, Any]) -> str:
+    """Per cell, the distributed Ranger row that reached the target first: its settings, its
+    time, speedups and bytes; the settings to start from on such a link."""
+    lines = [
+        "| cell | settings that reached the target first | time to target (s) | seeds | x DDP "
+        "| x best peer | MB per rank |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cell in p.analyse(payload):
+        mine = [r for r in cell["rows"] if r["family"] == "rangerdl" and r.get("rung")]
+        if not mine or not all("seeds_crossing" in r for r in mine):
+            continue
+        best = min(mine, key=lambda r: r["time_to_target_s"])
+        mb = best.get("bytes_per_rank")
+        lines.append(
+            f"| {cell['cell']} | `{settings(best['entry'], best['lr'])}` | {_time_cell(best)} "
+            f"| {best['seeds_crossing']} | {_f(best.get('speedup'), '.2f', 'x')} "
+            f"| {_f(best.get('speedup_over_best_peer'), '.2f', 'x')} "
+            f"| {_f(None if mb is None else mb / 1e6, '.0f')} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def tuning_ablation_table(payload: dict[str, Any], cell: str | None = None) -> str:
     """One row per tuned entry (GPT, 2 hosts by default): its best lr's final validation loss at
     B steps and the tuning seed (whole validation split), against DDP AdamW's best at the same
