@@ -145,8 +145,8 @@ def run_trial(spec: SweepSpec, trial: Any) -> float:
     ]
     log_path = spec.folder / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    done = len(trial.study.get_trials(deepcopy=False, states=finished))
+    done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = len(trial.study.get_trials(deepcopy=False, states=done_states))
     log.info(
         "%s starts (%d/%d trials finished): %s",
         name,
