@@ -269,3 +269,21 @@ def test_ttq_protocol_skips_only_rungs_another_cell_shows_cannot_cross() -> None
     assert proto.known_miss(payload, spec, "diloco_k32", 0.002, 1280, target) is None  # other lr
     one_miss = {"runs": [run("gpt-2h-100mbit", 0, 1280, 1.7), run("gpt-2h-100mbit", 1, 1280, 1.5)]}
     assert proto.known_miss(one_miss, spec, "diloco_k32", 0.001, 1280, target) is None
+
+
+def test_ttq_runs_sent_the_bytes_counted() -> None:
+    """Every committed run on a rate-limited netsim link: what each host's interface sent
+    (``wire_tx_bytes_per_host``) is the counted ``comm/bytes`` in 1514-byte frames of 1448
+    payload bytes, within 5% (the first broadcast, rendezvous and ACKs are not counted)."""
+    from rangerdl.distributed.cost import TBF_EFFICIENCY
+
+    data = json.loads((BENCH / "results" / "ttq_protocol.json").read_text())
+    checked = 0
+    for r in data["runs"]:
+        wire, counted = r.get("wire_tx_bytes_per_host"), r.get("bytes_per_rank_counted")
+        limited = not r["cell"].endswith("-nolimit")
+        if r["stage"] == "run" and r.get("ok") and wire and counted and limited:
+            ratio = wire * TBF_EFFICIENCY / counted
+            assert abs(ratio - 1) <= 0.05, (r["cell"], r["entry"], r["seed"], ratio)
+            checked += 1
+    assert checked >= 50

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from rangerdl.distributed.cost import TBF_EFFICIENCY
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.append(str(BENCHMARKS))  # after everything else: shadows nothing
 netsim = importlib.import_module("netsim")
@@ -168,16 +170,21 @@ def _train_on_the_wire(
 def test_counted_sync_bytes_are_the_bytes_on_the_wire(root_with_tc: None, tmp_path: Path) -> None:
     """``comm/bytes`` (values, scales and indices handed to the collectives) against what the
     hosts' interfaces send: the difference between a run that syncs every 2 steps and one that
-    syncs once takes out what is not a sync (rendezvous, the first broadcast, evaluation). An
-    unlimited veth carries TCP segments of up to 64 KB (GSO), so the headers add ~1-2%; a tc
-    rate limit cuts them to the MTU, adding 1514/1448 - 1 = 4.6% and the ACKs
-    (``rangerdl.distributed.cost.TBF_EFFICIENCY``)."""
+    syncs once takes out what is not a sync (rendezvous, the first broadcast, evaluation). The
+    framing model: every 1448 bytes of payload travel in a 1514-byte Ethernet frame
+    (``rangerdl.distributed.cost.TBF_EFFICIENCY``), as a tc rate limit cuts them; an unlimited
+    veth carries larger segments (GSO), so large payloads come out a few % under the model
+    (int8: ~1.5% over the counted bytes) and small messages (top-k's ~20 KB) near it."""
     with netsim.Cluster(num_hosts=2, rate=None) as cluster:
-        for compression in ("int8", "topk"):  # fp32 scales; bit-packed indices and bf16 values
+        # top-k: bf16 values and bit-packed positions, in small messages (the worst case for
+        # headers); the other payloads under a rate limit: test_ttq_runs_sent_the_bytes_counted
+        for compression in ("topk",):
             once_sent, once = _train_on_the_wire(cluster, tmp_path, compression, 64)
             sent, summary = _train_on_the_wire(cluster, tmp_path, compression, 2)
             assert (once["comm/syncs"], summary["comm/syncs"]) == (1, 32)
             counted = summary["comm/bytes"] - once["comm/bytes"]  # 31 syncs
+            framed = counted / TBF_EFFICIENCY  # every 1448 payload bytes in a 1514-byte frame
             for host in (0, 1):
                 wire = sent[host] - once_sent[host]
-                assert 1.0 <= wire / counted <= 1.05, (compression, host, wire, counted)
+                assert wire > counted, (compression, host, wire, counted)
+                assert abs(wire / framed - 1) <= 0.05, (compression, host, wire, counted)

@@ -23,8 +23,14 @@ TO_KERAS: list[tuple[int, ...]] = [tuple(np.argsort(p)) for p in TO_TORCH]
 def to_numpy(variable: Any) -> np.ndarray:
     """A Keras variable's value as a numpy array. ``keras.ops.convert_to_numpy(variable)`` goes
     through ``Variable.__array__``, which lacks numpy 2's ``copy`` argument (a DeprecationWarning
-    per call on the JAX and TensorFlow backends); the backend tensor behind it converts cleanly."""
-    return np.array(np.asarray(variable.value))
+    per call on the JAX and TensorFlow backends); the backend tensor behind it converts cleanly
+    (torch: detached; TensorFlow: its own ``numpy()``)."""
+    value = variable.value
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+    elif hasattr(value, "numpy"):
+        return np.array(value.numpy())
+    return np.array(np.asarray(value))
 
 
 def initial_keras_arrays(seed: int = 0) -> list[np.ndarray]:
