@@ -200,3 +200,16 @@ def test_plan_piped_into_head_ends_without_a_traceback() -> None:
     cmd += "--step-time 50ms | head -1"
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
     assert out.stdout.startswith("verdict: ") and out.stderr == ""
+
+
+def test_busy_warning_suggests_one_thread_only_to_a_run_with_more(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from rangerdl.workflow.plan import warn_if_busy
+
+    with caplog.at_level("WARNING"):
+        assert warn_if_busy([0.01, 0.1], threads=1)
+        assert warn_if_busy([0.01, 0.1], threads=2)
+    one, two = (r.getMessage() for r in caplog.records)
+    assert "--train.threads=1" not in one and "Rerun on an idle machine or give" in one
+    assert "--train.threads=1" in two

@@ -608,13 +608,15 @@ def warn_if_busy(step_s: list[float], threads: int) -> bool:
     spread = max(step_s) / min(step_s) if min(step_s) > 0 else 1.0
     if spread <= BUSY_SPREAD and load <= cpus:
         return False
+    fewer = ", with --train.threads=1," if threads > 1 else ""
     log.warning(
         "the timed steps varied %.1fx (load average %.1f on %d CPUs, %d torch threads): the "
         "machine is busy and the step time, and with it every figure below, may be far off. "
-        "Rerun on an idle machine, with --train.threads=1, or give --params and --step-time",
+        "Rerun on an idle machine%s or give --params and --step-time",
         spread,
         load,
         cpus,
         threads,
+        fewer,
     )
     return True
