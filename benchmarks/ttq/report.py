@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -294,18 +295,35 @@ def wire_table(payload: dict[str, Any]) -> str:
 
 
 def recheck_table(payload: dict[str, Any]) -> str:
-    """Reruns of committed runs: training time then and now."""
+    """Reruns of committed runs: training time, and the time to the cell's target, then and
+    now (the committed run: the cell's run of the same entry, lr, seed and steps)."""
     lines = [
-        "| date | cell | contender | steps | committed (s) | now (s) | now / committed |",
-        "|---|---|---|---|---|---|---|",
+        "| date | cell | contender | steps | train (s): committed | now | now / committed "
+        "| to target (s): committed | now | now / committed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for check in payload.get("rechecks", []):
         for row in check["rows"]:
             run, then, now = row["run"], row["committed_train_time_s"], row["train_time_s"]
             ratio = _f(now / then if now and then else None, ".3f")
+            hit_then = hit_now = None
+            finals = [p.final_loss(r) for r in p.target_runs(payload, check["cell"].split("-")[0])]
+            if finals and run.get("ok"):
+                target = statistics.median(finals)
+                hit_now = p.time_to_target(run["curve"], target)
+                key = (run["cell"], run["entry"], run["lr"], run["seed"], run["steps_budget"])
+                same = [
+                    r
+                    for r in payload["runs"]
+                    if r["stage"] == "run" and r.get("ok")
+                    and (r["cell"], r["entry"], r["lr"], r["seed"], r["steps_budget"]) == key
+                ]  # fmt: skip
+                hit_then = p.time_to_target(same[-1]["curve"], target) if same else None
+            hit_ratio = _f(hit_now / hit_then if hit_now and hit_then else None, ".3f")
             lines.append(
                 f"| {check.get('date', '-')} | {check['cell']} | {run['entry']} "
-                f"| {run['steps_budget']} | {_f(then, '.1f')} | {_f(now, '.1f')} | {ratio} |"
+                f"| {run['steps_budget']} | {_f(then, '.1f')} | {_f(now, '.1f')} | {ratio} "
+                f"| {_f(hit_then, '.1f')} | {_f(hit_now, '.1f')} | {hit_ratio} |"
             )
     return "\n".join(lines)
 
