@@ -419,7 +419,19 @@ CELLS = (
             "streaming_diloco_k32_f4",
         ),
     ),
-    CellSpec("gpt", 4, "100mbit", ("ddp_adamw", "ranger_k8_bf16")),
+    # 4 hosts (8 samples per worker): the headline's contenders with the 2-host lrs
+    CellSpec(
+        "gpt",
+        4,
+        "100mbit",
+        (
+            "ddp_adamw",
+            "post_local_sgd_k8",
+            "ranger_k4_int8_overlap1_eager",
+            "diloco_k32",
+            "streaming_diloco_k32_f4",
+        ),
+    ),
     CellSpec(
         "digits", 2, "100mbit", ("ddp_adamw", "post_local_sgd_k8", "ranger_k8_overlap4_eager")
     ),
