@@ -556,20 +556,16 @@ def known_miss(
     target for more than half of ``SEEDS`` in another cell (the ladder cuts a rung short there)
     stays above it here: ``run`` skips it (never the B rung, whose finals are the equal-token
     column)."""
+    by_cell: dict[str, list[dict[str, Any]]] = {}
     for r in payload["runs"]:
         other = r["cell"]
         if other == spec.key or not other.startswith(f"{spec.workload}-{spec.hosts}h-"):
             continue
-        if r["stage"] != "run" or other.endswith(("-target", "-nolimit")):
+        if r["stage"] != "run" or other.endswith(("-target", "-nolimit")) or not r.get("ok"):
             continue
-        if (r["entry"], r["lr"], r["steps_budget"]) != (entry, lr, steps) or not r.get("ok"):
-            continue
-        same = [
-            x
-            for x in payload["runs"]
-            if x["stage"] == "run" and x["cell"] == other and x.get("ok")
-            and (x["entry"], x["lr"], x["steps_budget"]) == (entry, lr, steps)
-        ]  # fmt: skip
+        if (r["entry"], r["lr"], r["steps_budget"]) == (entry, lr, steps):
+            by_cell.setdefault(other, []).append(r)
+    for other, same in by_cell.items():
         times = seed_times([x for x in same if int(x["seed"]) in SEEDS], target)
         if sum(t is None for t in times.values()) > len(SEEDS) // 2:  # the ladder's cut, too
             return other
