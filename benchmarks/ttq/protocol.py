@@ -505,6 +505,11 @@ def tuned_lr(payload: dict[str, Any], workload: str, hosts: int, name: str) -> f
 
 
 # ---------------------------------------------------------------------------------- analysis
+def run_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two runs the same run (a rerun replaces it)."""
+    return (r["stage"], r["cell"], r["entry"], r["lr"], r["seed"], r["steps_budget"])
+
+
 def time_to_target(curve: list[list[float]], target: float) -> float | None:
     """First time the loss is <= target, interpolated linearly in (time, loss) between the
     evaluation before and the one that crosses; the first evaluation's time if it already

@@ -311,13 +311,8 @@ def recheck_table(payload: dict[str, Any]) -> str:
             if finals and run.get("ok"):
                 target = statistics.median(finals)
                 hit_now = p.time_to_target(run["curve"], target)
-                key = (run["cell"], run["entry"], run["lr"], run["seed"], run["steps_budget"])
-                same = [
-                    r
-                    for r in payload["runs"]
-                    if r["stage"] == "run" and r.get("ok")
-                    and (r["cell"], r["entry"], r["lr"], r["seed"], r["steps_budget"]) == key
-                ]  # fmt: skip
+                key = p.run_key({**run, "stage": "run"})
+                same = [r for r in payload["runs"] if r.get("ok") and p.run_key(r) == key]
                 hit_then = p.time_to_target(same[-1]["curve"], target) if same else None
             hit_ratio = _f(hit_now / hit_then if hit_now and hit_then else None, ".3f")
             lines.append(

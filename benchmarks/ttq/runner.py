@@ -300,14 +300,9 @@ def load(path: Path) -> dict[str, Any]:
     return {"what": "time to DDP AdamW's quality: tuning, equal tokens, ladder", "runs": []}
 
 
-def run_key(r: dict[str, Any]) -> tuple[Any, ...]:
-    """What makes two runs the same run (a rerun replaces it)."""
-    return (r["stage"], r["cell"], r["entry"], r["lr"], r["seed"], r["steps_budget"])
-
-
 def save_run(path: Path, row: dict[str, Any]) -> dict[str, Any]:
     payload = load(path)
-    payload["runs"] = [r for r in payload["runs"] if run_key(r) != run_key(row)] + [row]
+    payload["runs"] = [r for r in payload["runs"] if p.run_key(r) != p.run_key(row)] + [row]
     atomic_write_json(path, payload)
     return payload
 
@@ -328,7 +323,7 @@ def tune(names: list[str], workload: str, hosts: int, out: Path, redo: bool = Fa
 
                 def trial(lr: float, e: p.Entry = e) -> dict[str, Any]:
                     key = ("tune", cell, e.name, lr, p.TUNE_SEED, steps)
-                    rows = [r for r in load(out)["runs"] if run_key(r) == key and r.get("ok")]
+                    rows = [r for r in load(out)["runs"] if p.run_key(r) == key and r.get("ok")]
                     if rows and not redo:
                         return rows[-1]
                     row = runner.run(e, lr, p.TUNE_SEED, steps, "tune", eval_every=steps)
@@ -364,8 +359,8 @@ def run_cell(
     if tuning is not None:  # carry the tuning runs along, so that `out` tells the whole story
         tuned = [r for r in payload["runs"] if r["stage"] == "tune"]
         mine = load(out)
-        keep = {run_key(r) for r in tuned}
-        mine["runs"] = [r for r in mine["runs"] if run_key(r) not in keep] + tuned
+        keep = {p.run_key(r) for r in tuned}
+        mine["runs"] = [r for r in mine["runs"] if p.run_key(r) not in keep] + tuned
         atomic_write_json(out, mine)
     cells = {spec.key, spec.unlimited_key}
     if redo:  # a fresh cell: no run of an earlier invocation mixes into this one's analysis
@@ -386,7 +381,7 @@ def run_cell(
 
     def go(runner: Runner, entry: str, seed: int, steps: int) -> dict[str, Any]:
         key = ("run", runner.cell, entry, lrs[entry], seed, steps)
-        rows = [r for r in load(out)["runs"] if run_key(r) == key and r.get("ok")]
+        rows = [r for r in load(out)["runs"] if p.run_key(r) == key and r.get("ok")]
         if redo and runner.cell in cells:  # only this invocation's runs count
             rows = [r for r in rows if r["started"] >= REDO_SINCE]
         if rows:
@@ -484,8 +479,8 @@ def recheck(spec: p.CellSpec, wanted: list[tuple[str, int]], out: Path, command:
             for name, steps in wanted:
                 every = p.EVAL_EVERY[spec.workload]
                 row = runner.run(p.ENTRIES[name], lrs[name], 0, steps, "run", every)
-                key = run_key(row)
-                before = [r for r in committed["runs"] if run_key(r) == key and r.get("ok")]
+                key = p.run_key(row)
+                before = [r for r in committed["runs"] if p.run_key(r) == key and r.get("ok")]
                 then = before[-1]["train_time_s"] if before else None
                 now = row["train_time_s"] if row.get("ok") else None
                 rows.append({"run": row, "committed_train_time_s": then, "train_time_s": now})
