@@ -47,8 +47,11 @@ lint: setup
 # import, so TensorFlow and JAX each get a process of their own, side by side (each mostly
 # single-threaded), each with its own temporary folder; their logs are printed when both end.
 KERAS_BACKENDS := tensorflow jax
+# pytest-xdist: the suite is mostly processes that start, wait for each other and stop; two
+# workers keep both cores busy. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15
 	@$(MAKE) --no-print-directory test-keras
 
 test-keras: setup

@@ -73,7 +73,9 @@ def test_ctrl_c_checkpoints_and_the_resumed_run_is_bitwise_identical(
     assert "SIGINT: stopping" in out
     assert f"continue with: rangerdl train --resume {cut / 't'}" in out
     done = [p.name for p in (cut / "t" / "checkpoints").iterdir()]
-    assert len(done) == 1 and 100 <= (at := int(done[0].split("-")[1])) < LAST
+    assert len(done) == 1, done
+    at = int(done[0].split("-")[1])
+    assert 100 <= at < LAST
     stop = _compare_at(at)
     resumed = subprocess.run(
         [sys.executable, "-m", "rangerdl", "train", "--resume", str(cut / "t"), stop],
@@ -118,7 +120,8 @@ def test_sigterm_on_two_ranks_stops_both_at_one_step(cache: Path, tmp_path: Path
     assert proc.returncode != 0
     assert out.count("SIGTERM: stopping") == 2, out[-3000:]
     assert out.count("(SIGTERM); continue with") == 2, out[-3000:]
-    assert 60 <= (at := _checkpoint_step(cut / "t")) < LAST
+    at = _checkpoint_step(cut / "t")
+    assert 60 <= at < LAST
     torchrun(cache, ["--resume", str(cut / "t"), _compare_at(at)])
     straight = tmp_path / "straight"
     torchrun(cache, [*args, f"--run.dir={straight}", _compare_at(at)])

@@ -114,6 +114,7 @@ def check_script(argv: list[str]) -> None:
             assert option in done.stdout, f"{argv[0]} {' '.join(sub)}: no option {option}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("doc", "command"), ALL, ids=[f"{p}:{c[:60]}" for p, c in ALL])
 def test_documented_command_works(doc: str, command: str, tmp_path: Path) -> None:
     words = shlex.split(command)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -33,6 +35,7 @@ def accuracy(stdout: str) -> float:
     return float(match.group(1))
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs_and_learns(tmp_path: Path) -> None:
     code = readme_python_example()
     assert "use_slow_weights(optimizer)" in code
@@ -41,6 +44,7 @@ def test_readme_python_example_runs_and_learns(tmp_path: Path) -> None:
     assert f"test accuracy: {accuracy(out):.4f}" in (ROOT / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_quickstart_evaluates_the_slow_weights_and_learns(tmp_path: Path) -> None:
     code = (ROOT / "examples" / "quickstart.py").read_text()
     assert "use_slow_weights(optimizer)" in code

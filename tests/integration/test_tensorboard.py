@@ -35,6 +35,7 @@ def read_scalars(log_dir: Path) -> dict[str, list[list[float]]]:
     return json.loads(done.stdout.splitlines()[-1])  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow
 def test_scalars_and_purge_read_back_in_tensorboard(tmp_path: Path) -> None:
     first = ScalarEventWriter(tmp_path)
     for step in range(1, 11):

@@ -51,6 +51,7 @@ def _gpt_params() -> int:
     return V * C + T * C + block + 2 * C
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_outer_lr_one_keeps_groups_equal_and_counts_ring_bytes(
     tmp_path: Path, text_cache: Path
