@@ -21,7 +21,9 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,26 +44,15 @@ FLAGS = [
 ]
 
 
-class _Tensor(ctypes.Structure):
-    _fields_ = [
-        ("p", ctypes.c_void_p),
-        ("g", ctypes.c_void_p),
-        ("m", ctypes.c_void_p),
-        ("v", ctypes.c_void_p),
-        ("s", ctypes.c_void_p),
-        ("numel", ctypes.c_int64),
-        ("rows", ctypes.c_int64),
-        ("cols", ctypes.c_int64),
-        ("center", ctypes.c_int32),
-    ]
-
-
 class _Scalars(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_float)
         for name in ("sign", "decay", "w1", "beta2", "w2", "eps", "neg_ss", "alpha")
     ]
 
+
+_data_ptr = Tensor.data_ptr
+_layouts: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
 
 # Values per unit of work for tensors that are not centred (a multiple of any vector width).
 UNCENTRED_CHUNK = 4096
@@ -143,7 +134,10 @@ def load() -> ctypes.CDLL | None:
                     )
                 lib = ctypes.CDLL(str(target))
                 lib.ranger_step.argtypes = [
-                    ctypes.POINTER(_Tensor),
+                    *[ctypes.POINTER(ctypes.c_void_p)] * 5,  # p, g, m, v, slow
+                    ctypes.POINTER(ctypes.c_int64),  # numel
+                    ctypes.POINTER(ctypes.c_int64),  # values per row
+                    ctypes.POINTER(ctypes.c_uint8),  # centre
                     ctypes.c_int64,
                     ctypes.c_int,
                     ctypes.POINTER(_Scalars),
@@ -170,8 +164,33 @@ def applies(device: torch.device, dtype: torch.dtype, tensors: list[Tensor]) -> 
     """The kernel handles contiguous float32 CPU tensors only (``tensors`` all on ``device``,
     of ``dtype``)."""
     return (
-        device.type == "cpu" and dtype == torch.float32 and all(t.is_contiguous() for t in tensors)
+        device.type == "cpu" and dtype == torch.float32 and all(map(Tensor.is_contiguous, tensors))
     )
+
+
+def _layout(
+    grads: list[Tensor], centre_min_dim: int | None, centralisable: Callable[[Tensor, int], bool]
+) -> tuple[Any, Any, Any]:
+    """The kernel's per-tensor sizes: values, values per row and the centring flag, as C arrays.
+    They depend on the shapes only, so they are kept per list of shapes (a few per optimizer:
+    one per bucket) instead of being rebuilt in Python at every step."""
+    key = (centre_min_dim, *map(Tensor.size, grads))
+    layout = _layouts.get(key)
+    if layout is None:
+        n = len(grads)
+        numel = [g.numel() for g in grads]
+        centre = [centre_min_dim is not None and centralisable(g, centre_min_dim) for g in grads]
+        # A centred tensor is split at its rows; any other into chunks the threads share.
+        cols = [
+            v // g.shape[0] if c and v else UNCENTRED_CHUNK
+            for g, v, c in zip(grads, numel, centre, strict=True)
+        ]
+        layout = ((ctypes.c_int64 * n)(*numel), (ctypes.c_int64 * n)(*cols),
+                  (ctypes.c_uint8 * n)(*centre))  # fmt: skip
+        if len(_layouts) >= 256:  # shapes that keep changing: start over
+            _layouts.clear()
+        _layouts[key] = layout
+    return layout
 
 
 def step(
@@ -181,8 +200,9 @@ def step(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     slow: list[Tensor] | None,
-    center: list[bool],
     *,
+    centre_min_dim: int | None,
+    centralisable: Callable[[Tensor, int], bool],
     maximize: bool,
     decay: float,
     beta1: float,
@@ -193,30 +213,23 @@ def step(
     alpha: float,
 ) -> None:
     """One in-place step over every tensor (see ``_ranger_cpu.c``); ``slow`` given on a Lookahead
-    step. ``decay`` is ``1 - lr * weight_decay``; ``step_size`` multiplies ``m / (sqrt(v) + eps)``
-    when ``rectified``, else ``m``."""
+    step. A gradient is centred where ``centralisable(g, centre_min_dim)`` (``centre_min_dim``
+    None: none is). ``decay`` is ``1 - lr * weight_decay``; ``step_size`` multiplies
+    ``m / (sqrt(v) + eps)`` when ``rectified``, else ``m``."""
     n = len(params)
-    table = (_Tensor * n)()
-    for i in range(n):
-        g = grads[i]
-        numel = g.numel()
-        # A centred tensor is split at its rows; any other into chunks the threads share.
-        cols = numel // g.shape[0] if center[i] and numel else UNCENTRED_CHUNK
-        table[i] = _Tensor(
-            params[i].data_ptr(),
-            g.data_ptr(),
-            exp_avgs[i].data_ptr(),
-            exp_avg_sqs[i].data_ptr(),
-            slow[i].data_ptr() if slow is not None else None,
-            numel,
-            -(-numel // cols) if cols else 0,
-            cols,
-            center[i],
-        )
+    pointers = ctypes.c_void_p * n
+    numel, cols, centre = _layout(grads, centre_min_dim, centralisable)
     scalars = _Scalars(-1.0 if maximize else 1.0, decay, 1 - beta1, beta2, 1 - beta2, eps,
                        -step_size, alpha)  # fmt: skip
     lib.ranger_step(
-        table,
+        pointers(*map(_data_ptr, params)),
+        pointers(*map(_data_ptr, grads)),
+        pointers(*map(_data_ptr, exp_avgs)),
+        pointers(*map(_data_ptr, exp_avg_sqs)),
+        pointers(*map(_data_ptr, slow)) if slow is not None else pointers(),
+        numel,
+        cols,
+        centre,
         n,
         torch.get_num_threads(),
         ctypes.byref(scalars),

@@ -17,18 +17,6 @@
 #include <stdint.h>
 
 typedef struct {
-    float *p;
-    const float *g;
-    float *m;
-    float *v;
-    float *s;       /* slow buffer; read only on a Lookahead step */
-    int64_t numel;
-    int64_t rows;
-    int64_t cols;   /* values per row; the last row may be shorter (uncentred tensors only) */
-    int32_t center; /* subtract the row mean of the gradient */
-} ranger_tensor;
-
-typedef struct {
     float sign;    /* -1 to maximize */
     float decay;   /* 1 - lr * weight_decay */
     float w1;      /* 1 - beta1, the lerp weight of exp_avg */
@@ -76,19 +64,26 @@ static inline __attribute__((always_inline)) void row_update(
 }
 
 /* One parallel region for all tensors; no barrier between tensors. The flags are compile-time
- * constants in each expansion, so every variant of the row loop is vectorised on its own. */
+ * constants in each expansion, so every variant of the row loop is vectorised on its own.
+ * Tensor t has numel[t] values in rows of cols[t] (the last row may be shorter: uncentred tensors
+ * only); center[t] subtracts each row's gradient mean. s is read only on a Lookahead step. */
 #define RANGER_LOOP(RECT, SYNC, DECAY)                                                         \
     _Pragma("omp parallel num_threads(num_threads)") for (int64_t t = 0; t < num; t++) {      \
-        const ranger_tensor *x = &ts[t];                                                       \
-        _Pragma("omp for schedule(static) nowait") for (int64_t r = 0; r < x->rows; r++) {     \
-            int64_t o = r * x->cols;                                                           \
-            int64_t n = x->numel - o < x->cols ? x->numel - o : x->cols;                       \
-            row_update(x->p + o, x->g + o, x->m + o, x->v + o, (SYNC) ? x->s + o : 0, n,       \
-                       x->center, c, (RECT), (SYNC), (DECAY));                                 \
+        const int64_t cols = ncols[t], numel = nnumel[t];                                      \
+        const int64_t rows = cols ? (numel + cols - 1) / cols : 0;                             \
+        _Pragma("omp for schedule(static) nowait") for (int64_t r = 0; r < rows; r++) {        \
+            int64_t o = r * cols;                                                              \
+            int64_t n = numel - o < cols ? numel - o : cols;                                   \
+            row_update(p[t] + o, g[t] + o, m[t] + o, v[t] + o, (SYNC) ? s[t] + o : 0, n,       \
+                       center[t], c, (RECT), (SYNC), (DECAY));                                 \
         }                                                                                      \
     }
 
-void ranger_step(const ranger_tensor *ts, int64_t num, int num_threads, const ranger_scalars *c,
+/* The tensors come as parallel arrays (pointers, sizes, flags): the caller builds each with one
+ * call instead of one record per tensor. */
+void ranger_step(float *const *p, const float *const *g, float *const *m, float *const *v,
+                 float *const *s, const int64_t *nnumel, const int64_t *ncols,
+                 const uint8_t *center, int64_t num, int num_threads, const ranger_scalars *c,
                  int rect, int sync, int decay) {
     switch ((rect ? 4 : 0) | (sync ? 2 : 0) | (decay ? 1 : 0)) {
         case 0: RANGER_LOOP(0, 0, 0) break;

@@ -223,22 +223,24 @@ class Ranger(Optimizer):
         slow_buffers: list[Tensor],
         state_steps: list[Tensor],
     ) -> None:
+        lookahead, states = group["lookahead"], self.state
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("Ranger does not support sparse gradients")
-            state = self.state[p]
+            state = states[p]
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["lookahead"]:
+            if lookahead:
                 if "slow_buffer" not in state:  # the slow weights start at theta_0
                     state["slow_buffer"] = p.detach().clone(memory_format=torch.preserve_format)
                 slow_buffers.append(state["slow_buffer"])
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             state_steps.append(state["step"])
@@ -331,14 +333,19 @@ def _check_fused_support(params: Iterable[Tensor]) -> None:
             )
 
 
-def _fused_ok(params: list[Tensor]) -> bool:
-    devices = _get_fused_kernels_supported_devices()
-    return all(p.device.type in devices and p.dtype in _FUSED_DTYPES for p in params)
+def _fused_ok(kind: tuple[torch.device | None, torch.dtype | None]) -> bool:
+    """Whether the fused path takes parameters of this ``(device, dtype)``."""
+    device, dtype = kind
+    return (
+        device is not None
+        and device.type in _get_fused_kernels_supported_devices()
+        and dtype in _FUSED_DTYPES
+    )
 
 
-def _foreach_ok(params: list[Tensor]) -> bool:
-    devices = [*_get_foreach_kernels_supported_devices(), "cpu"]
-    return all(p.device.type in devices for p in params)
+def _foreach_ok(kind: tuple[torch.device | None, torch.dtype | None]) -> bool:
+    device = kind[0]
+    return device is None or device.type in [*_get_foreach_kernels_supported_devices(), "cpu"]
 
 
 def _centralisable(g: Tensor, min_dim: int) -> bool:
@@ -403,24 +410,30 @@ def ranger(
     """
     if not params:
         return
-    for p in params:
-        if torch.is_complex(p):
-            raise ValueError(
-                "Ranger does not support complex parameters; pass torch.view_as_real(p) instead"
-            )
+    if any(map(torch.is_complex, params)):
+        raise ValueError(
+            "Ranger does not support complex parameters; pass torch.view_as_real(p) instead"
+        )
     if torch.compiler.is_compiling():
         # Inductor traces the foreach ops but cannot functionalise the fused kernel's in-place
         # update of tensors made inside the graph; the math is the same.
         fused, foreach = False, True
+    # Parameter indices per (device, dtype), grouped in C++ as torch's own optimizers do.
+    by_kind = {
+        kind: idx
+        for kind, (_, idx) in Optimizer._group_tensors_by_device_and_dtype(
+            [cast(list[Tensor | None], params)], with_indices=True
+        ).items()
+    }
     if fused is None:
-        fused = foreach is not True and _fused_ok(params)
+        fused = foreach is not True and all(map(_fused_ok, by_kind))
     elif fused:
         _check_fused_support(params)
     if foreach is None:
-        foreach = _foreach_ok(params)
+        foreach = all(map(_foreach_ok, by_kind))
 
     torch._foreach_add_(state_steps, 1)
-    steps = [int(s) for s in torch.stack(state_steps).tolist()]
+    steps = list(map(int, torch.stack(state_steps).tolist()))
 
     hyper: dict[str, Any] = {
         "beta1": beta1,
@@ -436,9 +449,14 @@ def ranger(
     synced: set[int] = set()  # Lookahead already folded into the step
     if fused or foreach:
         # One bucket per (device, dtype, step): the scalars of a kernel call must be shared.
-        buckets: dict[tuple[torch.device, torch.dtype, int], list[int]] = defaultdict(list)
-        for i, (p, s) in enumerate(zip(params, steps, strict=True)):
-            buckets[(p.device, p.dtype, s)].append(i)
+        buckets: dict[tuple[Any, Any, int], list[int]] = defaultdict(list)
+        one_step = steps.count(steps[0]) == len(steps)  # the usual case
+        for (device, dtype), idx in by_kind.items():
+            if one_step:
+                buckets[(device, dtype, steps[0])] = idx
+                continue
+            for i in idx:
+                buckets[(device, dtype, steps[i])].append(i)
         for (_, _, step), idx in buckets.items():
             sync = slow_buffers is not None and step % k == 0
             if fused and _one_pass_step(
@@ -499,9 +517,9 @@ def _one_pass_step(
     """The whole step of one bucket (and its Lookahead step when ``slow_buffers`` is given) in
     rangerdl's one-pass CPU kernel. ``False`` (nothing done) where the kernel does not apply:
     not contiguous float32 on the CPU, or no C compiler."""
-    lists = _pick(idx, params, grads, exp_avgs, exp_avg_sqs)
-    if slow_buffers is not None:
-        lists += _pick(idx, slow_buffers)
+    lists = _pick(
+        idx, params, grads, exp_avgs, exp_avg_sqs, *([] if slow_buffers is None else [slow_buffers])
+    )
     if not _cpu_kernel.applies(
         params[idx[0]].device, params[idx[0]].dtype, [t for lst in lists for t in lst]
     ):
@@ -510,7 +528,6 @@ def _one_pass_step(
     if lib is None:
         return False
     ps, gs, ms, vs = lists[:4]
-    min_dim = 3 if gc_conv_only else 1
     rect, step_size = _step_size(step, lr, beta1, beta2, threshold)
     _cpu_kernel.step(
         lib,
@@ -519,7 +536,8 @@ def _one_pass_step(
         ms,
         vs,
         lists[4] if slow_buffers is not None else None,
-        [use_gc and _centralisable(g, min_dim) for g in gs],
+        centre_min_dim=(3 if gc_conv_only else 1) if use_gc else None,
+        centralisable=_centralisable,
         maximize=maximize,
         decay=1 - lr * weight_decay,
         beta1=beta1,
@@ -714,4 +732,6 @@ def _fused_rectified_step(
 
 
 def _pick(idx: list[int], *lists: list[Tensor]) -> tuple[list[Tensor], ...]:
+    if len(idx) == len(lists[0]):  # idx lists every index, in order: nothing to pick
+        return lists
     return tuple([lst[i] for i in idx] for lst in lists)
