@@ -7,7 +7,11 @@ The starving makes a rare interleaving certain: a thread of gloo's runs only whi
 blocks, so it drops what it holds as late as it can, which at exit is during interpreter shutdown.
 A rank must still exit 0. ``"end"``: ``"finish"`` (finish, then destroy the process group),
 ``"return"`` (nothing: the script just ends), ``"close"`` (close without finish, as after an
-error), ``"gc"`` (the sync is dropped, never closed), ``"continue"`` (finish, train on, finish).
+error), ``"gc"`` (the sync is dropped, never closed), ``"continue"`` (finish, train on, finish),
+``"refused"`` (the ranks hand over their parameters in different orders: the sync is refused
+with a ValueError after an exchange of their descriptions; barrier, then destroy the process
+group, as a script that reports the error and ends), ``"objects"`` (the trainer's object
+collectives, then barrier and destroy).
 With ``"check": true`` each end is followed by checks that no sync thread or group is left; a
 failed check exits 3.
 """
@@ -57,11 +61,41 @@ def train(opt: torch.optim.Optimizer, model: torch.nn.Module, steps: int, rank: 
         opt.step()
 
 
+def refused(rank: int) -> None:
+    """Two layers of one shape, rank 1's in the other order: only the names differ."""
+    named = list(make_model(0).named_parameters())
+    if rank == 1:
+        named = named[2:] + named[:2]
+    try:
+        distributed_ranger(named, dist.group.WORLD, lr=0.01)
+    except ValueError as e:
+        check("the refusal names the parameters", "parameters" in str(e))
+    else:
+        check("a refusal", False)
+
+
+def objects(rank: int) -> None:
+    from rangerdl.distributed.release import all_gather_object, broadcast_object
+
+    world = dist.get_world_size()
+    everyone = all_gather_object({"rank": rank, "pad": "x" * (100 * rank)})
+    check(
+        "all_gather_object", everyone == [{"rank": r, "pad": "x" * (100 * r)} for r in range(world)]
+    )
+    check("broadcast_object", broadcast_object(("from", rank)) == ("from", 0))
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_num_threads(1)
+    if spec["end"] in ("refused", "objects"):
+        starve_other_threads()
+        (refused if spec["end"] == "refused" else objects)(rank)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     model = make_model(0)
     options = SyncOptions(
         sync_every=4,

@@ -44,6 +44,8 @@ def run_worker(spec: dict, nproc: int = 2) -> subprocess.CompletedProcess[str]:
         ("bf16", "close", 2),
         ("bf16", "gc", 2),
         ("bf16", "continue", 2),
+        ("fp32", "refused", 2),
+        ("fp32", "objects", 3),
     ],
 )
 def test_every_end_of_an_overlapped_run_exits_cleanly_and_leaves_no_thread_or_group(

@@ -22,15 +22,26 @@ references until its watchdog collects the work, so only CPU (gloo) tensors are 
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RELEASE_TIMEOUT_S", "blocking", "hold", "settle", "use_counts"]
+__all__ = [
+    "RELEASE_TIMEOUT_S",
+    "all_gather_object",
+    "blocking",
+    "broadcast_object",
+    "hold",
+    "settle",
+    "use_counts",
+]
 
 RELEASE_TIMEOUT_S = 30.0
 """How long :func:`settle` waits for a worker thread to let go before keeping the tensors alive
@@ -87,6 +98,53 @@ def blocking(fn: Callable[..., Any], tensors: Sequence[Tensor], *args: Any, **kw
     settle(tensors, baseline, holder)
     del holder  # now the last C++ reference but the Python object's, on this thread
     return out
+
+
+def _object_device(group: Any) -> torch.device:
+    """Where the bytes of an object collective live: the current CUDA device for NCCL, else the
+    CPU (as ``torch.distributed``'s own object collectives choose)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's ``obj`` in rank order, as ``torch.distributed.all_gather_object`` (pickled,
+    so only between the ranks of one job), but through collectives that settle: the byte
+    tensors are free when it returns, so a rank may raise and exit right after it (a refused
+    configuration) without the abort described above. ``torch.distributed``'s own object
+    collectives leave their tensors to the gloo thread, and a ``barrier`` keeps them until it
+    ends."""
+    device = _object_device(group)
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    world = dist.get_world_size(group)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    sizes = torch.empty(world, dtype=torch.int64, device=device)
+    blocking(dist.all_gather_into_tensor, [sizes, size], sizes, size, group=group)
+    longest = int(sizes.max())
+    mine = torch.zeros(longest, dtype=torch.uint8, device=device)
+    mine[: data.numel()] = data
+    everyone = torch.empty(world * longest, dtype=torch.uint8, device=device)
+    blocking(dist.all_gather_into_tensor, [everyone, mine], everyone, mine, group=group)
+    raw = everyone.cpu().numpy().tobytes()
+    return [pickle.loads(raw[r * longest : r * longest + n]) for r, n in enumerate(sizes.tolist())]
+
+
+def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
+    """Rank ``src``'s ``obj`` (a global rank) on every rank, as
+    ``torch.distributed.broadcast_object_list`` with one object, through collectives that settle
+    (see :func:`all_gather_object`)."""
+    device = _object_device(group)
+    sender = dist.get_rank() == src
+    data = pickle.dumps(obj) if sender else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    blocking(dist.broadcast, [size], size, src=src, group=group)
+    if sender:
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    else:
+        buf = torch.empty(int(size), dtype=torch.uint8, device=device)
+    blocking(dist.broadcast, [buf], buf, src=src, group=group)
+    return obj if sender else pickle.loads(buf.cpu().numpy().tobytes())
 
 
 def _use_count(t: Tensor) -> int:

@@ -570,8 +570,7 @@ class OuterSync:
         )
         if int(bounds[0]) == -int(bounds[1]) == value:
             return
-        everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self.process_group)
+        everyone = release.all_gather_object(mine, group=self.process_group)
         for what in mine:
             reference = everyone[0][what]
             for rank, theirs in enumerate(everyone):

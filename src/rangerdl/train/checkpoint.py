@@ -295,11 +295,7 @@ class Checkpointer:
         with use_slow_weights(self.optimizer):
             weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         if self.rt.distributed:
-            import torch.distributed as dist
-
-            gathered: list[Any] = [None] * self.rt.world_size
-            dist.all_gather_object(gathered, digests)
-            digests = {k: v for d in gathered for k, v in d.items()}
+            digests = {k: v for d in self.rt.all_gather_object(digests) for k, v in d.items()}
         if self.rt.is_main:
             digests["model.pt"] = write_file(tmp, "model.pt", weights)
             commit(folder, step, digests, self.keep)

@@ -56,17 +56,17 @@ class Runtime:
         """Rank 0's ``obj`` on every rank."""
         if not self.distributed:
             return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        from rangerdl.distributed.release import broadcast_object
+
+        return broadcast_object(obj, src=0)
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order."""
         if not self.distributed:
             return [obj]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        from rangerdl.distributed.release import all_gather_object
+
+        return all_gather_object(obj)
 
     def all_sum(self, values: list[float]) -> list[float]:
         if not self.distributed:
