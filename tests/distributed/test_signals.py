@@ -31,7 +31,8 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.is_file():
-            lines = [x for x in metrics.read_text().splitlines() if x.strip()]
+            # Whole lines only: the run may be writing the last one right now.
+            lines = [x for x in metrics.read_text().split("\n")[:-1] if x.strip()]
             if lines and json.loads(lines[-1]).get("step", 0) >= step:
                 return
         time.sleep(0.05)
