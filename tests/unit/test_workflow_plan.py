@@ -68,7 +68,10 @@ def test_local_rows_count_syncs_bytes_and_overlap() -> None:
     assert plsgd.syncs == 12
     both = local_row(times, n, 2, link, 96, k=8, comm_dtype="bf16", overlap=True)
     # a 0.16 s bf16 exchange: 4 steps cover it, half the bytes of fp32
-    assert both.label == "distributed Ranger k=8, bf16, overlap 4"
+    assert both.label == "distributed Ranger k=8, bf16, overlap_steps 4"
+    assert both.settings == (
+        '[distributed] sync_every = 8, compression = "bf16", overlap = true, overlap_steps = 4'
+    )
     assert both.overlap_steps == 4 and both.bytes_per_rank == over.bytes_per_rank / 2
     assert both.comm_s == pytest.approx(per / 2, rel=1e-3)
 
@@ -192,6 +195,11 @@ def test_verdict_names_the_smallest_k_of_a_lossless_payload_first() -> None:
     assert slow.startswith("verdict: DDP spends 69% of each step communicating here")
     assert "from k = 2 (bf16 overlap)" in slow  # not topk's k = 1, which costs quality
     assert "or k = 1 with compression = topk (check its loss)" in slow
+    # and says it as the config keys to set, overlap_steps included
+    assert slow.splitlines()[1] == (
+        'as config: [distributed] sync_every = 2, compression = "bf16", overlap = true, '
+        "overlap_steps = 2"
+    )
     assert "DDP is fine on this link" in plan(1e11)
 
 

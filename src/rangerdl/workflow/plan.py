@@ -255,8 +255,18 @@ class Row:
             return {"ddp": "DDP", "post_local_sgd": f"PostLocalSGD k={self.k}"}[self.strategy]
         extra = f", {self.compression}" if self.compression != "none" else ""
         if self.overlap:
-            extra += f", overlap {self.overlap_steps}"
+            extra += f", overlap_steps {self.overlap_steps}"
         return f"distributed Ranger k={self.k}{extra}"
+
+    @property
+    def settings(self) -> str:
+        """A distributed Ranger row as the ``[distributed]`` keys of a training config (TOML)."""
+        keys = [f"sync_every = {self.k}"]
+        if self.compression != "none":
+            keys.append(f'compression = "{self.compression}"')
+        if self.overlap:
+            keys += ["overlap = true", f"overlap_steps = {self.overlap_steps}"]
+        return "[distributed] " + ", ".join(keys)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -360,6 +370,7 @@ class Plan:
     max_share: float
     rows: list[Row] = field(default_factory=list)
     smallest_k: dict[str, int | None] = field(default_factory=dict)
+    smallest_rows: dict[str, Row] = field(default_factory=dict)  # the row at each smallest k
 
     @property
     def ddp(self) -> Row:
@@ -439,15 +450,18 @@ def make_plan(
                 *args, k=k, payload=payload, overlap=overlap, buffer_numel=buffer_numel
             )
 
-        plan.smallest_k[name] = smallest_k(max_share, build, steps)
+        plan.smallest_k[name] = least = smallest_k(max_share, build, steps)
+        if least is not None:
+            plan.smallest_rows[name] = build(least)
     return plan
 
 
 def verdict(plan: Plan) -> str:
-    """The plan in one line: does communication dominate DDP's step here, and the smallest k
+    """The plan in a line: does communication dominate DDP's step here, and the smallest k
     that keeps distributed Ranger's communication within ``max_share``, with the first payload
     (in the table's order) that reaches it: fp32 or bf16 (which loses no quality, measured)
-    first; a compressed payload only where those need a larger k (it can cost quality)."""
+    first; a compressed payload only where those need a larger k (it can cost quality). A second
+    line gives that setting as the ``[distributed]`` keys of a training config."""
     ddp, limit = plan.ddp, _ratio(plan.ddp.run_s / plan.ddp.compute_s)
     head = f"verdict: DDP spends {100 * ddp.comm_share:.0f}% of each step communicating here"
     if ddp.comm_share <= plan.max_share:
@@ -463,7 +477,7 @@ def verdict(plan: Plan) -> str:
     if smaller:
         n = min(smaller, key=lambda x: smaller[x])
         say += f", or k = {smaller[n]} with compression = {n} (check its loss)"
-    return say
+    return f"{say}\nas config: {plan.smallest_rows[name].settings}"
 
 
 def format_plan(plan: Plan) -> str:
