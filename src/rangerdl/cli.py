@@ -26,12 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from rangerdl.data import commands as data_commands
+    from rangerdl.distributed import commands as distributed_commands
     from rangerdl.train import commands as train_commands
     from rangerdl.workflow import commands as workflow_commands
 
     train_commands.register(sub)
     data_commands.register(sub)
     workflow_commands.register(sub)
+    distributed_commands.register(sub)
     return parser
 
 

@@ -23,13 +23,13 @@ PREFIXES = ("rangerdl ", "python ", "torchrun ", "make ", "pip ", "source ", "te
 
 def doc_commands(path: Path) -> list[str]:
     """Command lines of the fenced ``bash`` blocks and of the bare blocks that hold commands;
-    trailing ``# comments`` dropped, ``a && b`` and ``a; b`` split."""
+    trailing ``# comments`` and a trailing ``&`` dropped, ``a && b`` and ``a; b`` split."""
     commands = []
     for lang, body in re.findall(r"```(\w*)\n(.*?)```", path.read_text(), re.DOTALL):
         if lang not in ("bash", "", "sh"):
             continue
         for line in body.splitlines():
-            line = re.sub(r"\s+#.*$", "", line).strip()
+            line = re.sub(r"\s+#.*$", "", line).strip().removesuffix("&").strip()  # background
             if not line.startswith(PREFIXES):
                 continue  # a bare block of program output, or a comment line
             commands += [part.strip() for part in re.split(r"&&|;", line) if part.strip()]

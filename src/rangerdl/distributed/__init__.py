@@ -2,7 +2,8 @@
 ``sync_every`` steps by an :class:`OuterSync` attached to any optimizer, are the shared global model.
 
 ``SyncOptions`` and the byte model (``cost``) import no torch; ``OuterSync`` and
-``distributed_ranger`` (which need ``torch.distributed``) load on first use. This package is the
+``distributed_ranger`` (which need ``torch.distributed``) load on first use, as does
+``FaultTolerantSync`` (the outer sync on torchft, :mod:`rangerdl.distributed.ft`). This package is the
 only part of rangerdl's library that imports ``torch.distributed``.
 """
 
@@ -12,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from rangerdl.distributed.options import SyncOptions
 
-__all__ = ["OuterSync", "SyncOptions", "distributed_ranger"]
+__all__ = ["FaultTolerantSync", "OuterSync", "SyncOptions", "distributed_ranger"]
 
 if TYPE_CHECKING:
+    from rangerdl.distributed.ft import FaultTolerantSync
     from rangerdl.distributed.sync import OuterSync, distributed_ranger
 
 
@@ -23,4 +25,8 @@ def __getattr__(name: str) -> Any:
         from rangerdl.distributed import sync
 
         return getattr(sync, name)
+    if name == "FaultTolerantSync":
+        from rangerdl.distributed import ft
+
+        return ft.FaultTolerantSync
     raise AttributeError(f"module 'rangerdl.distributed' has no attribute {name!r}")

@@ -65,7 +65,7 @@ from rangerdl.optim import Lookahead, Ranger
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OuterSync", "distributed_ranger"]
+__all__ = ["OuterSync", "distributed_ranger", "outer_step"]
 
 
 class _Pending(NamedTuple):
@@ -779,25 +779,9 @@ class OuterSync:
         warm: bool = False,
         momentum: Tensor | None = None,
     ) -> None:
-        """``slow`` moves toward the mean weights ``target`` (or by the mean ``delta``); a
-        warm-up sync (``warm``) moves it onto the mean. ``momentum``: the outer momentum buffer
-        to use (default: this object's)."""
+        """:func:`outer_step` with this object's options and (default) outer momentum buffer."""
         buffer = self._momentum_buffer if momentum is None else momentum
-        if buffer is None or warm:
-            lr = 1.0 if warm else self.options.outer_lr
-            if is_delta:
-                slow.add_(target, alpha=lr)
-            else:
-                slow.lerp_(target, lr)  # lerp: lr = 1 copies the mean exactly
-            return
-        delta = target if is_delta else target.sub_(slow)
-        buffer.mul_(self.options.outer_momentum).add_(delta)
-        step = (
-            delta.add_(buffer, alpha=self.options.outer_momentum)
-            if self.options.nesterov
-            else buffer
-        )
-        slow.add_(step, alpha=self.options.outer_lr)
+        outer_step(slow, target, self.options, buffer, is_delta=is_delta, warm=warm)
 
     @torch.no_grad()
     def _sync_buffers(self) -> None:
@@ -822,6 +806,32 @@ class OuterSync:
             if comm is not b:
                 b.copy_(comm)
             self.stats["bytes"] += b.numel() * b.element_size() if self.rank == 0 else 0
+
+
+def outer_step(
+    slow: Tensor,
+    target: Tensor,
+    options: SyncOptions,
+    momentum: Tensor | None,
+    *,
+    is_delta: bool = False,
+    warm: bool = False,
+) -> None:
+    """The outer step of :class:`~rangerdl.distributed.options.SyncOptions`, in place: ``slow``
+    (the slow weights, flat) moves toward the mean weights ``target`` (or by the mean pseudo-gradient
+    ``target`` when ``is_delta``), through the outer ``momentum`` buffer when one is given; a
+    warm-up sync (``warm``) moves it onto the mean. ``target`` may be overwritten."""
+    if momentum is None or warm:
+        lr = 1.0 if warm else options.outer_lr
+        if is_delta:
+            slow.add_(target, alpha=lr)
+        else:
+            slow.lerp_(target, lr)  # lerp: lr = 1 copies the mean exactly
+        return
+    delta = target if is_delta else target.sub_(slow)
+    momentum.mul_(options.outer_momentum).add_(delta)
+    step = delta.add_(momentum, alpha=options.outer_momentum) if options.nesterov else momentum
+    slow.add_(step, alpha=options.outer_lr)
 
 
 def _param_names(

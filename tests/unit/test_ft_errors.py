@@ -1,0 +1,84 @@
+"""What fault-tolerant distributed Ranger says when it cannot run: torchft missing, no
+Lighthouse, an option torchft does not carry, a Lighthouse that cannot bind. No process group,
+no peers: each answer comes before any of that."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from rangerdl import Ranger
+from rangerdl.distributed import SyncOptions
+
+
+def test_missing_torchft_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rangerdl.distributed import ft
+
+    monkeypatch.setitem(sys.modules, "torchft", None)  # import torchft -> ImportError
+    with pytest.raises(ImportError, match=r'pip install "rangerdl\[ft\]"'):
+        ft.connect("127.0.0.1:1", "a")
+    opt = Ranger(nn.Linear(2, 1).parameters(), lookahead=False)
+    with pytest.raises(ImportError, match=r"rangerdl\[ft\]"):
+        ft.FaultTolerantSync(opt, manager=None)
+
+
+def test_importing_rangerdl_imports_no_torchft() -> None:
+    code = "import sys, rangerdl, rangerdl.distributed; import rangerdl.distributed.ft; "
+    code += "print('torchft' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_unreachable_lighthouse_is_an_error_naming_it_within_the_timeout() -> None:
+    pytest.importorskip("torchft")
+    from rangerdl.distributed.ft import connect
+
+    with socket.socket() as s:  # a port nobody serves
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=rf"http://127\.0\.0\.1:{port}.*rangerdl lighthouse"):
+        connect(f"127.0.0.1:{port}", "a", connect_timeout_s=1.0)
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("overlap", True), ("shard_slow", True), ("compression", "int8"), ("comm_dtype", "bf16")],
+)
+def test_an_option_torchft_does_not_carry_is_refused_by_name(option: str, value: object) -> None:
+    pytest.importorskip("torchft")
+    from rangerdl.distributed.ft import FaultTolerantSync
+
+    opt = Ranger(nn.Linear(2, 1).parameters(), lookahead=False)
+    with pytest.raises(ValueError, match=rf"^{option} = .* is not available with torchft"):
+        FaultTolerantSync(opt, manager=None, options=SyncOptions(**{option: value}))
+
+
+def test_an_optimizer_with_its_own_slow_weights_is_refused() -> None:
+    pytest.importorskip("torchft")
+    from rangerdl.distributed.ft import FaultTolerantSync
+
+    with pytest.raises(ValueError, match="lookahead=False"):
+        FaultTolerantSync(Ranger([torch.zeros(2, requires_grad=True)]), manager=None)
+
+
+def test_lighthouse_command_refuses_bad_numbers_and_a_taken_address() -> None:
+    pytest.importorskip("torchft")
+    from rangerdl.cli import main
+
+    assert main(["lighthouse", "--min-replicas=0"]) == 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "rangerdl", "lighthouse", f"--bind=127.0.0.1:{port}"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert f"cannot serve the Lighthouse at 127.0.0.1:{port}" in out.stderr, out.stderr
