@@ -17,6 +17,7 @@ position its peer had (the batches it missed while dead are not read by anyone t
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def main() -> None:
     optimizer = Ranger(net.parameters(), lr=3e-3, lookahead=False)  # the inner step
     position = {"batch": 0}  # the data position, handed to a group that heals
 
+    os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust logs: warnings only
     manager = connect(args.lighthouse, f"group{args.group}", hostname="127.0.0.1")
     sync = FaultTolerantSync(
         optimizer,

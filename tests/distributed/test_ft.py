@@ -106,16 +106,19 @@ def test_one_replica_group_is_single_process_ranger(lighthouse: str, tmp_path: P
 def test_killed_replica_group_heals_from_its_peer_which_goes_on(
     lighthouse: str, tmp_path: Path
 ) -> None:
-    steps, every = 120, 4
-    a = group(lighthouse, 0, 2, tmp_path, steps, every, pause=0.05)
-    b = group(lighthouse, 1, 2, tmp_path, steps, every, pause=0.05)
+    # a's 240 steps take >= 24 s: time for b to die and start again (its imports took up to
+    # ~10 s on a loaded machine) before a ends; a group that starts after its peers ended has
+    # no one to heal from and trains alone
+    steps, every, pause = 240, 4, 0.1
+    a = group(lighthouse, 0, 2, tmp_path, steps, every, pause)
+    b = group(lighthouse, 1, 2, tmp_path, steps, every, pause)
     assert b.stdout is not None
     for line in b.stdout:  # b trains with a for a while, then dies between two syncs
-        if line.startswith("step 26 "):
+        if line.startswith("step 10 "):
             break
     b.kill()
     b.wait()
-    out_b = finish(group(lighthouse, 1, 2, tmp_path, steps, every, pause=0.05))
+    out_b = finish(group(lighthouse, 1, 2, tmp_path, steps, every, pause))
     out_a = finish(a)
     a_state = torch.load(tmp_path / "group0.pt", weights_only=True)
     b_state = torch.load(tmp_path / "group1.pt", weights_only=True)

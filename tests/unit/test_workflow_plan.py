@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -69,9 +70,10 @@ def test_local_rows_count_syncs_bytes_and_overlap() -> None:
     both = local_row(times, n, 2, link, 96, k=8, comm_dtype="bf16", overlap=True)
     # a 0.16 s bf16 exchange: 4 steps cover it, half the bytes of fp32
     assert both.label == "distributed Ranger k=8, bf16, overlap_steps 4"
-    assert both.settings == (
-        '[distributed] sync_every = 8, compression = "bf16", overlap = true, overlap_steps = 4'
-    )
+    assert both.settings.splitlines() == [
+        "[distributed]", "sync_every = 8", 'compression = "bf16"', "overlap = true",
+        "overlap_steps = 4",
+    ]  # fmt: skip
     assert both.overlap_steps == 4 and both.bytes_per_rank == over.bytes_per_rank / 2
     assert both.comm_s == pytest.approx(per / 2, rel=1e-3)
 
@@ -164,22 +166,24 @@ def test_plan_check_benchmark_reproduces(tmp_path: Path) -> None:
     )
 
 
-def test_a_busy_machine_is_named_before_the_plan_trusts_its_timing(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_busy_machine_is_named_under_the_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
     from rangerdl.workflow import plan
 
-    monkeypatch.setattr(plan.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(plan.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
-    with caplog.at_level("WARNING", logger="rangerdl.workflow.plan"):
-        assert not plan.warn_if_busy([0.010, 0.011, 0.012], 2)
-        assert not caplog.records
-        assert plan.warn_if_busy([0.010, 0.011, 0.040], 2)  # one step 4x the fastest
-        monkeypatch.setattr(plan.os, "getloadavg", lambda: (6.0, 6.0, 6.0))
-        assert plan.warn_if_busy([0.010, 0.011, 0.012], 2)
-    assert len(caplog.records) == 2
-    assert "--train.threads=1" in caplog.records[-1].getMessage()
-    assert "load average 6.0 on 2 CPUs" in caplog.records[-1].getMessage()
+    assert plan.busy_note([0.010, 0.011, 0.012], 2, cpus=2) is None
+    spread = plan.busy_note([0.010, 0.011, 0.040], 2, cpus=2)  # one step 4x the fastest
+    assert spread is not None and "the timed steps varied 4.0x" in spread
+    monkeypatch.setattr(plan.os, "getloadavg", lambda: (6.0, 6.0, 6.0))
+    load = plan.busy_note([0.010, 0.011, 0.012], 2, cpus=2)
+    assert load is not None and "--train.threads=1" in load
+    assert "the load average is 6.0 on 2 CPUs (the timed steps agreed within 1.2x)" in load
+    made = make_plan(
+        numel=450_000, times=StepTimes.from_total(0.06), world_size=2, link=Link(1e8, 1e-4),
+        steps=600,
+    )  # fmt: skip
+    made.caution = load
+    lines = plan.format_plan(made).splitlines()
+    assert lines[0].startswith("verdict: ") and load in lines[:10]
 
 
 def test_verdict_names_the_smallest_k_of_a_lossless_payload_first() -> None:
@@ -195,11 +199,12 @@ def test_verdict_names_the_smallest_k_of_a_lossless_payload_first() -> None:
     assert slow.startswith("verdict: DDP spends 69% of each step communicating here")
     assert "from k = 2 (bf16 overlap)" in slow  # not topk's k = 1, which costs quality
     assert "or k = 1 with compression = topk (check its loss)" in slow
-    # and says it as the config keys to set, overlap_steps included
-    assert slow.splitlines()[1] == (
-        'as config: [distributed] sync_every = 2, compression = "bf16", overlap = true, '
-        "overlap_steps = 2"
-    )
+    # and says it as TOML to paste into the training config, overlap_steps included
+    assert slow.splitlines()[1] == "# in the training config (k = 2, bf16 overlap):"
+    toml = "\n".join(slow.splitlines()[1:])
+    assert tomllib.loads(toml) == {
+        "distributed": {"sync_every": 2, "compression": "bf16", "overlap": True, "overlap_steps": 2}
+    }
     assert "DDP is fine on this link" in plan(1e11)
 
 
@@ -210,14 +215,10 @@ def test_plan_piped_into_head_ends_without_a_traceback() -> None:
     assert out.stdout.startswith("verdict: ") and out.stderr == ""
 
 
-def test_busy_warning_suggests_one_thread_only_to_a_run_with_more(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    from rangerdl.workflow.plan import warn_if_busy
+def test_busy_note_suggests_one_thread_only_to_a_run_with_more() -> None:
+    from rangerdl.workflow.plan import busy_note
 
-    with caplog.at_level("WARNING"):
-        assert warn_if_busy([0.01, 0.1], threads=1)
-        assert warn_if_busy([0.01, 0.1], threads=2)
-    one, two = (r.getMessage() for r in caplog.records)
+    one, two = busy_note([0.01, 0.1], threads=1), busy_note([0.01, 0.1], threads=2)
+    assert one is not None and two is not None
     assert "--train.threads=1" not in one and "Rerun on an idle machine or give" in one
     assert "--train.threads=1" in two

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from typing import Any
@@ -34,6 +35,8 @@ def _lighthouse(args: argparse.Namespace, extra: list[str]) -> int:
     for name in ("min_replicas", "join_timeout_ms", "heartbeat_timeout_ms", "quorum_tick_ms"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    # torchft's Rust side logs every quorum tick at info; keep warnings unless asked (RUST_LOG)
+    os.environ.setdefault("RUST_LOG", "warn")
     try:
         require_torchft()
     except ImportError as exc:

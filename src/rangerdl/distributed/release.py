@@ -50,6 +50,11 @@ for the rest of the process instead (they can then never be freed off the main t
 _kept: list[Any] = []  # holds on tensors a worker thread did not let go of in time
 
 
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+"""``torch.distributed.all_gather_single`` (newer torch, where ``all_gather_into_tensor``
+warns that it is deprecated), else ``all_gather_into_tensor``: the same collective."""
+
+
 def hold(tensors: Sequence[Tensor]) -> Any:
     """One more C++ reference to each tensor, until the returned object is dropped: a view of
     each, which keeps its base alive from C++."""
@@ -120,12 +125,12 @@ def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
     world = dist.get_world_size(group)
     size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
     sizes = torch.empty(world, dtype=torch.int64, device=device)
-    blocking(dist.all_gather_into_tensor, [sizes, size], sizes, size, group=group)
+    blocking(all_gather_single, [sizes, size], sizes, size, group=group)
     longest = int(sizes.max())
     mine = torch.zeros(longest, dtype=torch.uint8, device=device)
     mine[: data.numel()] = data
     everyone = torch.empty(world * longest, dtype=torch.uint8, device=device)
-    blocking(dist.all_gather_into_tensor, [everyone, mine], everyone, mine, group=group)
+    blocking(all_gather_single, [everyone, mine], everyone, mine, group=group)
     raw = everyone.cpu().numpy().tobytes()
     return [pickle.loads(raw[r * longest : r * longest + n]) for r, n in enumerate(sizes.tolist())]
 

@@ -710,7 +710,7 @@ class OuterSync:
 
     def _gather_slow(self) -> Tensor:
         full = self._to_comm(torch.empty(self.padded, dtype=self.dtype, device=self.device))
-        self._timed(dist.all_gather_into_tensor, full, self._to_comm(self._slow))
+        self._timed(release.all_gather_single, full, self._to_comm(self._slow))
         return full.to(self.device)[: self.numel]
 
     def _encode_delta(self, flat: Tensor) -> Tensor:

@@ -128,8 +128,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if params and world_size > 1 and "comm/bytes" in summary:
         ddp = ddp_bytes_per_step(int(params), world_size) * summary["step"]
         lines.append(
-            f"{'':<{width}}  (DDP would have sent {format_bytes(ddp)} per rank: "
-            f"{ddp / max(summary['comm/bytes'], 1):.1f}x comm/bytes)"
+            f"{'':<{width}}  (DDP would have sent {format_bytes(ddp)} per rank, "
+            f"{ddp / max(summary['comm/bytes'], 1):.1f}x as many bytes)"
         )
     lines += [
         "-" * (width + 16),

@@ -78,6 +78,7 @@ def _plan(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError(
             "give --params and --step-time together (or neither: time the config here)"
         )
+    caution = None
     if args.params is not None:
         numel, buffers = option("--params", args.params, parse_count), 0
         times, source = (
@@ -87,7 +88,7 @@ def _plan(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         from rangerdl.workflow.plan import count_and_time
 
-        numel, buffers, times = count_and_time(cfg, args.workers)
+        numel, buffers, times, caution = count_and_time(cfg, args.workers)
         source = f"timed here: {cfg.model.name}, {cfg.data.batch_size // args.workers} samples per worker"
     k_cfg = cfg.distributed.sync_every or cfg.optim.k
     ks = tuple(args.k) if args.k else (*DEFAULT_KS, k_cfg)
@@ -105,6 +106,7 @@ def _plan(args: argparse.Namespace, extra: list[str]) -> int:
         block_size=cfg.distributed.block_size,
         topk_density=cfg.distributed.topk_density,
     )
+    plan.caution = caution
     print(format_plan(plan))
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(plan.to_dict(), indent=2) + "\n")

@@ -260,13 +260,13 @@ class Row:
 
     @property
     def settings(self) -> str:
-        """A distributed Ranger row as the ``[distributed]`` keys of a training config (TOML)."""
+        """A distributed Ranger row as the ``[distributed]`` table of a training config (TOML)."""
         keys = [f"sync_every = {self.k}"]
         if self.compression != "none":
             keys.append(f'compression = "{self.compression}"')
         if self.overlap:
             keys += ["overlap = true", f"overlap_steps = {self.overlap_steps}"]
-        return "[distributed] " + ", ".join(keys)
+        return "\n".join(["[distributed]", *keys])
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -371,6 +371,7 @@ class Plan:
     rows: list[Row] = field(default_factory=list)
     smallest_k: dict[str, int | None] = field(default_factory=dict)
     smallest_rows: dict[str, Row] = field(default_factory=dict)  # the row at each smallest k
+    caution: str | None = None  # the timing's, printed under the verdict (busy_note)
 
     @property
     def ddp(self) -> Row:
@@ -460,8 +461,8 @@ def verdict(plan: Plan) -> str:
     """The plan in a line: does communication dominate DDP's step here, and the smallest k
     that keeps distributed Ranger's communication within ``max_share``, with the first payload
     (in the table's order) that reaches it: fp32 or bf16 (which loses no quality, measured)
-    first; a compressed payload only where those need a larger k (it can cost quality). A second
-    line gives that setting as the ``[distributed]`` keys of a training config."""
+    first; a compressed payload only where those need a larger k (it can cost quality). Then that
+    setting as the ``[distributed]`` table of a training config (TOML lines to paste)."""
     ddp, limit = plan.ddp, _ratio(plan.ddp.run_s / plan.ddp.compute_s)
     head = f"verdict: DDP spends {100 * ddp.comm_share:.0f}% of each step communicating here"
     if ddp.comm_share <= plan.max_share:
@@ -477,14 +478,14 @@ def verdict(plan: Plan) -> str:
     if smaller:
         n = min(smaller, key=lambda x: smaller[x])
         say += f", or k = {smaller[n]} with compression = {n} (check its loss)"
-    return f"{say}\nas config: {plan.smallest_rows[name].settings}"
+    setting = f"# in the training config (k = {found[name]}, {name}):"
+    return f"{say}\n{setting}\n{plan.smallest_rows[name].settings}"
 
 
 def format_plan(plan: Plan) -> str:
     t, link, ddp = plan.times, plan.link, plan.ddp
-    lines = [
-        verdict(plan),
-        "",
+    lines = [verdict(plan), *([plan.caution] if plan.caution else []), ""]
+    lines += [
         f"model: {plan.numel:,} parameters ({format_bytes(4 * plan.numel)} fp32)"
         + (f", {plan.buffer_numel:,} floating buffer values" if plan.buffer_numel else ""),
         f"compute per worker and step: {format_seconds(t.total_s)} "
@@ -549,9 +550,12 @@ def _ratio(x: float) -> str:
     return f"{x:.2f}x" if x < 1e6 else f"{x:.3g}x"  # 3 significant digits, not 30 of them
 
 
-def count_and_time(cfg: Any, world_size: int, *, repeats: int = 5) -> tuple[int, int, StepTimes]:
-    """``(parameters, floating buffer values, step times)`` of the configured model on one
-    worker's share of the global batch, timed here (median of ``repeats`` after 2 warm-up steps)."""
+def count_and_time(
+    cfg: Any, world_size: int, *, repeats: int = 5
+) -> tuple[int, int, StepTimes, str | None]:
+    """``(parameters, floating buffer values, step times, caution)`` of the configured model on
+    one worker's share of the global batch, timed here (median of ``repeats`` after 2 warm-up
+    steps); the caution (:func:`busy_note`) when the machine looked busy."""
     import torch
 
     from rangerdl.train.data import open_data
@@ -604,33 +608,31 @@ def count_and_time(cfg: Any, world_size: int, *, repeats: int = 5) -> tuple[int,
         if i >= 2:
             samples.append((t1 - t0, t2 - t1, t3 - t2))
     fwd, bwd, opt = (statistics.median(s[j] for s in samples) for j in range(3))
-    warn_if_busy([sum(s) for s in samples], torch.get_num_threads())
-    return numel, buffers, StepTimes(fwd, bwd, opt)
+    note = busy_note([sum(s) for s in samples], torch.get_num_threads())
+    return numel, buffers, StepTimes(fwd, bwd, opt), note
 
 
 BUSY_SPREAD = 1.5
 """Slowest over fastest timed step above which the timing is called unreliable."""
 
 
-def warn_if_busy(step_s: list[float], threads: int) -> bool:
-    """Warn (and return True) when the timed steps say the machine was busy: the slowest step
-    took more than ``BUSY_SPREAD`` x the fastest, or the load average exceeds the CPUs. A plan
-    made from such a timing can give the opposite verdict (a step timed 300x too slow makes any
-    network look fast)."""
+def busy_note(step_s: list[float], threads: int, *, cpus: int | None = None) -> str | None:
+    """The caution to print under the verdict when the timed steps say the machine was busy (the
+    slowest step took more than ``BUSY_SPREAD`` x the fastest, or the load average exceeds the
+    CPUs), else ``None``. A plan made from such a timing can give the opposite verdict (a step
+    timed 300x too slow makes any network look fast)."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    cpus = os.cpu_count() or 1
+    cpus = cpus or os.cpu_count() or 1
     spread = max(step_s) / min(step_s) if min(step_s) > 0 else 1.0
     if spread <= BUSY_SPREAD and load <= cpus:
-        return False
+        return None
+    if spread > BUSY_SPREAD:
+        why = f"the timed steps varied {spread:.1f}x (load average {load:.1f} on {cpus} CPUs)"
+    else:
+        why = f"the load average is {load:.1f} on {cpus} CPUs (the timed steps agreed within {spread:.1f}x)"
     fewer = ", with --train.threads=1," if threads > 1 else ""
-    log.warning(
-        "the timed steps varied %.1fx (load average %.1f on %d CPUs, %d torch threads): the "
-        "machine is busy and the step time, and with it every figure below, may be far off. "
-        "Rerun on an idle machine%s or give --params and --step-time",
-        spread,
-        load,
-        cpus,
-        threads,
-        fewer,
+    return (
+        f"caution: {why}, {threads} torch thread{'s' if threads > 1 else ''}: other work may have "
+        "slowed the timed steps, and every figure below with them. Rerun on an idle "
+        f"machine{fewer} or give --params and --step-time"
     )
-    return True
