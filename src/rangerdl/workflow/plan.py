@@ -34,8 +34,8 @@ Per strategy (``S`` = optimizer steps in the run, ``k`` = steps between syncs):
   bytes, ``P`` the bytes of one encoded chunk of ``ceil(n / W)`` values
   (:func:`rangerdl.distributed.cost.payload_bytes`: values, fp32 block scales, top-k positions;
   ``block_size`` 256, ``topk_density`` 0.03 unless given). Encoding and decoding time is not
-  in the model (``benchmarks/compression.py`` measures it: under 1% of a step on the GPT
-  workload).
+  in the model (``benchmarks/compression.py`` measures it on the GPT workload: 0.6-1.1% of
+  the time of the 8 steps between syncs, top-k 2.3%).
 
 Share communicating = comm / (compute + comm), per run. The smallest ``k`` under a share is found
 by bisection over ``1..S``. Speedup over DDP = DDP's estimated run time / the row's; no
