@@ -48,8 +48,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from rangerdl.distributed.options import SyncOptions
-from rangerdl.distributed.sync import _group_value, outer_step
-from rangerdl.optim import Lookahead, Ranger
+from rangerdl.distributed.sync import inner_options, outer_step
 
 __all__ = ["FaultTolerantSync", "connect", "require_torchft"]
 
@@ -210,28 +209,16 @@ class FaultTolerantSync:
         user_state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
     ) -> None:
         require_torchft()
-        if isinstance(optimizer, Lookahead) or (
-            isinstance(optimizer, Ranger) and any(g["lookahead"] for g in optimizer.param_groups)
-        ):
-            raise ValueError(
-                f"{type(optimizer).__name__} keeps its own Lookahead slow weights; "
-                "FaultTolerantSync holds them across replica groups: pass Ranger(..., "
-                "lookahead=False) or the optimizer Lookahead wraps"
-            )
-        options = options or SyncOptions()
-        defaults = SyncOptions()
+        given, defaults = options or SyncOptions(), SyncOptions()
         for name in UNSUPPORTED:
-            if getattr(options, name) != getattr(defaults, name):
+            if getattr(given, name) != getattr(defaults, name):
                 raise ValueError(
-                    f"{name} = {getattr(options, name)!r} is not available with torchft (its "
+                    f"{name} = {getattr(given, name)!r} is not available with torchft (its "
                     "syncs are blocking fp32 all-reduces of the weights here); leave it at "
                     f"{getattr(defaults, name)!r}"
                 )
+        self.options = inner_options(optimizer, given, "FaultTolerantSync", "replica groups")
         groups = optimizer.param_groups
-        self.options = options.resolved(
-            k=_group_value(groups, "k", "sync_every", options.sync_every),
-            alpha=_group_value(groups, "alpha", "outer_lr", options.outer_lr),
-        )
         self.optimizer = optimizer
         self.manager = manager
         self.params = [p for g in groups for p in g["params"]]

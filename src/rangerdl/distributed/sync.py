@@ -65,7 +65,7 @@ from rangerdl.optim import Lookahead, Ranger
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OuterSync", "distributed_ranger", "outer_step"]
+__all__ = ["OuterSync", "distributed_ranger", "inner_options", "outer_step"]
 
 
 class _Pending(NamedTuple):
@@ -194,20 +194,8 @@ class OuterSync:
                 "torch.distributed.init_process_group(...) first and pass dist.group.WORLD (or a "
                 "subgroup); before that dist.group.WORLD is None"
             )
-        if isinstance(optimizer, Lookahead) or (
-            isinstance(optimizer, Ranger) and any(g["lookahead"] for g in optimizer.param_groups)
-        ):
-            raise ValueError(
-                f"{type(optimizer).__name__} keeps its own Lookahead slow weights; OuterSync holds "
-                "them across ranks: pass the inner optimizer (Ranger(..., lookahead=False), or the "
-                "optimizer Lookahead wraps), or use rangerdl.distributed.distributed_ranger"
-            )
-        options = options or SyncOptions()
+        self.options = inner_options(optimizer, options, "OuterSync", "ranks")
         groups = optimizer.param_groups
-        self.options = options.resolved(
-            k=_group_value(groups, "k", "sync_every", options.sync_every),
-            alpha=_group_value(groups, "alpha", "outer_lr", options.outer_lr),
-        )
         self.optimizer = optimizer
         self.params = [p for g in groups for p in g["params"]]
         if not self.params:
@@ -846,6 +834,32 @@ def _param_names(
     if groups and all("param_names" in g for g in groups):
         return [name for g in groups for name in g["param_names"]]
     return [None] * count
+
+
+def inner_options(
+    optimizer: Optimizer, options: SyncOptions | None, holder: str, across: str
+) -> SyncOptions:
+    """``options`` (default :class:`SyncOptions`) resolved for the inner ``optimizer``:
+    ``sync_every = 0`` and ``outer_lr = 0`` take its param groups' Lookahead ``k`` and ``alpha``.
+
+    Raises:
+        ValueError: the optimizer keeps its own slow weights (``Lookahead``,
+            ``Ranger(lookahead=True)``), which ``holder`` holds ``across`` its peers; bad options.
+    """
+    if isinstance(optimizer, Lookahead) or (
+        isinstance(optimizer, Ranger) and any(g["lookahead"] for g in optimizer.param_groups)
+    ):
+        raise ValueError(
+            f"{type(optimizer).__name__} keeps its own Lookahead slow weights; {holder} holds "
+            f"them across {across}: pass the inner optimizer (Ranger(..., lookahead=False), or "
+            "the optimizer Lookahead wraps), or use rangerdl.distributed.distributed_ranger"
+        )
+    options = options or SyncOptions()
+    groups = optimizer.param_groups
+    return options.resolved(
+        k=_group_value(groups, "k", "sync_every", options.sync_every),
+        alpha=_group_value(groups, "alpha", "outer_lr", options.outer_lr),
+    )
 
 
 def _group_value(groups: list[dict[str, Any]], key: str, option: str, given: float) -> Any:
