@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from rangerdl.distributed.cost import ring_bytes
 from rangerdl.distributed.options import SyncOptions
 from rangerdl.distributed.sync import inner_options, outer_step
 
@@ -259,8 +260,7 @@ class FaultTolerantSync:
             outer_step(self._slow, mean, self.options, self._momentum, warm=warm)
             self._set_params(self._slow)
             self.stats["syncs"] += 1
-            # a ring all-reduce of fp32 weights: 2 (W-1)/W of them sent by each group
-            self.stats["bytes"] += int(2 * (participants - 1) * self.numel * 4 / participants)
+            self.stats["bytes"] += ring_bytes(self.numel, mean.element_size(), participants)
         else:
             self.stats["discarded"] += 1
             log.warning(
