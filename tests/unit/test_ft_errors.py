@@ -82,3 +82,68 @@ def test_lighthouse_command_refuses_bad_numbers_and_a_taken_address() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert f"cannot serve the Lighthouse at 127.0.0.1:{port}" in out.stderr, out.stderr
+
+
+FT = ["--distributed.backend=torchft", "--distributed.lighthouse=127.0.0.1:1"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([], r"needs replica_groups = N"),
+        (
+            ["--distributed.replica_groups=2", "--distributed.replica_group=2"],
+            r"replica_group must be in \[0, 2\)",
+        ),
+        (["--distributed.replica_groups=3"], r"batch_size = 64 .* replica_groups = 3"),
+        (
+            ["--distributed.replica_groups=2", "--distributed.overlap=true"],
+            r"\[distributed\] overlap = True",
+        ),
+        (
+            ["--distributed.replica_groups=2", "--distributed.compression=int8"],
+            r"\[distributed\] compression = 'int8'",
+        ),
+        (
+            ["--distributed.replica_groups=2", "--distributed.strategy=ddp"],
+            r"strategy = 'ddp' needs torchrun",
+        ),
+    ],
+)
+def test_train_config_for_torchft_names_the_key(overrides: list[str], message: str) -> None:
+    from rangerdl.train.config import load_config
+
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [*FT, *overrides])
+
+
+def test_train_config_for_torchft_needs_the_lighthouse_and_the_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rangerdl.train.config import load_config
+
+    monkeypatch.delenv("TORCHFT_LIGHTHOUSE", raising=False)
+    monkeypatch.delenv("REPLICA_GROUP_ID", raising=False)
+    with pytest.raises(ValueError, match=r"needs the Lighthouse's address"):
+        load_config(None, ["--distributed.backend=torchft", "--distributed.replica_groups=2"])
+    monkeypatch.setenv("TORCHFT_LIGHTHOUSE", "127.0.0.1:1")
+    cfg = load_config(None, ["--distributed.backend=torchft", "--distributed.replica_groups=2"])
+    with pytest.raises(ValueError, match=r"which replica group is this process"):
+        cfg.distributed.group_index()
+    monkeypatch.setenv("REPLICA_GROUP_ID", "1")
+    assert cfg.distributed.group_index() == 1
+    monkeypatch.setenv("REPLICA_GROUP_ID", "7")
+    with pytest.raises(ValueError, match=r"REPLICA_GROUP_ID='7'"):
+        cfg.distributed.group_index()
+
+
+def test_torchft_under_torchrun_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rangerdl.train.runtime import init_runtime
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(ValueError, match=r"one process per replica group.*not torchrun"):
+            init_runtime("cpu", "torchft", 1, 60.0, (0, 2))
+    finally:
+        torch.set_num_threads(threads)

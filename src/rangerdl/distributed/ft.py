@@ -36,10 +36,11 @@ DiLoCo, Douillard et al. 2023 (arXiv 2311.08105); Lookahead, Zhang et al. 2019.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -110,6 +111,7 @@ def connect(
 
     address = lighthouse if "://" in lighthouse else f"http://{lighthouse}"
     host = hostname or socket.gethostname()
+    _quiet_torchft_logs(torch.device(device))
     timeout = timedelta(seconds=timeout_s)
     _wait_for(address, connect_timeout_s)
 
@@ -161,6 +163,26 @@ def connect(
     return manager
 
 
+class _NoFlightRecorder(logging.Filter):
+    """Drops torchft's warning that it cannot reset NCCL's flight recorder (gloo has none)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "flight recorder" not in record.getMessage()
+
+
+def _quiet_torchft_logs(device: torch.device) -> None:
+    """torchft logs every quorum and commit at INFO: keep its warnings, unless the caller set
+    those loggers' levels; on CPU also drop the flight-recorder warning (NCCL only)."""
+    for name in ("torchft", "torchft_quorums", "torchft_commits"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
+    if device.type != "cuda":
+        manager_log = logging.getLogger("torchft.manager")
+        if not any(isinstance(f, _NoFlightRecorder) for f in manager_log.filters):
+            manager_log.addFilter(_NoFlightRecorder())
+
+
 def _wait_for(address: str, timeout_s: float) -> None:
     """Wait until the Lighthouse at ``address`` (``http://HOST:PORT``) accepts connections;
     ``ConnectionError`` naming it after ``timeout_s``."""
@@ -194,6 +216,15 @@ class FaultTolerantSync:
             torchft here: an error names the option.
         user_state: ``(state_dict, load_state_dict)`` callables for what else a healed group
             needs, e.g. the data position; their value must be tensors and plain types.
+        agreement: ``{key: value}`` every group must share (a training config): a digest of
+            each value (20 bits, fp32 parameters only) travels with every sync's all-reduce, and
+            a sync whose mean digest differs from this group's raises ``ValueError`` naming the
+            keys; a group that heals compares the values themselves (tensors and plain types
+            only), before it takes anything from the peer.
+        buffers: the model's buffers (``model.buffers()``): with ``buffer_policy = "average"``
+            (the default) the floating-point ones (BatchNorm's running statistics) are averaged
+            over the groups in each committed sync, as :class:`OuterSync` does; every buffer
+            travels with a heal. ``"broadcast"`` needs a fixed rank 0 and is refused here.
 
     Raises:
         ImportError: torchft missing.
@@ -208,6 +239,8 @@ class FaultTolerantSync:
         options: SyncOptions | None = None,
         *,
         user_state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
+        agreement: Mapping[str, Any] | None = None,
+        buffers: Iterable[Tensor] | None = None,
     ) -> None:
         require_torchft()
         given, defaults = options or SyncOptions(), SyncOptions()
@@ -228,13 +261,38 @@ class FaultTolerantSync:
         if len({(p.dtype, p.device) for p in self.params}) > 1:
             raise ValueError("FaultTolerantSync needs all parameters in one dtype on one device")
         self.numel = sum(p.numel() for p in self.params)
+        self.buffers = list(buffers or [])
+        if self.options.buffer_policy == "broadcast" and self.buffers:
+            raise ValueError(
+                "buffer_policy = 'broadcast' is not available with torchft (no group is a fixed "
+                "rank 0); use 'average' or 'local'"
+            )
+        self._averaged = (
+            [b for b in self.buffers if b.is_floating_point()]
+            if self.options.buffer_policy == "average"
+            else []
+        )
+        self._buffer_numel = sum(b.numel() for b in self._averaged)
         self.step = 0
+        self._agreement = dict(agreement or {})
+        self._digests = (
+            _digests(self._agreement, self.params[0].device)
+            if self.params[0].dtype == torch.float32
+            else None
+        )
         self._slow = self._flatten()
         self._momentum = torch.zeros_like(self._slow) if self.options.outer_momentum > 0 else None
-        self._user_state = user_state
+        self.user_state = user_state
+        """``(state_dict, load_state_dict)`` of what else a healed group needs (may be set after
+        construction, before the first sync)."""
         self.stats = {"syncs": 0, "discarded": 0, "healed": 0, "bytes": 0, "time_s": 0.0}
+        self._healing = False
         manager.register_state_dict_fn("rangerdl", self._load_heal_state, self._heal_state)
-        self._hook = optimizer.register_step_post_hook(lambda *_: self.after_step())
+        self._hooks = [
+            optimizer.register_step_post_hook(lambda *_: self.after_step()),
+            optimizer.register_state_dict_post_hook(self._state_dict_hook),
+            optimizer.register_load_state_dict_pre_hook(self._load_state_dict_hook),
+        ]
 
     # ------------------------------------------------------------------ public
     def after_step(self) -> None:
@@ -251,16 +309,30 @@ class FaultTolerantSync:
         A discarded sync changes nothing here but the counters."""
         start = time.perf_counter()
         self.manager.start_quorum()  # may heal: load a peer's state through _load_heal_state
-        mean = self._flatten()
+        # one all-reduce: [parameters | averaged buffers | config digests]
+        n, nb = self.numel, self._buffer_numel
+        extra = 0 if self._digests is None else self._digests.numel()
+        flat = torch.empty(n + nb + extra, dtype=self._slow.dtype, device=self._slow.device)
+        mean = self._flatten(flat[:n])
+        if nb:
+            torch.cat([b.reshape(-1).to(flat.dtype) for b in self._averaged], out=flat[n : n + nb])
+        if self._digests is not None:
+            flat[n + nb :] = self._digests
         participants = max(self.manager.num_participants(), 1)
-        self.manager.allreduce(mean).wait()
+        self.manager.allreduce(flat).wait()
+        if self._digests is not None:
+            self._check_agreement(flat[n + nb :])
         committed = bool(self.manager.should_commit())
         if committed:
             warm = self.step <= self.options.sync_every_warmup_steps
             outer_step(self._slow, mean, self.options, self._momentum, warm=warm)
             self._set_params(self._slow)
+            offset = n
+            for b in self._averaged:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
             self.stats["syncs"] += 1
-            self.stats["bytes"] += ring_bytes(self.numel, mean.element_size(), participants)
+            self.stats["bytes"] += ring_bytes(flat.numel(), flat.element_size(), participants)
         else:
             self.stats["discarded"] += 1
             log.warning(
@@ -271,13 +343,50 @@ class FaultTolerantSync:
         self.stats["time_s"] += time.perf_counter() - start
         return committed
 
+    def finish(self) -> bool:
+        """A last sync when the last step did not end with one (every group that finishes at
+        the same step takes part), so the slow weights hold every group's last steps; whether
+        a sync ran and was committed."""
+        if self.step % self.options.sync_every == 0:
+            return False
+        return self.sync()
+
     def slow_weights(self) -> list[tuple[Tensor, Tensor]]:
         """``(parameter, slow weights)`` for every parameter: the model worth evaluating."""
         return list(zip(self.params, self._views(self._slow), strict=True))
 
     def close(self) -> None:
         """Detach from the optimizer (the manager is the caller's to shut down)."""
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """The outer state for a checkpoint: slow weights ``(n,)``, outer momentum, the step
+        clock, the counters and the manager's step (so that a group restored from an older
+        checkpoint than its peers' heals from them). Also saved inside
+        ``optimizer.state_dict()["outer"]`` by a hook."""
+        state: dict[str, Any] = {
+            "slow_weights": self._slow.clone(),
+            "step": self.step,
+            "stats": dict(self.stats),
+            "manager": dict(self.manager.state_dict()),
+        }
+        if self._momentum is not None:
+            state["momentum_buffer"] = self._momentum.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved.
+
+        Raises:
+            ValueError: slow weights of another shape, or no outer momentum where this sync
+                keeps one.
+        """
+        self._load_outer(state)
+        self.stats = {**self.stats, **state.get("stats", {})}
+        if "manager" in state:
+            self.manager.load_state_dict(state["manager"])
 
     def comm_stats(self) -> dict[str, float]:
         """``comm/syncs`` (committed), ``comm/discarded``, ``comm/healed``, ``comm/bytes``
@@ -286,37 +395,81 @@ class FaultTolerantSync:
 
     # ------------------------------------------------------------------ healing
     def _heal_state(self) -> dict[str, Any]:
+        self._healing = True  # the inner optimizer's state without the outer one (sent apart)
+        try:
+            inner = self.optimizer.state_dict()
+        finally:
+            self._healing = False
         state: dict[str, Any] = {
             "slow_weights": self._slow.clone(),
             "step": self.step,
             "params": [p.detach().clone() for p in self.params],
-            "optimizer": self.optimizer.state_dict(),
+            "buffers": [b.clone() for b in self.buffers],
+            "optimizer": inner,
+            "agreement": self._agreement,
         }
         if self._momentum is not None:
             state["momentum_buffer"] = self._momentum.clone()
-        if self._user_state is not None:
-            state["user"] = self._user_state[0]()
+        if self.user_state is not None:
+            state["user"] = self.user_state[0]()
         return state
 
     @torch.no_grad()
     def _load_heal_state(self, state: dict[str, Any]) -> None:
+        theirs, mine = state.get("agreement", {}), self._agreement
+        differ = sorted(k for k in {*theirs, *mine} if theirs.get(k) != mine.get(k))
+        if differ:
+            raise ValueError(
+                f"this replica group was given another config than the live groups: "
+                f"{', '.join(differ)} differ (start it with the same config and overrides)"
+            )
+        if self.user_state is not None:
+            self.user_state[1](state["user"])
+        self._load_outer(state)
+        for p, value in zip(self.params, state["params"], strict=True):
+            p.copy_(value)
+        for b, value in zip(self.buffers, state.get("buffers", []), strict=True):
+            b.copy_(value)
+        self._healing = True
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        finally:
+            self._healing = False
+        self.stats["healed"] += 1
+        log.info("healed from a peer: step %d", self.step)
+
+    @torch.no_grad()
+    def _load_outer(self, state: dict[str, Any]) -> None:
         slow = state["slow_weights"]
         if slow.shape != self._slow.shape:
             raise ValueError(
-                f"a peer sent slow weights of shape {tuple(slow.shape)}; this group has "
-                f"{tuple(self._slow.shape)}: the replica groups train different models"
+                f"slow weights of shape {tuple(slow.shape)} (from a peer or a checkpoint); this "
+                f"group has {tuple(self._slow.shape)}: not the same model"
             )
+        if self._momentum is not None and "momentum_buffer" not in state:
+            raise ValueError("the outer state has no outer momentum buffer, but outer_momentum > 0")
         self._slow.copy_(slow)
         if self._momentum is not None:
             self._momentum.copy_(state["momentum_buffer"])
-        for p, value in zip(self.params, state["params"], strict=True):
-            p.copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
-        if self._user_state is not None:
-            self._user_state[1](state["user"])
-        self.stats["healed"] += 1
-        log.info("healed from a peer: step %d", self.step)
+
+    def _state_dict_hook(self, optimizer: Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+        if not self._healing:
+            state["outer"] = self.state_dict()
+        return state
+
+    def _load_state_dict_hook(self, optimizer: Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+        if self._healing:
+            return state
+        state = dict(state)
+        outer = state.pop("outer", None)
+        if outer is None:
+            raise ValueError(
+                f"{type(optimizer).__name__}.load_state_dict: no 'outer' entry; this state dict was "
+                "not saved by an optimizer with a FaultTolerantSync attached"
+            )
+        self.load_state_dict(outer)
+        return state
 
     # ------------------------------------------------------------------ internals
     def _views(self, flat: Tensor) -> Iterable[Tensor]:
@@ -326,10 +479,34 @@ class FaultTolerantSync:
             offset += p.numel()
         return out
 
-    def _flatten(self) -> Tensor:
-        out = torch.empty(self.numel, dtype=self.params[0].dtype, device=self.params[0].device)
+    def _flatten(self, out: Tensor | None = None) -> Tensor:
+        if out is None:
+            out = torch.empty(self.numel, dtype=self.params[0].dtype, device=self.params[0].device)
         torch._foreach_copy_(list(self._views(out)), [p.detach() for p in self.params])
         return out
 
     def _set_params(self, flat: Tensor) -> None:
         torch._foreach_copy_([p.detach() for p in self.params], list(self._views(flat)))
+
+    def _check_agreement(self, mean: Tensor) -> None:
+        """Raise naming the keys whose digest the groups' mean does not match (a group that
+        heals sends zeros and is not counted, so only the groups taking part are compared)."""
+        assert self._digests is not None
+        differ = (mean != self._digests).tolist()
+        keys = [key for key, bad in zip(self._agreement, differ, strict=True) if bad]
+        if keys:
+            raise ValueError(
+                f"the replica groups were given different configs: {', '.join(keys)} differ "
+                "(every group must get the same config; only replica_group, lighthouse and "
+                "hostname are its own)"
+            )
+
+
+def _digests(values: Mapping[str, Any], device: torch.device) -> Tensor:
+    """One number per key, in order: 20 bits of the SHA-256 of the value's ``repr`` (exact in
+    fp32, and so is the mean of up to 16 equal ones)."""
+    out = [
+        int.from_bytes(hashlib.sha256(repr(v).encode()).digest()[:3], "little") >> 4
+        for v in values.values()
+    ]
+    return torch.tensor(out, dtype=torch.float32, device=device)

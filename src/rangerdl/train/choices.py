@@ -20,8 +20,9 @@ STRATEGIES = ("lookahead", "ddp", "post_local_sgd")
 """``[distributed] strategy`` values: distributed Lookahead (``OuterSync``) and torch's baselines."""
 ON_NAN = ("stop", "skip")
 """``[train] on_nan`` values (acted on in ``rangerdl.train.loop``)."""
-BACKENDS = ("auto", "gloo", "nccl")
-"""``[distributed] backend`` values: ``auto`` is NCCL on CUDA, gloo on CPU."""
+BACKENDS = ("auto", "gloo", "nccl", "torchft")
+"""``[distributed] backend`` values: ``auto`` is NCCL on CUDA, gloo on CPU (torchrun);
+``torchft``: replica groups of one process each, synced through a torchft Lighthouse."""
 BUILTIN_SOURCES = ("digits", "text")
 """``[data] source`` values prepared on first use into the cache folder."""
 RESUME_POLICIES = ("never", "auto")

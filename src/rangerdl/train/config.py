@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -200,9 +201,90 @@ class DistributedConfig(SyncOptions):
     ``sync_every`` steps; ``ddp``: torch DistributedDataParallel (gradient all-reduce every step);
     ``post_local_sgd``: torch PostLocalSGDOptimizer (periodic model averaging)."""
     backend: str = "auto"
-    """``auto`` (NCCL on CUDA, gloo on CPU), ``gloo`` or ``nccl``."""
+    """``auto`` (NCCL on CUDA, gloo on CPU), ``gloo`` or ``nccl`` (``torchrun``); ``torchft``:
+    one process per replica group, each started on its own with ``rangerdl train``; the outer
+    sync goes through a torchft Lighthouse, and groups that die and come back heal from a live
+    peer while the others train on (``rangerdl.distributed.ft``; ``pip install "rangerdl[ft]"``)."""
     timeout_s: float = 300.0
     """Collective timeout: a rank that stops answering fails the job instead of hanging it."""
+    lighthouse: str = ""
+    """``backend = "torchft"``: the Lighthouse's ``HOST:PORT`` (``rangerdl lighthouse``); empty:
+    ``$TORCHFT_LIGHTHOUSE``."""
+    replica_group: int = -1
+    """``backend = "torchft"``: this group's index, ``0 .. replica_groups - 1``: its share of each
+    global batch and its run folder (``NAME-group{i}``); a restarted group reuses it. ``-1``:
+    ``$REPLICA_GROUP_ID``."""
+    replica_groups: int = 0
+    """``backend = "torchft"``: how many replica groups share the data; group ``i`` reads the
+    ``i``-th ``batch_size / replica_groups`` samples of each global batch."""
+    min_replicas: int = 1
+    """``backend = "torchft"``: the fewest groups a sync may commit with."""
+    quorum_timeout_s: float = 600.0
+    """``backend = "torchft"``: how long a sync waits for its quorum (the slowest group's
+    ``sync_every`` steps must fit in it)."""
+    hostname: str = ""
+    """``backend = "torchft"``: the address the other groups reach this one at (healing, the
+    collectives); empty: this machine's host name."""
+
+    def group_index(self) -> int:
+        """``backend = "torchft"``: this process's replica group, ``replica_group`` or (when
+        ``-1``) ``$REPLICA_GROUP_ID``; ``ValueError`` when neither is set or it is out of range."""
+        i, raw = self.replica_group, os.environ.get("REPLICA_GROUP_ID", "")
+        if i < 0 and raw:
+            i = int(raw) if raw.isdigit() else -1
+            if not 0 <= i < self.replica_groups:
+                raise ValueError(
+                    f"REPLICA_GROUP_ID={raw!r}: expected a group index in "
+                    f"[0, {self.replica_groups}) ([distributed] replica_groups)"
+                )
+        if i < 0:
+            raise ValueError(
+                "[distributed] backend = 'torchft': which replica group is this process? "
+                "--distributed.replica_group=I (or REPLICA_GROUP_ID=I), I in "
+                f"[0, {self.replica_groups})"
+            )
+        return i
+
+    def validate_torchft(self, batch_size: int) -> None:
+        """``backend = "torchft"``: the keys it needs and the options it cannot run, each error
+        naming its key (the numbers' ranges are :data:`LIMITS`')."""
+        if self.backend != "torchft":
+            return
+        if self.strategy != "lookahead":
+            raise ValueError(
+                f"[distributed] backend = 'torchft' runs distributed Lookahead only; strategy = "
+                f"{self.strategy!r} needs torchrun (backend = 'auto')"
+            )
+        n, i = self.replica_groups, self.replica_group
+        if n < 1:
+            raise ValueError(
+                "[distributed] backend = 'torchft' needs replica_groups = N (how many groups "
+                "share the data), e.g. --distributed.replica_groups=2"
+            )
+        if i >= n:
+            raise ValueError(
+                f"[distributed] replica_group must be in [0, {n}) (this group's index; "
+                f"--distributed.replica_group=I), got {i}"
+            )
+        if batch_size % n:
+            raise ValueError(
+                f"[data] batch_size = {batch_size} (the global batch) must be divisible by "
+                f"[distributed] replica_groups = {n}"
+            )
+        if not (self.lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")):
+            raise ValueError(
+                "[distributed] backend = 'torchft' needs the Lighthouse's address: "
+                "--distributed.lighthouse=HOST:PORT (or TORCHFT_LIGHTHOUSE); start one with "
+                "`rangerdl lighthouse`"
+            )
+        defaults = SyncOptions()
+        for name in ("overlap", "shard_slow", "compression", "comm_dtype"):
+            if getattr(self, name) != getattr(defaults, name):
+                raise ValueError(
+                    f"[distributed] {name} = {getattr(self, name)!r} is not available with "
+                    f"backend = 'torchft' (its syncs are blocking fp32 all-reduces); leave it at "
+                    f"{getattr(defaults, name)!r}"
+                )
 
 
 @dataclass
@@ -277,6 +359,7 @@ class Config:
         if len(self.optim.betas) != 2:
             raise ValueError(f"[optim] betas must be two numbers, got {self.optim.betas}")
         self.distributed.validate(where="[distributed] ")
+        self.distributed.validate_torchft(self.data.batch_size)
         if self.optim.lookahead and self.optim.name == "ranger":
             raise ValueError(
                 "[optim] lookahead = true: Ranger has Lookahead built in; use k and alpha"
@@ -388,6 +471,10 @@ LIMITS: dict[str, Bounds] = {
     "distributed.block_size": Bounds(1, MAX_BLOCK_SIZE, integer=True),
     "distributed.topk_density": Bounds(0.0, 1.0, open_low=True),
     "distributed.timeout_s": Bounds(1.0, MAX_TIMEOUT_S, unit=" s"),
+    "distributed.replica_group": Bounds(-1, MAX_CPU_WORKERS, integer=True),
+    "distributed.replica_groups": Bounds(0, MAX_CPU_WORKERS, integer=True),
+    "distributed.min_replicas": Bounds(1, MAX_CPU_WORKERS, integer=True),
+    "distributed.quorum_timeout_s": Bounds(1.0, MAX_TIMEOUT_S, unit=" s"),
 }
 """``"table.key"``: the range of every number in a config (each item of a list)."""
 
@@ -494,6 +581,9 @@ PER_RANK_KEYS = frozenset(
         "data.path",
         "run.dir",
         "log.progress",
+        "distributed.replica_group",
+        "distributed.lighthouse",
+        "distributed.hostname",
     }
 )
 """Config keys that may differ between the ranks of one job; every other key must agree. Paths
@@ -521,7 +611,14 @@ RESUME_MAY_CHANGE: dict[str, tuple[str, ...] | None] = {
     "schedule": None,
     "log": None,
     "data": ("eval_batch_size", "num_workers", "cache_dir"),
-    "distributed": ("timeout_s", "backend"),
+    "distributed": (
+        "timeout_s",
+        "backend",
+        "lighthouse",
+        "min_replicas",
+        "quorum_timeout_s",
+        "hostname",
+    ),
 }
 """What ``rangerdl train --resume RUN --table.key=value`` may change (``None``: the whole table):
 how long to train, the learning rate and its schedule (fine-tuning), evaluation, checkpoint and

@@ -51,9 +51,9 @@ def train(cfg: Config, *, resume: Path | None = None) -> dict[str, Any]:
         TrainingError: a non-finite loss with ``on_nan = "stop"``.
         ValueError, FileNotFoundError: bad config, data or run folder (named in the message).
     """
-    rt = init_runtime(
-        cfg.train.device, cfg.distributed.backend, cfg.train.threads, cfg.distributed.timeout_s
-    )
+    d = cfg.distributed
+    group = (d.group_index(), d.replica_groups) if d.backend == "torchft" else None
+    rt = init_runtime(cfg.train.device, d.backend, cfg.train.threads, d.timeout_s, group)
     with contextlib.ExitStack() as held:  # the run folder's lock (rank 0), released at the end
         summary = _train(cfg, rt, resume, held)  # on an error torchrun ends the other ranks
     gc.collect()  # DDP's reducer (often in a reference cycle) must go before its process group
@@ -70,10 +70,11 @@ def _train(
     splits = open_data(cfg.data, rt)
     train_ds, val_ds, val_what = training_splits(splits, cfg.data.val_fraction, cfg.run.seed)
     task = Task.from_metadata(splits["train"].metadata)
-    if cfg.data.batch_size % rt.world_size:
+    shard, shards = rt.shard  # this process's share of each global batch
+    if cfg.data.batch_size % shards:
         raise ValueError(
             f"[data] batch_size = {cfg.data.batch_size} (the global batch) must be divisible by "
-            f"the number of workers ({rt.world_size})"
+            f"the number of workers ({shards})"
         )
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -92,8 +93,8 @@ def _train(
     sampler = GlobalBatchSampler(
         num_samples=len(train_ds),
         global_batch_size=cfg.data.batch_size,
-        rank=rt.rank,
-        world_size=rt.world_size,
+        rank=shard,
+        world_size=shards,
         seed=cfg.run.seed if cfg.run.data_seed < 0 else cfg.run.data_seed,
         drop_last=cfg.data.drop_last,
         manifest_checksum=splits["train"].checksum,
@@ -102,7 +103,7 @@ def _train(
     checkpointer = ckpt.Checkpointer(
         run, rt, model, opt, schedule, sampler, t.checkpoint_every, t.keep_checkpoints
     )
-    torch.manual_seed(cfg.run.seed + 1 + rt.rank)  # each rank its own dropout stream
+    torch.manual_seed(cfg.run.seed + 1 + shard)  # each rank its own dropout stream
     step, elapsed_before = 0, 0.0
     if start is not None:
         step, elapsed_before = checkpointer.restore(start)
@@ -159,11 +160,28 @@ def _train(
         log.info(what, val_what, sample, final_what)
     stop = held.enter_context(StopRequest(rt))
     train_time, window_t0, window_samples = 0.0, time.perf_counter(), 0
+    healed: dict[str, Any] = {}  # torchft: the step a peer's state moved this group to
+
+    def progress() -> dict[str, Any]:
+        """What a replica group that heals from this one takes besides the weights (torchft)."""
+        return {
+            "step": step,
+            "sampler": sampler.state_dict(),
+            "schedule": schedule.state_dict(),
+        }
+
+    def load_progress(state: dict[str, Any]) -> None:
+        sampler.load_state_dict(state["sampler"])
+        schedule.load_state_dict(state["schedule"])
+        healed["step"] = int(state["step"])
+
+    if opt.manager is not None:
+        opt.sync.user_state = (progress, load_progress)
     model.train()
     last_step = min(t.steps, t.stop_at or t.steps)
-    for batch in loader:
-        if step >= last_step:
-            break
+    batches = iter(loader)
+    while step < last_step:
+        batch = next(batches)
         t0 = time.perf_counter()
         guard.before_forward()
         x = batch["x"].to(rt.device)
@@ -174,6 +192,9 @@ def _train(
             if t.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.optimizer.step()
+        if healed:  # took a live peer's state: its step, data position and schedule
+            step = healed.pop("step")
+            batches = iter(loader)  # from the new data position
         schedule.step()
         opt.optimizer.zero_grad(set_to_none=True)
         sampler.advance(1)
@@ -223,6 +244,11 @@ def _train(
         "train_time_s": total_time,
         "samples_per_s": step * cfg.data.batch_size / max(total_time, 1e-9),
         "world_size": rt.world_size,
+        **(
+            {"replica_group": shard, "replica_groups": shards}
+            if rt.replica_group is not None
+            else {}
+        ),
         "model/params": sum(p.numel() for p in model.parameters()),
         "checkpoint": str(final),
         **last_val,

@@ -104,10 +104,13 @@ class TrainOptimizer:
     """The module to call forward on: the DDP wrapper, or the raw model."""
     raw_model: nn.Module
     """The model itself (its ``state_dict`` is what is saved)."""
-    sync: OuterSync | None = None
-    """Distributed Lookahead's outer sync, when ``strategy = "lookahead"`` across processes."""
+    sync: Any = None
+    """Distributed Lookahead's outer sync, when ``strategy = "lookahead"`` across processes: an
+    ``OuterSync``, or a ``FaultTolerantSync`` (``backend = "torchft"``)."""
     counter: CommCounter | None = None
     """Byte accounting of the torch baselines."""
+    manager: Any = None
+    """``backend = "torchft"``: the torchft ``Manager`` (shut down by :meth:`close`)."""
 
     def slow_weights(self) -> list[tuple[Tensor, Tensor]]:
         """``(parameter, slow weights)``: the model worth keeping; empty without Lookahead."""
@@ -131,11 +134,18 @@ class TrainOptimizer:
         collective; safe on every path that ends a run, errors and signals included)."""
         if self.sync is not None:
             self.sync.close()
+        if self.manager is not None:
+            self.manager.shutdown(wait=False)
+            self.manager = None
 
 
 def build_optimizer(cfg: Config, model: nn.Module, rt: Runtime) -> TrainOptimizer:
     """Single process: the ``[optim]`` optimizer. Several processes: per ``[distributed]
-    strategy``; the initial weights and buffers are broadcast from rank 0 in every strategy."""
+    strategy``; the initial weights and buffers are broadcast from rank 0 in every strategy.
+    ``backend = "torchft"``: the inner optimizer with a ``FaultTolerantSync`` on a torchft
+    ``Manager`` (every group builds the same initial weights from the same seed)."""
+    if cfg.distributed.backend == "torchft":
+        return _fault_tolerant(cfg, model, rt)
     if not rt.distributed:
         return TrainOptimizer(make_optimizer(cfg.optim, model.parameters()), model, model)
     strategy = cfg.distributed.strategy
@@ -160,6 +170,34 @@ def build_optimizer(cfg: Config, model: nn.Module, rt: Runtime) -> TrainOptimize
     period = cfg.distributed.resolved(k=cfg.optim.k, alpha=cfg.optim.alpha).sync_every
     optimizer = _post_local_sgd(cfg, model, counter, period)
     return TrainOptimizer(optimizer, model, model, counter=counter)
+
+
+def _fault_tolerant(cfg: Config, model: nn.Module, rt: Runtime) -> TrainOptimizer:
+    import os
+
+    from rangerdl.distributed.ft import FaultTolerantSync, connect
+
+    d = cfg.distributed
+    os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust logs: warnings only
+    manager = connect(
+        d.lighthouse or os.environ["TORCHFT_LIGHTHOUSE"],
+        f"group{rt.replica_group}",
+        min_replicas=d.min_replicas,
+        hostname=d.hostname or None,
+        timeout_s=d.timeout_s,
+        quorum_timeout_s=d.quorum_timeout_s,
+        device=rt.device,
+    )
+    try:
+        inner = make_optimizer(cfg.optim, model.parameters(), lookahead=False)
+        options = d.resolved(k=cfg.optim.k, alpha=cfg.optim.alpha)
+        sync = FaultTolerantSync(
+            inner, manager, options, agreement=cfg.rank_agreed(), buffers=model.buffers()
+        )
+    except BaseException:
+        manager.shutdown(wait=False)
+        raise
+    return TrainOptimizer(inner, model, model, sync=sync, manager=manager)
 
 
 def _counting_ddp(model: nn.Module, rt: Runtime, counter: CommCounter) -> nn.Module:

@@ -94,10 +94,16 @@ class RunFolder:
 
 
 def choose_run_folder(
-    run_dir: str, name: str, model_name: str, resume: Path | None, policy: str = "never"
+    run_dir: str,
+    name: str,
+    model_name: str,
+    resume: Path | None,
+    policy: str = "never",
+    suffix: str = "",
 ) -> RunFolder:
     """The run folder: ``resume`` as given, else ``run_dir/name`` (``name`` empty:
-    ``MODEL-YYYYmmdd-HHMMSS``, or ``MODEL-RUN_ID`` under torchrun). A fresh run never writes into
+    ``MODEL-YYYYmmdd-HHMMSS``, or ``MODEL-RUN_ID`` under torchrun), ``suffix`` appended (a
+    torchft replica group's ``-group{i}``). A fresh run never writes into
     an existing run, except with ``policy = "auto"``, or when the folder is this torchrun job's own
     (named by its run id, or created by a launch with the same ``TORCHELASTIC_RUN_ID``, i.e. a
     restart of it on any node), which continues from its latest checkpoint. The decision is taken
@@ -119,7 +125,7 @@ def choose_run_folder(
     name = name or (
         f"{model}-{run_id}" if run_id else datetime.now().strftime(f"{model}-%Y%m%d-%H%M%S")
     )
-    path = Path(run_dir) / name
+    path = Path(run_dir) / f"{name}{suffix}"
     folder = RunFolder(path)
     recorded = folder.launch_id.read_text().strip() if folder.launch_id.is_file() else None
     own_job = bool(run_id) and (not name_given or recorded == run_id)
@@ -157,10 +163,15 @@ def open_run(
     from rangerdl.train.runtime import peer_error, raise_peer_error  # (imports torch)
 
     chosen, offer = None, None
+    suffix, policy = "", cfg.run.resume
+    if cfg.distributed.backend == "torchft":  # each replica group its own folder
+        suffix = f"-group{cfg.distributed.group_index()}"
+        if cfg.run.name:  # a restarted group continues its folder, then heals from its peers
+            policy = "auto"
     if rt.is_main:
         try:
             chosen = choose_run_folder(
-                cfg.run.dir, cfg.run.name, cfg.model.name, resume, cfg.run.resume
+                cfg.run.dir, cfg.run.name, cfg.model.name, resume, policy, suffix
             )
             chosen.path.parent.mkdir(parents=True, exist_ok=True)
             held.enter_context(FolderLock(chosen.path, what="run folder"))

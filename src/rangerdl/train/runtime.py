@@ -39,10 +39,22 @@ class Runtime:
     local_rank: int
     device: torch.device
     backend: str | None
+    replica_group: int | None = None
+    """``[distributed] backend = "torchft"``: this process's replica group (it is rank 0 of a
+    world of one here: its run folder, checkpoints and evaluation are its own)."""
+    replica_groups: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """``(index, count)`` of this process's share of each global batch: its rank among the
+        ranks, or (torchft) its replica group among the groups."""
+        if self.replica_group is not None:
+            return self.replica_group, self.replica_groups
+        return self.rank, self.world_size
 
     @property
     def distributed(self) -> bool:
@@ -135,9 +147,20 @@ def physical_cores() -> int:
     return cores
 
 
-def init_runtime(device: str, backend: str, threads: int, timeout_s: float) -> Runtime:
-    """Single process, or one rank of a ``torchrun`` job (``RANK``/``WORLD_SIZE`` set).
-    ``threads = 0``: :func:`default_threads`."""
+def init_runtime(
+    device: str,
+    backend: str,
+    threads: int,
+    timeout_s: float,
+    replica_group: tuple[int, int] | None = None,
+) -> Runtime:
+    """Single process, or one rank of a ``torchrun`` job (``RANK``/``WORLD_SIZE`` set), or
+    (``backend = "torchft"``) replica group ``replica_group = (i, n)`` of one process.
+    ``threads = 0``: :func:`default_threads`.
+
+    Raises:
+        ValueError: CUDA asked for but missing; NCCL on CPU; torchft under torchrun.
+    """
     if threads <= 0:
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         threads = default_threads(physical_cores(), local_world_size, os.environ) or 0
@@ -154,6 +177,14 @@ def init_runtime(device: str, backend: str, threads: int, timeout_s: float) -> R
         if dev.index is None:
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
+    if backend == "torchft":
+        if world_size > 1:
+            raise ValueError(
+                "[distributed] backend = 'torchft' runs one process per replica group: start "
+                "each group with `rangerdl train ... --distributed.replica_group=I`, not torchrun"
+            )
+        assert replica_group is not None, "torchft needs the replica group"
+        return Runtime(0, 1, 0, dev, None, *replica_group)
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
         return Runtime(0, 1, 0, dev, None)
     if backend == "auto":

@@ -1,0 +1,160 @@
+"""``rangerdl train`` with ``[distributed] backend = "torchft"``: one process per replica group,
+each with its own run folder. Every group ends on the same slow weights; a group killed with
+SIGKILL and started again with the same command heals from its live peer (step, data position,
+schedule) while the peer trains on; groups stopped together and started again resume from their
+checkpoints bit for bit; a group given another config is refused, naming the key."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_distributed_train import cache  # noqa: F401 - the fixture
+from test_ft import lighthouse  # noqa: F401 - the fixture
+
+pytest.importorskip("torchft")
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+RANGERDL = Path(sys.executable).with_name("rangerdl")
+SMALL = [
+    "--model.name=mlp",
+    "--model.args.hidden=32",
+    "--data.batch_size=32",
+    "--optim.k=4",
+    "--train.eval_every=0",
+    "--train.final_eval_batches=2",
+    "--log.tensorboard=false",
+    "--log.progress=false",
+    "--distributed.backend=torchft",
+    "--distributed.replica_groups=2",
+    "--distributed.hostname=127.0.0.1",
+]
+
+
+def start(
+    cache: Path,  # noqa: F811
+    lighthouse: str,  # noqa: F811
+    runs: Path,
+    index: int,
+    *args: str,
+) -> subprocess.Popen[str]:
+    env = {**os.environ, "RANGERDL_CACHE": str(cache), "OMP_NUM_THREADS": "1", "RUST_LOG": "warn"}
+    cmd = [
+        str(RANGERDL),
+        "train",
+        *SMALL,
+        f"--run.dir={runs}",
+        f"--distributed.replica_group={index}",
+    ]
+    cmd += [f"--distributed.lighthouse={lighthouse}", *args]
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 240) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def model_at(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / f"step-{step}" / "model.pt", weights_only=True)
+
+
+def summary(run: Path) -> dict[str, float]:
+    return json.loads((run / "summary.json").read_text())
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_groups_end_on_one_model_and_resume_bit_for_bit(
+    cache: Path,  # noqa: F811
+    lighthouse: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs"
+    whole = ["--run.name=whole", "--train.steps=18"]  # 18: the last sync is finish()'s
+    outs = [finish(p) for p in [start(cache, lighthouse, runs, i, *whole) for i in range(2)]]
+    a, b = runs / "whole-group0", runs / "whole-group1"
+    said = "\n".join(out[-1500:] for out in outs)
+    assert same(model_at(a, 18), model_at(b, 18)), said
+    for run, index in ((a, 0), (b, 1)):
+        s = summary(run)
+        assert s["replica_group"] == index and s["replica_groups"] == 2, said
+        # 4 syncs every k = 4 steps, then finish()'s at step 18
+        assert s["comm/syncs"] == 5 and s["comm/discarded"] == 0 and s["comm/healed"] == 0, said
+    assert summary(a)["val/loss"] == summary(b)["val/loss"], said
+
+    # stopped together at step 8, started again with the same commands: resumed from their
+    # checkpoints (a named group continues its folder), bit for bit as the run that never stopped
+    parts = ["--run.name=parts", "--train.steps=18"]
+    for extra in (["--train.stop_at=8"], []):
+        procs = [start(cache, lighthouse, runs, i, *parts, *extra) for i in range(2)]
+        outs = [finish(p) for p in procs]
+    said = "\n".join(out[-1500:] for out in outs)
+    assert "resuming" in outs[0] and "resuming" in outs[1], said
+    for index in range(2):
+        assert same(model_at(runs / f"parts-group{index}", 18), model_at(a, 18)), said
+
+
+def test_killed_group_restarted_by_the_same_command_heals_from_its_peer(
+    cache: Path,  # noqa: F811
+    lighthouse: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs"
+    # enough steps that a trains on while b dies, restarts (imports take up to ~10 s on a busy
+    # machine) and joins: an MLP step is ~2 ms, a sync every 4 steps ~1-5 ms
+    args = ["--run.name=kill", "--train.steps=6000", "--train.log_every=10"]
+    a = start(cache, lighthouse, runs, 0, *args)
+    b = start(cache, lighthouse, runs, 1, *args)
+    assert b.stdout is not None
+    seen = []
+    for line in b.stdout:
+        seen.append(line)
+        found = re.search(r"step (\d+)/6000", line)
+        if found and int(found.group(1)) >= 40:
+            break
+    assert b.poll() is None, "".join(seen[-30:])
+    b.kill()
+    b.wait()
+    out_b = finish(start(cache, lighthouse, runs, 1, *args))
+    out_a = finish(a)
+    said = f"{out_a[-2000:]}\n{out_b[-2000:]}"
+    sa, sb = summary(runs / "kill-group0"), summary(runs / "kill-group1")
+    assert sb["comm/healed"] == 1 and sa["comm/healed"] == 0, said
+    assert sa["step"] == sb["step"] == 6000, said
+    assert sa["comm/discarded"] <= 1, said
+    # the same slow weights (and BatchNorm-free MLP: the same model) after the final sync
+    assert same(model_at(runs / "kill-group0", 6000), model_at(runs / "kill-group1", 6000)), said
+    assert sa["val/loss"] == sb["val/loss"], said
+    # the healed group's data position and schedule are its peer's: it logged the peer's steps
+    logged = [int(s) for s in re.findall(r"step (\d+)/6000", out_b)]
+    assert logged and logged[-1] == 6000, said
+
+
+def test_a_group_with_another_config_is_refused_naming_the_key(
+    cache: Path,  # noqa: F811
+    lighthouse: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs"
+    args = ["--run.name=odd", "--train.steps=8"]
+    procs = [
+        start(cache, lighthouse, runs, 0, *args),
+        start(cache, lighthouse, runs, 1, *args, "--optim.lr=0.5"),
+    ]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    for proc, out in zip(procs, outs, strict=True):
+        assert proc.returncode != 0, out[-2000:]
+        assert "optim.lr differ" in out, out[-2000:]
