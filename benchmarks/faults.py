@@ -1,0 +1,508 @@
+"""Fault injection: replica groups of distributed Ranger on torchft killed with SIGKILL at random
+times and restarted by the same command, side by side with torchrun's restart-everyone path.
+
+::
+
+    sudo python benchmarks/faults.py              # 3 groups, GPT workload, links none and 100mbit
+    python benchmarks/faults.py --quick           # loopback, a tiny MLP, 2 kills (make test)
+
+Per link, four runs of the same workload (``--config``, k = ``--sync-every``):
+
+1. ``ft-clean``: ``--groups`` replica groups (``rangerdl train --distributed.backend=torchft``, one
+   per simulated host, the Lighthouse beside group 0) with no fault: steps per second per group.
+2. ``ft-faults``: the same, ``--kills`` times a random group is SIGKILLed at a random time
+   (``--kill-every-s`` apart on average, uniform in [0.5, 1.5] of it; syncs take a share of the
+   time, so some kills land in one) and started again at once with the same command.
+3. ``torchrun-clean``, 4. ``torchrun-faults``: one torchrun agent per host (``--max-restarts``),
+   distributed Ranger through ``OuterSync``; the same kill schedule hits a random worker, and
+   torchrun restarts every worker from the last checkpoint (every ``--checkpoint-every`` steps).
+
+Measured (``metrics.jsonl`` with a row per step, each process life kept apart, and each process's
+output timestamped as it arrives):
+
+- ``stalls``: the longest gap between two consecutive steps of any process (``time/train_s``,
+  which holds the blocking syncs) and how many exceed ``--quorum-timeout-s``;
+- ``heal_s``: per restart, seconds from the restarted process's start to its "healed from a
+  peer" line (back in the quorum, with the live groups' state);
+- ``discarded``: syncs the survivors discarded (a kill inside a sync: never half-applied);
+- ``equal``: every group's final model (slow weights) bitwise equal to group 0's;
+- ``goodput``: committed steps (per process life: the steps up to its last committed sync, less
+  the ones a heal overwrote) per second of the whole faulted run, over the clean run's steps per
+  second; for torchrun the job's final step (every worker) over its wall time, against its clean
+  run; both from launch to the end, start-up included;
+- ``val_loss``: the final validation loss of the faulted and the clean run.
+
+Writes ``benchmarks/results/faults.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.append(str(HERE / "netsim"))
+sys.path.append(str(REPO / "src"))
+
+from common import atomic_write_json  # noqa: E402
+
+OUT = HERE / "results" / "faults.json"
+LIGHTHOUSE_PORT = 29510
+RDZV_PORT = 29400
+QUICK_ARGS = [
+    "--model.name=mlp",
+    "--model.args.hidden=32",
+    "--data.source=digits",
+    "--data.batch_size=48",
+    "--optim.lr=3e-3",
+]
+
+
+@dataclass
+class Life:
+    """One process of one group (or torchrun agent), from its start to its end or its kill."""
+
+    group: int
+    started: float
+    proc: subprocess.Popen[str]
+    lines: list[tuple[float, str]] = field(default_factory=list)
+    killed_at: float | None = None
+    ended_at: float | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def read(self) -> threading.Thread:
+        def pump() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.lines.append((time.monotonic(), line))
+
+        thread = threading.Thread(target=pump, daemon=True)
+        thread.start()
+        return thread
+
+    def first(self, text: str) -> float | None:
+        return next((t for t, line in self.lines if text in line), None)
+
+
+class Hosts:
+    """Where the processes run: the namespaces of a netsim cluster (root), or loopback."""
+
+    def __init__(self, count: int, rate: str | None, netsim: bool) -> None:
+        self.count, self.rate, self.cluster = count, rate, None
+        if netsim:
+            from netsim import Cluster
+
+            self.cluster = Cluster(num_hosts=count, rate=rate).start()
+
+    def ip(self, host: int) -> str:
+        return self.cluster.hosts[host].ip if self.cluster is not None else "127.0.0.1"
+
+    def spawn(self, host: int, cmd: list[str], env: dict[str, str], cwd: Path) -> Any:
+        full = {**os.environ, **env, "OMP_NUM_THREADS": "1", "RUST_LOG": "warn"}
+        if self.cluster is not None:
+            full["GLOO_SOCKET_IFNAME"] = self.cluster.hosts[host].ifname
+            cmd = ["ip", "netns", "exec", self.cluster.hosts[host].namespace, *cmd]
+        return subprocess.Popen(
+            cmd,
+            env=full,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def kill_tree(proc: subprocess.Popen[str], sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(line))
+    return [r for r in rows if "time/train_s" in r and "train/loss" in r]
+
+
+def committed_steps(rows: list[dict[str, Any]], finished: bool) -> int:
+    """Steps of one process life that reached a committed sync and were not overwritten by a
+    heal (a finished life: all of them after its heal; its final sync commits the rest)."""
+    first = 0
+    for i, r in enumerate(rows):
+        if r.get("comm/healed", 0) >= 1:
+            first = i + 1  # the steps before the heal were replaced by the peer's
+            break
+    last = len(rows)
+    if not finished:
+        syncs = [r.get("comm/syncs", 0) for r in rows]
+        last = max(
+            (i + 1 for i in range(len(rows)) if i == 0 or syncs[i] > syncs[i - 1]), default=0
+        )
+        if syncs and syncs[0] == 0 and last == 1:
+            last = 0
+    return max(0, last - first)
+
+
+def steady_step_s(rows: list[dict[str, Any]]) -> float | None:
+    """Seconds per step once running: over the last 90% of the rows (``time/train_s``), past
+    the first quorum and the first evaluation-free warm-up."""
+    skip = len(rows) // 10
+    if len(rows) - skip < 10:
+        return None
+    return (rows[-1]["time/train_s"] - rows[skip]["time/train_s"]) / (len(rows) - 1 - skip)
+
+
+def max_gap(rows: list[dict[str, Any]]) -> float:
+    times = [r["time/train_s"] for r in rows]
+    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+
+class Job:
+    """One run of the workload: torchft replica groups or torchrun agents, with or without kills."""
+
+    def __init__(self, args: argparse.Namespace, hosts: Hosts, kind: str, name: str, work: Path):
+        self.args, self.hosts, self.kind, self.name, self.work = args, hosts, kind, name, work
+        self.lives: list[Life] = []
+        self.lighthouse: subprocess.Popen[str] | None = None
+        fixed = LIGHTHOUSE_PORT if kind == "ft" else RDZV_PORT
+        self.port = fixed if hosts.cluster is not None else free_port()
+
+    def common(self, steps: int) -> list[str]:
+        a = self.args
+        cmd = [str(a.config)] if a.config else []
+        cmd += QUICK_ARGS if a.quick else []
+        cmd += [f"--run.dir={self.work / 'runs'}", f"--run.name={self.name}"]
+        cmd += [f"--train.steps={steps}", "--train.log_every=1", "--train.eval_every=0"]
+        cmd += [f"--train.final_eval_batches={a.final_eval_batches}", "--train.threads=1"]
+        cmd += ["--log.tensorboard=false", "--log.progress=false", f"--optim.k={a.sync_every}"]
+        return cmd
+
+    def group_cmd(self, group: int, steps: int) -> list[str]:
+        cmd = [sys.executable, "-m", "rangerdl", "train", *self.common(steps)]
+        cmd += ["--train.checkpoint_every=0", "--distributed.backend=torchft"]
+        cmd += [f"--distributed.lighthouse={self.hosts.ip(0)}:{self.port}"]
+        cmd += [f"--distributed.replica_groups={self.args.groups}"]
+        cmd += [
+            f"--distributed.replica_group={group}",
+            f"--distributed.hostname={self.hosts.ip(group)}",
+        ]
+        cmd += [f"--distributed.quorum_timeout_s={self.args.quorum_timeout_s}"]
+        cmd += ["--distributed.timeout_s=60"]
+        return cmd
+
+    def agent_cmd(self, host: int, steps: int, rdzv_id: str) -> list[str]:
+        g = self.args.groups
+        endpoint = f"{self.hosts.ip(0)}:{self.port}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={g}", "--nproc-per-node=1"]
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}"]
+        cmd += [f"--rdzv-conf=is_host={int(host == 0)}", f"--local-addr={self.hosts.ip(host)}"]
+        cmd += [f"--max-restarts={self.args.kills + 2}", "-m", "rangerdl", "train"]
+        cmd += [*self.common(steps), f"--train.checkpoint_every={self.args.checkpoint_every}"]
+        return cmd
+
+    def start(self, group: int, steps: int) -> Life:
+        env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "PYTHONUNBUFFERED": "1"}
+        if self.kind == "ft":
+            cmd = self.group_cmd(group, steps)
+        else:
+            cmd = self.agent_cmd(group, steps, f"faults-{self.name}")
+        life = Life(group, time.monotonic(), self.hosts.spawn(group, cmd, env, REPO))
+        life.read()
+        self.lives.append(life)
+        return life
+
+    def run(self, steps: int, kills: int, timeout_s: float) -> dict[str, Any]:
+        a = self.args
+        rng = random.Random(a.seed)
+        if self.kind == "ft":
+            lh = [
+                sys.executable,
+                "-m",
+                "rangerdl",
+                "lighthouse",
+                f"--bind={self.hosts.ip(0)}:{self.port}",
+            ]
+            lh += [f"--min-replicas={1}", "--join-timeout-ms=3000", "--heartbeat-timeout-ms=2000"]
+            self.lighthouse = self.hosts.spawn(0, lh, {}, REPO)
+            time.sleep(1.0)
+        t0 = time.monotonic()
+        live = {g: self.start(g, steps) for g in range(a.groups)}
+        next_kill = t0 + a.warmup_s + rng.uniform(0.5, 1.5) * a.kill_every_s
+        done_kills, deadline = 0, t0 + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                if all(life.proc.poll() is not None for life in live.values()):
+                    break
+                now = time.monotonic()
+                running = all(life.proc.poll() is None for life in live.values())
+                if done_kills < kills and now >= next_kill and running:
+                    group = rng.randrange(a.groups)
+                    if self.kill(live[group]):
+                        done_kills += 1
+                        if self.kind == "ft":  # the same command, at once
+                            self.keep_metrics(live[group])
+                            live[group] = self.start(group, steps)
+                    next_kill = now + rng.uniform(0.5, 1.5) * a.kill_every_s
+                time.sleep(0.05)
+        finally:
+            for life in live.values():
+                if life.proc.poll() is None:
+                    kill_tree(life.proc)
+            if self.lighthouse is not None:
+                kill_tree(self.lighthouse, signal.SIGTERM)
+        wall = time.monotonic() - t0
+        time.sleep(0.5)  # the output pumps drain
+        for i, life in enumerate(self.lives):
+            log = self.work / "logs" / f"{self.name}-{i}-group{life.group}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("".join(f"{t - t0:9.3f} {line}" for t, line in life.lines))
+        for life in live.values():
+            life.ended_at = life.ended_at or time.monotonic()
+            if self.kind == "ft":
+                life.rows = read_rows(self.folder(life.group) / "metrics.jsonl")
+        return self.measure(steps, wall, done_kills, live)
+
+    def folder(self, group: int) -> Path:
+        suffix = f"-group{group}" if self.kind == "ft" else ""
+        return self.work / "runs" / f"{self.name}{suffix}"
+
+    def kill(self, life: Life) -> bool:
+        """SIGKILL a group (torchft) or one worker under an agent (torchrun); whether one died."""
+        if life.proc.poll() is not None:
+            return False
+        if self.kind == "ft":
+            life.killed_at = time.monotonic()
+            kill_tree(life.proc)
+            life.ended_at = time.monotonic()
+            return True
+        workers = [p for p in descendants(life.proc.pid) if b"rangerdl" in cmdline(p)]
+        workers = [p for p in workers if b"torch.distributed.run" not in cmdline(p)]
+        if not workers:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(workers[0], signal.SIGKILL)
+        return True
+
+    def keep_metrics(self, life: Life) -> None:
+        """A killed group's rows, before its restart rewrites its metrics file."""
+        life.rows = read_rows(self.folder(life.group) / "metrics.jsonl")
+
+    def measure(self, steps: int, wall: float, kills: int, live: dict[int, Life]) -> dict[str, Any]:
+        out: dict[str, Any] = {"steps": steps, "wall_s": wall, "kills": kills}
+        finished = all(life.proc.returncode == 0 for life in live.values())
+        out["finished"] = finished
+        train_s = [self.summary(g).get("train_time_s") for g in range(self.args.groups)]
+        if finished and self.kind == "torchrun":
+            train_s = [self.summary(None).get("train_time_s")]
+        out["train_s"] = max((t for t in train_s if t is not None), default=None)
+        rows = read_rows(self.folder(0 if self.kind == "ft" else None) / "metrics.jsonl")
+        out["step_s"] = steady_step_s(rows)
+        if not finished:
+            out["tail"] = {
+                g: "".join(line for _, line in life.lines[-30:]) for g, life in live.items()
+            }
+        if self.kind == "ft":
+            lives = self.lives
+            out["committed_steps"] = sum(
+                committed_steps(life.rows, life.killed_at is None and life.proc.returncode == 0)
+                for life in lives
+            )
+            gaps = [max_gap(life.rows) for life in lives]
+            out["max_stall_s"] = max(gaps, default=0.0)
+            out["stalls_over_quorum_timeout"] = sum(g > self.args.quorum_timeout_s for g in gaps)
+            restarts = [life for life in lives[self.args.groups :]]
+            heal = [life.first("healed from a peer") for life in restarts]
+            out["heal_s"] = [
+                None if t is None else t - life.started
+                for t, life in zip(heal, restarts, strict=True)
+            ]
+            last = [life.rows[-1] for life in live.values() if life.rows]
+            out["discarded"] = sum(r.get("comm/discarded", 0) for r in last)
+            out["healed"] = sum(r.get("comm/healed", 0) for life in lives for r in life.rows[-1:])
+            if finished:
+                out["equal"] = self.equal_models(steps)
+                out["val_loss"] = self.summary(0).get("val/loss")
+        else:
+            out["committed_steps"] = steps * self.args.groups if finished else None
+            if finished:
+                out["val_loss"] = self.summary(None).get("val/loss")
+                restarts = "".join(line for life in self.lives for _, line in life.lines)
+                out["restarts_seen"] = restarts.count("resuming ")
+        return out
+
+    def summary(self, group: int | None) -> dict[str, Any]:
+        path = self.folder(group or 0) / "summary.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def equal_models(self, steps: int) -> bool:
+        import torch
+
+        models = [
+            torch.load(
+                self.folder(g) / "checkpoints" / f"step-{steps}" / "model.pt", weights_only=True
+            )
+            for g in range(self.args.groups)
+        ]
+        return all(all(torch.equal(m[k], models[0][k]) for k in models[0]) for m in models[1:])
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def goodput(faults: dict[str, Any], clean: dict[str, Any], groups: int) -> float | None:
+    """Committed steps of the faulted run over what the clean run's groups train in the same
+    time: the clean run's steady steps per second per group (:func:`steady_step_s`) times the
+    faulted run's wall time less the clean run's fixed costs (its wall time less its steps at
+    that rate: start-up, the first quorum, the final evaluation)."""
+    if not clean.get("step_s") or faults.get("committed_steps") is None:
+        return None
+    overhead = clean["wall_s"] - clean["steps"] * clean["step_s"]
+    return faults["committed_steps"] / (groups / clean["step_s"] * (faults["wall_s"] - overhead))
+
+
+def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[str, Any]:
+    label = rate or "none"
+    hosts = Hosts(args.groups, rate, netsim)
+    work = Path(tempfile.mkdtemp(prefix=f"faults-{label}-"))
+    cell: dict[str, Any] = {"link": label, "groups": args.groups, "netsim": netsim}
+    try:
+        timeout = args.kills * args.kill_every_s * 2 + 600
+        clean = Job(args, hosts, "ft", "ft-clean", work).run(args.clean_steps, 0, timeout)
+        cell["ft_clean"] = clean
+        print(f"[{label}] ft clean: {clean['steps']} steps in {clean['wall_s']:.1f} s", flush=True)
+        budget_s = args.warmup_s + args.kills * args.kill_every_s + args.tail_s
+        steps = args.steps or int(budget_s / (clean["step_s"] or 0.05))
+        faults = Job(args, hosts, "ft", "ft-faults", work).run(steps, args.kills, timeout)
+        faults["goodput"] = goodput(faults, clean, args.groups)
+        cell["ft_faults"] = faults
+        print(
+            f"[{label}] ft faults: {json.dumps({k: v for k, v in faults.items() if k != 'tail'})}",
+            flush=True,
+        )
+        if args.torchrun:
+            tclean = Job(args, hosts, "torchrun", "tr-clean", work).run(
+                args.clean_steps, 0, timeout
+            )
+            cell["torchrun_clean"] = tclean
+            tfaults = Job(args, hosts, "torchrun", "tr-faults", work).run(
+                steps, args.kills, timeout
+            )
+            if tclean["finished"] and tfaults["finished"]:
+                tfaults["goodput"] = goodput(tfaults, tclean, args.groups)
+            cell["torchrun_faults"] = tfaults
+            print(
+                f"[{label}] torchrun faults: {json.dumps({k: v for k, v in tfaults.items() if k != 'tail'})}",
+                flush=True,
+            )
+    finally:
+        hosts.close()
+        if args.keep:
+            print(f"[{label}] kept {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return cell
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    p.add_argument("--config", type=Path, default=HERE / "configs" / "ttq_gpt.toml")
+    p.add_argument("--links", nargs="+", default=["none", "100mbit"])
+    p.add_argument("--groups", type=int, default=3)
+    p.add_argument("--kills", type=int, default=20)
+    p.add_argument("--kill-every-s", type=float, default=60.0)
+    p.add_argument("--warmup-s", type=float, default=20.0, help="no kill before (start-up)")
+    p.add_argument("--sync-every", type=int, default=4)
+    p.add_argument("--steps", type=int, default=0, help="0: enough for the kills")
+    p.add_argument(
+        "--tail-s", type=float, default=30.0, help="seconds of training after the last kill"
+    )
+    p.add_argument("--clean-steps", type=int, default=400)
+    p.add_argument("--checkpoint-every", type=int, default=100, help="torchrun's restart point")
+    p.add_argument("--quorum-timeout-s", type=float, default=30.0)
+    p.add_argument("--final-eval-batches", type=int, default=8)
+    p.add_argument("--no-torchrun", dest="torchrun", action="store_false")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="loopback, tiny MLP, 2 kills")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--keep", action="store_true", help="keep the run folders and logs")
+    args = p.parse_args(argv)
+    netsim = not args.quick
+    if args.quick:
+        args.config, args.links, args.groups, args.kills = None, ["none"], 2, 2
+        args.kill_every_s, args.warmup_s, args.clean_steps, args.tail_s = 3.0, 3.0, 600, 3.0
+        args.final_eval_batches, args.checkpoint_every = 2, 50
+    if netsim:
+        from netsim import available
+
+        ok, why = available()
+        if not ok:
+            print(f"netsim unavailable ({why}); --quick runs on loopback", file=sys.stderr)
+            return 2
+    cells = [run_link(args, None if link == "none" else link, netsim) for link in args.links]
+    payload = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(
+            ["python", "benchmarks/faults.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "cells": cells,
+    }
+    atomic_write_json(args.out, payload)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
