@@ -366,15 +366,17 @@ def pack_bits(values: Tensor, bits: int, *, out: Tensor | None = None) -> Tensor
     rows, numel = values.shape
     if bits == 8:
         packed = values
-    elif bits in _WORDS and sys.byteorder == "little":
-        # The per = 8 / bits codes of one byte, read as one little-endian word w (code i in
-        # byte i), land in place with w | w >> (8 - bits) | w >> 2 (8 - bits) ...; the low byte
-        # is the packed one (contiguous ops: strided uint8 ops are ~20x slower).
-        per, word = 8 // bits, _WORDS[bits]
-        v = _pad(values.to(torch.uint8), -numel % per).contiguous().view(word)
-        packed = v | v >> (8 - bits)
-        for i in range(2, per):
-            packed |= v >> ((8 - bits) * i)
+    elif bits in (1, 2, 4) and sys.byteorder == "little":
+        # Pairs of neighbours merged into one byte, s = bits, 2 bits, ... up to 8 bits a value:
+        # a and b (s bits each) read as one little-endian int16 w = a | b << 8, the low byte of
+        # w | w >> (8 - s) is a | b << s (contiguous ops: strided uint8 ops are ~20x slower)
+        packed, s = _pad(values.to(torch.uint8), -numel % (8 // bits)), bits
+        while s < 8:
+            w = packed.contiguous().view(torch.int16)
+            packed = w | w >> (8 - s)
+            if s < 4:  # merged again: back to bytes
+                packed = packed.to(torch.uint8)
+            s *= 2
     elif 8 % bits == 0:  # 1, 2, 4: whole values per byte
         per = 8 // bits
         v = F.pad(values.to(torch.uint8), (0, -numel % per)).view(rows, -1, per)
@@ -397,15 +399,15 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
     rows = packed.shape[0]
     if bits == 8:
         return packed[:, :numel].contiguous()
-    if bits in _WORDS and sys.byteorder == "little":
-        # the inverse of pack_bits' word trick: byte i of a word holds code i
-        per, word = 8 // bits, _WORDS[bits]
-        w = packed.to(word)
-        out = w.clone()
-        for i in range(1, per):
-            out |= w << ((8 - bits) * i)
-        mask = sum(((1 << bits) - 1) << (8 * i) for i in range(per))
-        codes = out.bitwise_and_(mask).view(torch.uint8).view(rows, -1)
+    if bits in (1, 2, 4) and sys.byteorder == "little":
+        # the inverse of pack_bits' merges: a byte p = a | b << s as the int16 p | p << (8 - s),
+        # masked, holds a in its low byte and b in its high one
+        codes, s = packed, 4
+        while s >= bits:
+            w = codes.to(torch.int16, memory_format=torch.contiguous_format)
+            w |= w << (8 - s)
+            codes = w.bitwise_and_(((1 << s) - 1) * 0x0101).view(torch.uint8)
+            s //= 2
         return codes[:, :numel] if codes.shape[1] != numel else codes
     if 8 % bits == 0:
         per, mask = 8 // bits, (1 << bits) - 1
@@ -416,9 +418,6 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
     weights = torch.tensor([1 << i for i in range(bits)], device=packed.device, dtype=torch.int32)
     return (single.view(rows, numel, bits).to(torch.int32) * weights).sum(dim=2, dtype=torch.int32)
 
-
-_WORDS = {4: torch.int16, 2: torch.int32}
-"""The integer word that holds one packed byte's codes, one per byte (``pack_bits``)."""
 
 Collective = Callable[..., None]
 """``run(fn, *tensors, **kwargs)``: issues the blocking collective ``fn(*tensors, group=...,
