@@ -467,8 +467,8 @@ def exchange_mean(
             owns): its chunk of the mean is then what its encoding gave back (the same values
             the gathered bytes decode to), and only the others' chunks are decoded. Default:
             all are decoded.
-        out: ``(W * chunk,)`` float32 on ``device`` to write the mean into (default: a new
-            tensor).
+        out: ``(W * chunk,)`` contiguous float32 on ``device`` to write the mean into
+            (default: a new tensor).
 
     Returns:
         ``(W * chunk,)`` float32 on ``device``, identical on every rank: ``out`` when given.
@@ -491,12 +491,13 @@ def exchange_mean(
     mine.div_(world_size)
     if mean_residual is not None:
         mine.add_(mean_residual)
-    own = chunks[rank : rank + 1] if rank is not None else None
-    if own is None and mean_residual is not None:
+    own = None  # this rank's chunk of the mean as its encoding gives it back
+    if rank is not None:
+        own = chunks[rank : rank + 1]
+    elif mean_residual is not None:
         own = torch.empty_like(mine)
     encoded = codec.encode(mine, dequantized=own)
-    if mean_residual is not None:
-        assert own is not None
+    if mean_residual is not None and own is not None:
         torch.sub(mine, own, out=mean_residual.view(1, -1))
     encoded = encoded.to(payload.device)
     gathered = torch.empty_like(payload)
