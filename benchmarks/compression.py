@@ -126,28 +126,50 @@ def train(workdir: Path, payload: str, seed: int, steps: int, quick: bool) -> di
 
 
 def codec_micro(numel: int, repeats: int = 20) -> dict[str, float]:
-    """Seconds of one sync's encode/decode work on one rank, W = 2, single thread: encode W
-    chunks, decode them (error feedback), decode the W received chunks and sum, encode the mean
-    chunk, decode the W gathered chunks (median of ``repeats``)."""
+    """Seconds of one sync's encode/decode work on one rank, W = 2, single thread, done as
+    ``OuterSync`` does it with error feedback (its buffers kept from sync to sync): theta - phi
+    plus the residual, encoded in W chunks whose decoded values the encoding gives back (the
+    residual keeps what they lost); then ``exchange_mean`` on stand-in collectives, their copies
+    not counted: decode the W received chunks and sum, add the mean residual, encode the mean
+    chunk (its decoded values given back), decode the other rank's gathered chunk. Median of
+    ``repeats``; the parameters come as one flat tensor (the sync copies them from the model)."""
     import torch
 
-    from rangerdl.distributed.compression import Codec
+    from rangerdl.distributed.compression import Codec, exchange_mean
 
     torch.set_num_threads(1)
     chunk = -(-numel // WORKERS)
+    waited = [0.0]
+
+    def run(fn: Any, received: torch.Tensor, sent: torch.Tensor) -> None:
+        """Both collectives as rank 0 sees them when every rank sent what it did."""
+        t0 = time.perf_counter()
+        received.copy_(sent.expand_as(received))
+        waited[0] += time.perf_counter() - t0
+
+    gen = torch.Generator().manual_seed(0)
+    slow = torch.randn(numel, generator=gen)
+    theta = slow + 1e-3 * torch.randn(numel, generator=gen)
     out = {}
     for name in PAYLOADS[1:]:
         codec = Codec(name)
-        x = torch.randn(WORKERS, chunk) * 1e-3
+        delta = torch.zeros(WORKERS, chunk)
+        residual, mean_residual = torch.zeros(WORKERS, chunk), torch.zeros(chunk)
+        payload = torch.empty(WORKERS, codec.nbytes(chunk), dtype=torch.uint8)
+        mean = torch.empty(WORKERS * chunk)
         times = []
         for _ in range(repeats + 2):
+            waited[0] = 0.0
             t0 = time.perf_counter()
-            payload = codec.encode(x)
-            x.sub(codec.decode(payload, chunk))
-            mine = codec.decode(payload, chunk).sum(0, keepdim=True).div_(WORKERS)
-            again = codec.encode(mine)
-            codec.decode(again.expand(WORKERS, -1), chunk)
-            times.append(time.perf_counter() - t0)
+            delta.view(-1)[:numel].copy_(theta).sub_(slow)
+            delta.add_(residual)
+            codec.encode(delta, out=payload, dequantized=residual)
+            torch.sub(delta, residual, out=residual)
+            exchange_mean(
+                codec, payload, chunk, WORKERS, run, device=torch.device("cpu"),
+                mean_residual=mean_residual, rank=0, out=mean,
+            )  # fmt: skip
+            times.append(time.perf_counter() - t0 - waited[0])
         out[name] = statistics.median(times[2:])
     return out
 
@@ -172,8 +194,9 @@ def _exchange_worker(rank: int, numel: int, port: int, repeats: int, queue: Any)
                 dist.barrier()
                 t0 = time.perf_counter()
                 exchange_mean(
-                    codec, payload, chunk, WORKERS, run, device=torch.device("cpu"), mode=mode
-                )
+                    codec, payload, chunk, WORKERS, run, device=torch.device("cpu"), mode=mode,
+                    rank=rank,
+                )  # fmt: skip
                 times.append(time.perf_counter() - t0)
             result[f"{name} {mode}"] = statistics.median(times)
     if rank == 0:

@@ -6,7 +6,8 @@ torchrun --standalone --nproc-per-node=W compression_worker.py OUT_DIR '{"exchan
 Scenarios (keys of the JSON spec, each optional):
 
 - ``exchange``: ``exchange_mean`` of per-rank inputs (:func:`exchange_input`) for every codec in
-  ``codecs``, every size in ``sizes`` and both modes; records the means and mean residuals.
+  ``codecs``, every size in ``sizes`` and both modes (the all-to-all also with this rank's own
+  chunk of the mean kept from its encoding); records the means and mean residuals.
 - ``train``: a list of ``{"name", "sync", "steps", "lr", "model"}``: SGD inner steps under an
   ``OuterSync``; records the trajectory, whether ranks agree after each sync, the comm stats and
   the outer state.
@@ -61,13 +62,16 @@ def run_exchange(spec: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
             x = torch.zeros(world * chunk)
             x[:numel] = exchange_input(rank, numel)
             payload = codec.encode(x.view(world, chunk))
-            for mode in ("all_to_all", "all_gather"):
+            # "own": this rank's chunk of the mean taken from its encoding, not decoded again
+            for mode, own in (("all_to_all", False), ("all_to_all", True), ("all_gather", False)):
                 residual = torch.full((chunk,), 0.01 * (rank + 1))
                 mean = exchange_mean(
                     codec, payload, chunk, world, run, device=torch.device("cpu"),
-                    mean_residual=residual, mode=mode,
+                    mean_residual=residual, mode=mode, rank=rank if own else None,
+                    out=torch.full((world * chunk,), float("nan")) if own else None,
                 )  # fmt: skip
-                out[f"{name}-{numel}-{mode}"] = {"mean": mean, "residual": residual}
+                key = f"{name}-{numel}-{mode}" + ("-own" if own else "")
+                out[key] = {"mean": mean, "residual": residual}
     return out
 
 

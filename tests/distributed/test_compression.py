@@ -10,6 +10,7 @@ the sync with W replicas in one process, trusting only :class:`Codec` (tested on
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import subprocess
@@ -167,7 +168,8 @@ def _set_flat(model: torch.nn.Module, values: torch.Tensor) -> None:
 def test_exchange_sums_decoded_payloads_in_fp32(launched: Any, world: int) -> None:
     """Every payload, both modes, uneven chunks and inputs smaller than a block: every rank holds
     the mean of the decoded payloads (the lossless ``none`` codec: the exact fp32 mean), and the
-    all-to-all's owner of a chunk keeps what its second encoding lost."""
+    all-to-all's owner of a chunk keeps what its second encoding lost; the same when the owner
+    takes its chunk of the mean from its encoding instead of decoding it again."""
     recs = launched(world)
     for name in ("none", *PAYLOADS):
         codec = Codec(name, BLOCK, DENSITY)
@@ -181,10 +183,12 @@ def test_exchange_sums_decoded_payloads_in_fp32(launched: Any, world: int) -> No
             for mode in ("all_to_all", "all_gather"):
                 residuals = [torch.full((chunk,), 0.01 * (r + 1)) for r in range(world)]
                 mean, kept = reference_exchange(codec, inputs, chunk, residuals, mode)
-                for r in range(world):
-                    got = recs[r]["exchange"][f"{name}-{numel}-{mode}"]
-                    assert torch.equal(got["mean"], mean), (name, numel, mode, r)
-                    assert torch.equal(got["residual"], kept[r]), (name, numel, mode, r)
+                keys = [f"{name}-{numel}-{mode}"]
+                keys += [f"{name}-{numel}-{mode}-own"] if mode == "all_to_all" else []
+                for r, key in itertools.product(range(world), keys):
+                    got = recs[r]["exchange"][key]
+                    assert torch.equal(got["mean"], mean), (key, r)
+                    assert torch.equal(got["residual"], kept[r]), (key, r)
                 if name == "none" and mode == "all_gather":  # lossless: the plain fp32 mean
                     exact = torch.stack(inputs).sum(0).div_(world)
                     assert torch.equal(mean, exact)

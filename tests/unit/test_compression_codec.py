@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rangerdl.distributed import SyncOptions
-from rangerdl.distributed.compression import Codec, pack_bits, unpack_bits
+from rangerdl.distributed.compression import Codec, _largest, pack_bits, unpack_bits
 from rangerdl.distributed.cost import (
     Link,
     compressed_sync_bytes,
@@ -106,6 +106,84 @@ def test_error_feedback_identity_sent_plus_kept_is_the_input(name: str) -> None:
         sent_total += sent
         input_total += x
     assert torch.allclose(sent_total + kept, input_total, rtol=1e-4, atol=1e-6)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The fp32 bit patterns (``torch.equal`` on floats has -0 == 0 and NaN != NaN)."""
+    return t.contiguous().view(torch.int32)
+
+
+def _with_zeros() -> torch.Tensor:
+    """A row of zeros, a row of zeros of both signs, and whole blocks of zeros (of 7); rows
+    of 7 x 256 values, whole blocks of either size."""
+    x = _sample(3, 1792, seed=5)
+    x[0, 7:21] = 0.0
+    x[1] = 0.0
+    x[2] = 0.0
+    x[2, ::2] = -0.0
+    return x
+
+
+@pytest.mark.parametrize("name", PAYLOADS)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 257), (4, 1000), (2, 1792), "zeros"])
+@pytest.mark.parametrize("block", [256, 7])
+def test_encode_gives_back_the_decoded_payload_bit_for_bit(
+    name: str, shape: tuple[int, int] | str, block: int
+) -> None:
+    """``encode(x, dequantized=d)`` puts into ``d`` what ``decode`` of its payload returns, bit
+    for bit, without unpacking it, and writes the payload of a plain ``encode``: the
+    error-feedback residual ``x - d`` is the decode-based one. Tensors smaller than a block,
+    uneven last blocks, whole blocks only, rows and blocks of zeros (either sign)."""
+    x = _with_zeros() if isinstance(shape, str) else _sample(*shape, seed=sum(shape))
+    numel = x.shape[1]
+    codec = Codec(name, block_size=block, topk_density=0.1)
+    payload = codec.encode(x)
+    decoded = codec.decode(payload, numel)
+    dequantized = torch.full_like(x, float("nan"))
+    out = torch.full_like(payload, 0xAB)
+    assert codec.encode(x, out=out, dequantized=dequantized) is out
+    assert torch.equal(out, payload)
+    assert torch.equal(_bits(dequantized), _bits(decoded))
+    assert torch.equal(_bits(x - dequantized), _bits(x - decoded))
+
+
+@pytest.mark.parametrize("name", PAYLOADS)
+def test_out_buffers_hold_what_new_tensors_would(name: str) -> None:
+    """A payload written into a caller's buffer, aligned or not (a slice from an odd byte), is
+    the same bytes; decoding it (unaligned too) into a caller's buffer, the same values."""
+    codec = Codec(name, block_size=16, topk_density=0.1)
+    x = _sample(3, 100, seed=7)
+    payload = codec.encode(x)
+    odd = torch.zeros(3, payload.shape[1] + 1, dtype=torch.uint8)[:, 1:]
+    assert torch.equal(codec.encode(x, out=odd), payload)
+    decoded = torch.full_like(x, float("nan"))
+    assert codec.decode(odd, 100, out=decoded) is decoded
+    assert torch.equal(_bits(decoded), _bits(codec.decode(payload, 100)))
+    with pytest.raises(ValueError, match="out must be"):
+        codec.encode(x, out=payload[:, 1:])
+    with pytest.raises(ValueError, match="dequantized must be"):
+        codec.encode(x, dequantized=x[:, 1:])
+
+
+@pytest.mark.parametrize(
+    ("n", "k"), [(256, 8), (64, 2), (100, 3), (257, 8), (12, 12), (7, 1), (256, 16), (256, 17)]
+)
+def test_topk_selection_takes_the_k_largest_with_ties_nan_and_zeros(n: int, k: int) -> None:
+    """The positions top-k keeps hold the ``k`` largest magnitudes of each chunk, as
+    ``torch.topk`` finds them, with ties (small integers), NaN (above inf) and zeros."""
+    gen = torch.Generator().manual_seed(n * k)
+    x = torch.randn(40, n, generator=gen)
+    x[10:20] = torch.randint(-3, 4, (10, n), generator=gen).float()
+    x[20:30, ::3] = float("nan")
+    x[20:30, 1::5] = float("-inf")
+    x[30:] = 0.0
+    x[30:, ::2] = -0.0
+    magnitude = x.abs().view(torch.int32)  # the bits order as the magnitudes do
+    positions = _largest(magnitude, k)
+    assert positions.shape == (40, k)
+    assert all(len(set(row.tolist())) == k for row in positions)
+    taken = magnitude.gather(1, positions).sort(dim=1, descending=True).values
+    assert torch.equal(taken, magnitude.topk(k, dim=1).values)
 
 
 @pytest.mark.parametrize("name", PAYLOADS)

@@ -23,12 +23,16 @@ gloo and NCCL both all-gather and all-to-all (gloo has no int16/uint16 collectiv
 The exchange (:func:`exchange_mean`) never adds encoded values in their own dtype: each rank
 decodes what it receives and sums in fp32; the owner of a chunk (the all-to-all sends chunk ``j``
 to rank ``j``) encodes the mean again for the all-gather, and every rank decodes the same bytes,
-so all hold the same mean.
-Encoding and decoding are whole-tensor torch operations (no Python loop over blocks).
+so all hold the same mean (the owner takes its own chunk from its encoding: the same values).
+Encoding and decoding are whole-tensor torch operations (no Python loop over blocks). An
+encoding can give back the values its payload decodes to, bit for bit (error feedback keeps
+the difference), and write into buffers the caller keeps.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -82,47 +86,83 @@ class Codec:
         """Bytes of one encoded row of ``numel`` values."""
         return payload_bytes(self.compression, numel, self.block_size, self.topk_density)
 
-    def encode(self, x: Tensor) -> Tensor:
+    def encode(
+        self, x: Tensor, *, out: Tensor | None = None, dequantized: Tensor | None = None
+    ) -> Tensor:
         """Encode each row of ``x``.
 
         Args:
             x: ``(rows, numel)`` float32.
+            out: ``(rows, nbytes(numel))`` uint8 on ``x``'s device to write the payload into
+                (default: a new tensor).
+            dequantized: ``(rows, numel)`` float32 on ``x``'s device, not overlapping ``x``:
+                receives what :meth:`decode` of the payload returns, bit for bit, from the
+                values at hand instead of the packed bytes (error feedback keeps ``x`` minus
+                it). Its contents are used as scratch space first.
 
         Returns:
-            ``(rows, nbytes(numel))`` uint8 on ``x``'s device.
+            The payload: ``out``, or a new ``(rows, nbytes(numel))`` uint8 tensor.
         """
         if x.dim() != 2 or x.dtype != torch.float32:
             raise ValueError(f"expected a 2-D float32 tensor, got {x.dtype} {tuple(x.shape)}")
+        rows, numel = x.shape
+        shape = (rows, self.nbytes(numel))
+        if out is None:
+            out = torch.empty(shape, dtype=torch.uint8, device=x.device)
+        elif out.shape != shape or out.dtype != torch.uint8:
+            raise ValueError(f"out must be {shape} uint8, got {out.dtype} {tuple(out.shape)}")
+        if dequantized is not None and (
+            dequantized.shape != x.shape or dequantized.dtype != torch.float32
+        ):
+            raise ValueError(
+                f"dequantized must be {tuple(x.shape)} float32, got "
+                f"{dequantized.dtype} {tuple(dequantized.shape)}"
+            )
         x = x.contiguous()
-        if self.compression == "none":
-            out = x.view(torch.uint8).clone()
-        elif self.compression == "bf16":
-            out = x.to(torch.bfloat16).view(torch.uint8)
+        if self.compression in ("none", "bf16"):
+            dtype = torch.float32 if self.compression == "none" else torch.bfloat16
+            _write(out, x, dtype)
+            if dequantized is not None:
+                dequantized.copy_(_as(out, dtype))
         elif self.compression == "topk":
-            out = self._encode_topk(x)
+            self._encode_topk(x, out, dequantized)
         else:
-            out = self._encode_quantized(x)
-        assert out.shape[1] == self.nbytes(x.shape[1]), (out.shape, self.compression)
+            self._encode_quantized(x, out, dequantized)
         return out
 
-    def decode(self, payload: Tensor, numel: int) -> Tensor:
+    def decode(self, payload: Tensor, numel: int, *, out: Tensor | None = None) -> Tensor:
         """Decode each row of ``payload`` (from :meth:`encode` of ``numel`` values a row).
 
+        Args:
+            payload: ``(rows, nbytes(numel))`` uint8.
+            numel: values a row.
+            out: ``(rows, numel)`` float32 on ``payload``'s device to write into (default: a
+                new tensor).
+
         Returns:
-            ``(rows, numel)`` float32 on ``payload``'s device.
+            ``(rows, numel)`` float32 on ``payload``'s device: ``out`` when given.
         """
         if payload.dim() != 2 or payload.shape[1] != self.nbytes(numel):
             raise ValueError(
                 f"expected (rows, {self.nbytes(numel)}) bytes for {numel} values, "
                 f"got {tuple(payload.shape)}"
             )
+        shape = (payload.shape[0], numel)
+        if out is None:
+            out = torch.empty(shape, device=payload.device)
+        elif out.shape != shape or out.dtype != torch.float32:
+            raise ValueError(f"out must be {shape} float32, got {out.dtype} {tuple(out.shape)}")
         if self.compression == "none":
-            return _as(payload, torch.float32)
+            return out.copy_(_as(payload, torch.float32))
         if self.compression == "bf16":
-            return _as(payload, torch.bfloat16).float()
+            return out.copy_(_as(payload, torch.bfloat16))
         if self.compression == "topk":
-            return self._decode_topk(payload, numel)
-        return self._decode_quantized(payload, numel)
+            return self._decode_topk(payload, out)
+        value_bytes = -(-numel * self.bits // 8)
+        codes = payload[:, :value_bytes]  # int8: the codes themselves
+        if self.bits != 8:
+            codes = unpack_bits(codes, self.bits, numel)
+        return self._dequantize(codes, _as(payload[:, value_bytes:], torch.float32), out)
 
     # ------------------------------------------------------------------ blockwise absmax
     def _blocks(self, x: Tensor) -> Tensor:
@@ -131,40 +171,66 @@ class Codec:
         blocks = -(-numel // self.block_size)
         return _pad(x, blocks * self.block_size - numel).view(rows, blocks, self.block_size)
 
-    def _encode_quantized(self, x: Tensor) -> Tensor:
-        rows, numel = x.shape
-        blocks = self._blocks(x)
-        scale = blocks.abs().amax(dim=2)  # (rows, blocks)
-        inverse = torch.where(scale > 0, self.levels / scale, torch.zeros_like(scale))
-        codes = (blocks * inverse.unsqueeze(2)).round_().clamp_(-self.levels, self.levels)
-        # float -> int16 -> uint8: torch's direct float -> uint8 conversion is ~5x slower on CPU
-        codes = codes.add_(self.levels).to(torch.int16).to(torch.uint8).view(rows, -1)
-        codes = codes[:, :numel] if codes.shape[1] != numel else codes
-        return torch.cat([pack_bits(codes, self.bits), scale.view(torch.uint8)], dim=1)
+    def _scratch(self, blocks: Tensor, spare: Tensor | None) -> Tensor:
+        """A float32 tensor of ``blocks``' shape: ``spare`` (``(rows, numel)``) when it has
+        room for it without padding, else a new one."""
+        if spare is not None and spare.is_contiguous() and spare.numel() == blocks.numel():
+            return spare.view(blocks.shape)
+        return torch.empty_like(blocks)
 
-    def _decode_quantized(self, payload: Tensor, numel: int) -> Tensor:
-        rows = payload.shape[0]
+    def _encode_quantized(self, x: Tensor, out: Tensor, dequantized: Tensor | None) -> None:
+        rows, numel = x.shape
+        levels = self.levels
+        blocks = self._blocks(x)
+        work = self._scratch(blocks, dequantized)
+        scale = torch.abs(blocks, out=work).amax(dim=2)  # (rows, blocks)
+        inverse = torch.where(scale > 0, levels / scale, 0.0)
+        q = torch.mul(blocks, inverse.unsqueeze(2), out=work).round_().clamp_(-levels, levels)
         value_bytes = -(-numel * self.bits // 8)
-        codes = unpack_bits(payload[:, :value_bytes], self.bits, numel)
-        scale = _as(payload[:, value_bytes:], torch.float32)  # (rows, blocks)
-        blocks = scale.shape[1]
-        values = _pad(codes.float().sub_(self.levels), blocks * self.block_size - numel)
-        values = values.view(rows, blocks, self.block_size).mul_((scale / self.levels).unsqueeze(2))
-        values = values.view(rows, -1)
-        return values[:, :numel].contiguous() if values.shape[1] != numel else values
+        if self.bits == 8:  # the codes are the value bytes: written in place
+            codes = out[:, :numel]
+        else:
+            codes = torch.empty(rows, numel, dtype=torch.uint8, device=x.device)
+        # q + L in [0, 2 L] through int8 (torch's float -> uint8 conversion is ~5x slower on
+        # CPU), the + L in uint8 (wrapping, exact): the bytes of converting q + L itself, for
+        # every q but NaN (x NaN, or a block scale so small that L / s overflows), whose
+        # conversion is the platform's either way
+        codes.view(torch.int8).copy_(q.view(rows, -1)[:, :numel])
+        codes.add_(levels)
+        if self.bits != 8:
+            pack_bits(codes, self.bits, out=out[:, :value_bytes])
+        _write(out[:, value_bytes:], scale, torch.float32)
+        if dequantized is not None:
+            self._dequantize(codes, scale, dequantized)
+
+    def _dequantize(self, codes: Tensor, scale: Tensor, out: Tensor) -> Tensor:
+        """``out`` <- ``(code - L) s / L``: ``codes`` ``(rows, numel)`` uint8, ``scale``
+        ``(rows, blocks)`` float32, ``out`` ``(rows, numel)`` float32."""
+        rows, numel = codes.shape
+        size = scale.shape[1] * self.block_size
+        values = out if size == numel and out.is_contiguous() else out.new_zeros(rows, size)
+        values[:, :numel].copy_(codes)
+        values[:, :numel].sub_(self.levels)
+        values.view(rows, -1, self.block_size).mul_((scale / self.levels).unsqueeze(2))
+        return out if values is out else out.copy_(values[:, :numel])
 
     # ------------------------------------------------------------------ top-k
-    def _encode_topk(self, x: Tensor) -> Tensor:
+    def _encode_topk(self, x: Tensor, out: Tensor, dequantized: Tensor | None) -> None:
         rows = x.shape[0]
         blocks = self._blocks(x)
         kept = topk_per_chunk(self.block_size, self.topk_density)
-        positions = blocks.abs().topk(kept, dim=2, sorted=False).indices  # (rows, blocks, kept)
-        values = blocks.gather(2, positions).to(torch.bfloat16).view(rows, -1)
-        packed = pack_bits(positions.view(rows, -1), index_bits(self.block_size))
-        return torch.cat([values.view(torch.uint8), packed], dim=1)
+        magnitude = torch.abs(blocks, out=self._scratch(blocks, dequantized))
+        positions = _largest(magnitude.view(torch.int32), kept)  # (rows, blocks, kept)
+        sent = blocks.gather(2, positions).to(torch.bfloat16)
+        value_bytes = 2 * sent.numel() // rows
+        _write(out[:, :value_bytes], sent.view(rows, -1), torch.bfloat16)
+        bits = index_bits(self.block_size)
+        pack_bits(positions.view(rows, -1), bits, out=out[:, value_bytes:])
+        if dequantized is not None:
+            self._scatter_topk(sent.float(), positions, dequantized)
 
-    def _decode_topk(self, payload: Tensor, numel: int) -> Tensor:
-        rows = payload.shape[0]
+    def _decode_topk(self, payload: Tensor, out: Tensor) -> Tensor:
+        rows, numel = out.shape
         blocks = -(-numel // self.block_size)
         kept = topk_per_chunk(self.block_size, self.topk_density)
         value_bytes = 2 * blocks * kept
@@ -172,9 +238,79 @@ class Codec:
         positions = unpack_bits(
             payload[:, value_bytes:], index_bits(self.block_size), blocks * kept
         )
-        out = torch.zeros(rows, blocks, self.block_size, device=payload.device)
-        out.scatter_(2, positions.long().view(rows, blocks, kept), values.view(rows, blocks, kept))
-        return out.view(rows, -1)[:, :numel].contiguous()
+        positions = positions.long().view(rows, blocks, kept)
+        return self._scatter_topk(values.view(rows, blocks, kept), positions, out)
+
+    def _scatter_topk(self, values: Tensor, positions: Tensor, out: Tensor) -> Tensor:
+        """``out`` (``(rows, numel)``) <- zeros but ``values`` at ``positions`` (both
+        ``(rows, blocks, kept)``, positions within each block)."""
+        rows, numel = out.shape
+        blocks = positions.shape[1]
+        padded = numel != blocks * self.block_size or not out.is_contiguous()
+        full = out if not padded else torch.empty(rows, blocks * self.block_size, device=out.device)
+        full.zero_()
+        full.view(rows, blocks, self.block_size).scatter_(2, positions, values)
+        return out.copy_(full[:, :numel]) if padded else out
+
+
+def _largest(keys: Tensor, k: int) -> Tensor:
+    """The positions of the ``k`` largest of each row of ``keys`` (``(..., n)`` int32, all
+    ``>= 0``: the bits of magnitudes, which order as the magnitudes do, NaN above inf), as
+    ``(..., k)`` int64 in no particular order; which of equal values are taken is unspecified.
+
+    On CPU ``torch.topk`` costs a few microseconds per row whatever ``k``; for a small ``k``
+    two rounds of ``k`` maxima cost a fraction of that. Cut each row into ``g`` groups (group
+    ``j``: positions ``j, j + g, ...``; ``g`` divides ``n``, ``g >= k``). A value outside the
+    ``k`` groups with the largest maxima is at most the ``k``-th largest maximum, so no larger
+    than any of those ``k`` maxima: the ``k`` largest are among the ``k n / g`` values of
+    those groups. Round one takes the ``k`` groups, round two the ``k`` largest of their values.
+    """
+    n = keys.shape[-1]
+    rows = keys.reshape(-1, n)
+    if k > _ROUNDS_UP_TO or keys.device.type != "cpu":
+        top = rows.topk(k, dim=1, sorted=False).indices
+    else:
+        groups = _groups(n, k)
+        per = n // groups
+        maxima = rows.view(-1, per, groups).amax(dim=1)  # (rows, groups)
+        chosen = _take_largest(maxima, k)  # (rows, k): the groups
+        spread = torch.arange(0, n, groups, device=keys.device).view(1, per, 1)
+        candidates = (chosen.unsqueeze(1) + spread).view(-1, per * k)  # their positions
+        top = candidates.gather(1, _take_largest(rows.gather(1, candidates), k))
+    return top.view(*keys.shape[:-1], k)
+
+
+_ROUNDS_UP_TO = 16
+"""The largest ``k`` for which :func:`_largest` takes maxima rather than calling ``torch.topk``."""
+
+
+@functools.cache
+def _groups(n: int, k: int) -> int:
+    """The groups of :func:`_largest` for rows of ``n``: the divisor ``g >= k`` of ``n`` with the
+    fewest columns to take maxima over, ``g`` in round one and ``k n / g`` in round two,
+    counted twice (measured: it gathers its values first)."""
+    divisors = {d for i in range(1, math.isqrt(n) + 1) if n % i == 0 for d in (i, n // i)}
+    return min((g for g in divisors if g >= k), key=lambda g: (g + 2 * k * n // g, g))
+
+
+def _take_largest(values: Tensor, k: int) -> Tensor:
+    """The columns of the ``k`` largest of each row of ``values`` (``(rows, n)`` integers
+    ``>= 0`` below ``2^31``), largest first; ties go to the higher column.
+
+    ``k`` times the maximum, over keys ``(value << b) | column``: one ``amax`` gives the value
+    and its column, which is then struck out.
+    """
+    rows, n = values.shape
+    bits = max(1, (n - 1).bit_length())
+    column = torch.arange(n, device=values.device)
+    keys = values.long().bitwise_left_shift_(bits).bitwise_or_(column)
+    flat, start = keys.view(-1), torch.arange(0, rows * n, n, device=values.device)
+    top = []
+    for _ in range(k):
+        largest = keys.amax(dim=1).bitwise_and_((1 << bits) - 1)
+        flat.index_fill_(0, largest + start, -1)
+        top.append(largest)
+    return torch.stack(top, dim=1)
 
 
 def _pad(x: Tensor, extra: int) -> Tensor:
@@ -182,46 +318,79 @@ def _pad(x: Tensor, extra: int) -> Tensor:
     return F.pad(x, (0, extra)) if extra else x
 
 
+def _view(data: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """The bytes ``data`` (``(rows, n)`` uint8) as ``dtype`` without a copy, or None where
+    they are not aligned to it."""
+    size = dtype.itemsize
+    strides = data.stride()
+    aligned = (
+        strides[-1] == 1
+        and data.shape[-1] % size == 0
+        and data.storage_offset() % size == 0
+        and all(stride % size == 0 for stride in strides[:-1])
+    )
+    return data.view(dtype) if aligned else None
+
+
 def _as(data: Tensor, dtype: torch.dtype) -> Tensor:
-    """The bytes ``data`` (``(rows, n)`` uint8) read as ``dtype``, through an aligned copy (a
-    slice of a payload may start at any byte)."""
+    """The bytes ``data`` (``(rows, n)`` uint8) read as ``dtype``: a view, or an aligned copy
+    where they are not aligned (a slice of a payload may start at any byte)."""
+    view = _view(data, dtype)
+    if view is not None:
+        return view
     return data.clone(memory_format=torch.contiguous_format).view(dtype)
 
 
-def pack_bits(values: Tensor, bits: int) -> Tensor:
+def _write(data: Tensor, values: Tensor, dtype: torch.dtype) -> None:
+    """``data`` (``(rows, m size)`` uint8) <- the bytes of ``values`` (``(rows, m)``) as
+    ``dtype`` (of ``size`` bytes)."""
+    view = _view(data, dtype)
+    if view is not None:
+        view.copy_(values)
+    else:
+        data.copy_(values.to(dtype).contiguous().view(torch.uint8))
+
+
+def pack_bits(values: Tensor, bits: int, *, out: Tensor | None = None) -> Tensor:
     """Pack each row of non-negative integers below ``2^bits`` into ``ceil(numel bits / 8)``
     bytes, the first value in the lowest bits.
 
     Args:
         values: ``(rows, numel)`` integers (any integer dtype).
         bits: bits per value, 1 to 24.
+        out: ``(rows, ceil(numel bits / 8))`` uint8 to write into (default: a new tensor).
+
+    Returns:
+        The packed bytes: ``out`` when given.
     """
     rows, numel = values.shape
     if bits == 8:
-        return values.to(torch.uint8)
-    if bits in _WORDS and sys.byteorder == "little":
-        # The per = 8 / bits codes of one byte, read as one little-endian word w (code i in
-        # byte i), land in place with w | w >> (8 - bits) | w >> 2 (8 - bits) ...; the low byte
-        # is the packed one (contiguous ops: strided uint8 ops are ~20x slower).
-        per, word = 8 // bits, _WORDS[bits]
-        v = _pad(values.to(torch.uint8), -numel % per).contiguous().view(word)
-        out = v.clone()
-        for i in range(1, per):
-            out |= v >> ((8 - bits) * i)
-        return out.to(torch.uint8)
-    if 8 % bits == 0:  # 1, 2, 4: whole values per byte
+        packed = values
+    elif bits in (1, 2, 4) and sys.byteorder == "little":
+        # Pairs of neighbours merged into one byte, s = bits, 2 bits, ... up to 8 bits a value:
+        # a and b (s bits each) read as one little-endian int16 w = a | b << 8, the low byte of
+        # w | w >> (8 - s) is a | b << s (contiguous ops: strided uint8 ops are ~20x slower)
+        packed, s = _pad(values.to(torch.uint8), -numel % (8 // bits)), bits
+        while s < 8:
+            w = packed.contiguous().view(torch.int16)
+            packed = w | w >> (8 - s)
+            if s < 4:  # merged again: back to bytes
+                packed = packed.to(torch.uint8)
+            s *= 2
+    elif 8 % bits == 0:  # 1, 2, 4: whole values per byte
         per = 8 // bits
         v = F.pad(values.to(torch.uint8), (0, -numel % per)).view(rows, -1, per)
-        out = v[:, :, 0].clone()
+        packed = v[:, :, 0].clone()
         for i in range(1, per):
-            out |= v[:, :, i] << (bits * i)
-        return out
-    # any other width: through single bits (positions of top-k: ceil(log2 block_size) bits)
-    shifts = torch.arange(bits, device=values.device, dtype=torch.int64)
-    single = (values.to(torch.int64).unsqueeze(2) >> shifts & 1).view(rows, -1).to(torch.uint8)
-    single = F.pad(single, (0, -single.shape[1] % 8)).view(rows, -1, 8)
-    weights = torch.tensor([1 << i for i in range(8)], device=values.device, dtype=torch.uint8)
-    return (single * weights).sum(dim=2, dtype=torch.int32).to(torch.uint8)
+            packed |= v[:, :, i] << (bits * i)
+    else:  # any other width: through single bits (top-k positions: ceil(log2 block_size) bits)
+        shifts = torch.arange(bits, device=values.device, dtype=torch.int64)
+        single = (values.to(torch.int64).unsqueeze(2) >> shifts & 1).view(rows, -1)
+        single = F.pad(single.to(torch.uint8), (0, -single.shape[1] % 8)).view(rows, -1, 8)
+        weights = torch.tensor([1 << i for i in range(8)], device=values.device, dtype=torch.uint8)
+        packed = (single * weights).sum(dim=2, dtype=torch.int32)
+    # the conversion to uint8 keeps the low byte of each word
+    return packed.to(torch.uint8) if out is None else out.copy_(packed)
 
 
 def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
@@ -230,15 +399,15 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
     rows = packed.shape[0]
     if bits == 8:
         return packed[:, :numel].contiguous()
-    if bits in _WORDS and sys.byteorder == "little":
-        # the inverse of pack_bits' word trick: byte i of a word holds code i
-        per, word = 8 // bits, _WORDS[bits]
-        w = packed.to(word)
-        out = w.clone()
-        for i in range(1, per):
-            out |= w << ((8 - bits) * i)
-        mask = sum(((1 << bits) - 1) << (8 * i) for i in range(per))
-        codes = out.bitwise_and_(mask).view(torch.uint8).view(rows, -1)
+    if bits in (1, 2, 4) and sys.byteorder == "little":
+        # the inverse of pack_bits' merges: a byte p = a | b << s as the int16 p | p << (8 - s),
+        # masked, holds a in its low byte and b in its high one
+        codes, s = packed, 4
+        while s >= bits:
+            w = codes.to(torch.int16, memory_format=torch.contiguous_format)
+            w |= w << (8 - s)
+            codes = w.bitwise_and_(((1 << s) - 1) * 0x0101).view(torch.uint8)
+            s //= 2
         return codes[:, :numel] if codes.shape[1] != numel else codes
     if 8 % bits == 0:
         per, mask = 8 // bits, (1 << bits) - 1
@@ -249,9 +418,6 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
     weights = torch.tensor([1 << i for i in range(bits)], device=packed.device, dtype=torch.int32)
     return (single.view(rows, numel, bits).to(torch.int32) * weights).sum(dim=2, dtype=torch.int32)
 
-
-_WORDS = {4: torch.int16, 2: torch.int32}
-"""The integer word that holds one packed byte's codes, one per byte (``pack_bits``)."""
 
 Collective = Callable[..., None]
 """``run(fn, *tensors, **kwargs)``: issues the blocking collective ``fn(*tensors, group=...,
@@ -277,6 +443,8 @@ def exchange_mean(
     device: torch.device,
     mean_residual: Tensor | None = None,
     mode: str = "all_to_all",
+    rank: int | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """The ranks' mean of what they encoded, decoded and summed in fp32.
 
@@ -295,28 +463,50 @@ def exchange_mean(
         mode: ``all_to_all`` (chunk ``j`` to rank ``j``, decoded and summed there, the mean
             encoded again and all-gathered) or ``all_gather`` (every rank's chunks to every rank,
             decoded and summed by each; ``W`` times the bytes of one phase of the other).
+        rank: with the all-to-all, this rank's place in the collectives' group (the chunk it
+            owns): its chunk of the mean is then what its encoding gave back (the same values
+            the gathered bytes decode to), and only the others' chunks are decoded. Default:
+            all are decoded.
+        out: ``(W * chunk,)`` contiguous float32 on ``device`` to write the mean into
+            (default: a new tensor).
 
     Returns:
-        ``(W * chunk,)`` float32 on ``device``, identical on every rank.
+        ``(W * chunk,)`` float32 on ``device``, identical on every rank: ``out`` when given.
     """
     rows, width = payload.shape
     assert rows == world_size and width == codec.nbytes(chunk), (payload.shape, chunk)
+    if out is None:
+        out = torch.empty(world_size * chunk, device=device)
     if mode == "all_gather":
         gathered = torch.empty(world_size * rows, width, dtype=torch.uint8, device=payload.device)
         run(release.all_gather_single, gathered, payload)
         decoded = codec.decode(gathered.to(device), chunk).view(world_size, rows * chunk)
-        return decoded.sum(dim=0).div_(world_size)
+        return torch.sum(decoded, dim=0, out=out).div_(world_size)
     if mode != "all_to_all":
         raise ValueError(f"mode must be all_gather or all_to_all, got {mode!r}")
     received = torch.empty_like(payload)
     run(dist.all_to_all_single, received, payload)
-    mine = codec.decode(received.to(device), chunk).sum(dim=0, keepdim=True).div_(world_size)
+    chunks = out.view(world_size, chunk)  # the decoded chunks first, then the mean's
+    mine = codec.decode(received.to(device), chunk, out=chunks).sum(dim=0, keepdim=True)
+    mine.div_(world_size)
     if mean_residual is not None:
         mine.add_(mean_residual)
-    encoded = codec.encode(mine)
-    if mean_residual is not None:
-        mean_residual.copy_(mine.sub_(codec.decode(encoded, chunk)).view(-1))
+    own = None  # this rank's chunk of the mean as its encoding gives it back
+    if rank is not None:
+        own = chunks[rank : rank + 1]
+    elif mean_residual is not None:
+        own = torch.empty_like(mine)
+    encoded = codec.encode(mine, dequantized=own)
+    if mean_residual is not None and own is not None:
+        torch.sub(mine, own, out=mean_residual.view(1, -1))
     encoded = encoded.to(payload.device)
     gathered = torch.empty_like(payload)
     run(release.all_gather_single, gathered, encoded)
-    return codec.decode(gathered.to(device), chunk).view(-1)
+    gathered = gathered.to(device)
+    if rank is None:
+        codec.decode(gathered, chunk, out=chunks)
+    else:  # the chunks before this rank's and after it
+        for lo, hi in ((0, rank), (rank + 1, world_size)):
+            if hi > lo:
+                codec.decode(gathered[lo:hi], chunk, out=chunks[lo:hi])
+    return out

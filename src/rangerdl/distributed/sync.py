@@ -235,6 +235,10 @@ class OuterSync:
         # encoding of its chunk of the mean lost (the all-gather half)
         self._residual = torch.zeros(self.padded, device=self.device) if feedback else None
         self._mean_residual = torch.zeros(self.shard, device=self.device) if feedback else None
+        # the compressed sync's work buffers (pseudo-gradient, payload, mean), made at first use
+        # and kept: one exchange at a time uses them (an overlapped one is merged before the next
+        # sync starts)
+        self._buffers: dict[str, Tensor] = {}
         self._pending: _Pending | None = None
         self._check_ranks_agree()
         self._broadcast_initial()
@@ -407,6 +411,7 @@ class OuterSync:
         self.step = int(state["step"])
         self.stats = {"codec_s": 0.0, **state["stats"]}
         self._pending = None
+        self._buffers = {}  # an exchange still in flight keeps writing to the old ones
         if "pending_reduced" in state:
             self._pending = _Pending(
                 None,
@@ -632,7 +637,7 @@ class OuterSync:
             self._open_side()  # after finish(), training went on
             assert self._side is not None and self._side.executor is not None
             sent = self._encode_delta(snapshot)
-            mean = torch.empty(self.padded, device=self.device)
+            mean = self._buffer("mean", (self.padded,), torch.float32)
             side = self._side.group
             work: Any = self._side.executor.submit(self._exchange, sent, mean, side)
             self.stats["bytes"] += self._payload_bytes(sent)
@@ -701,22 +706,40 @@ class OuterSync:
         self._timed(release.all_gather_single, full, self._to_comm(self._slow))
         return full.to(self.device)[: self.numel]
 
-    def _encode_delta(self, flat: Tensor) -> Tensor:
+    def _encode_delta(self, flat: Tensor | None = None) -> Tensor:
         """The pseudo-gradient theta - phi (fp32, padded to W chunks), plus the kept residual
-        with error feedback, encoded: ``(W, P)`` uint8 on the communication device. The
-        residual becomes what this encoding lost."""
+        with error feedback, encoded: ``(W, P)`` uint8 on the communication device (a buffer
+        the next sync reuses). The residual becomes what this encoding lost. ``flat``: the
+        flat parameters (default: flattened here)."""
         t0 = time.perf_counter()
         assert self._codec is not None
-        delta = torch.zeros(self.padded, dtype=torch.float32, device=self.device)
-        delta[: self.numel].copy_(flat).sub_(self._slow)
+        delta = self._buffer("delta", (self.padded,), torch.float32)
+        if flat is None:
+            self._flatten_params(delta[: self.numel])
+        else:
+            delta[: self.numel].copy_(flat)
+        delta[: self.numel].sub_(self._slow)
+        delta[self.numel :].zero_()  # the padding, plus the residual's below
         if self._residual is not None:
             delta.add_(self._residual)
         chunks = delta.view(self.world_size, self.shard)
-        payload = self._codec.encode(chunks)
-        if self._residual is not None:
-            self._residual.copy_(chunks.sub_(self._codec.decode(payload, self.shard)).view(-1))
+        shape = (self.world_size, self._codec.nbytes(self.shard))
+        payload = self._buffer("payload", shape, torch.uint8)
+        if self._residual is None:
+            self._codec.encode(chunks, out=payload)
+        else:  # the residual's buffer receives the decoded payload, then the difference
+            kept = self._residual.view(self.world_size, self.shard)
+            self._codec.encode(chunks, out=payload, dequantized=kept)
+            torch.sub(chunks, kept, out=kept)
         self.stats["codec_s"] += time.perf_counter() - t0
         return self._to_comm(payload)
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """The work buffer ``name`` on ``self.device``, zeros when first made."""
+        buffer = self._buffers.get(name)
+        if buffer is None:
+            buffer = self._buffers[name] = torch.zeros(shape, dtype=dtype, device=self.device)
+        return buffer
 
     def _payload_bytes(self, payload: Tensor) -> int:
         """Bytes this rank sends in the all-to-all and the all-gather of ``payload`` (``W``
@@ -736,7 +759,7 @@ class OuterSync:
             waited[0] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        result = exchange_mean(
+        exchange_mean(
             self._codec,
             payload,
             self.shard,
@@ -744,13 +767,14 @@ class OuterSync:
             run,
             device=self.device,
             mean_residual=self._mean_residual,
+            rank=dist.get_rank(group),
+            out=mean,
         )
-        mean.copy_(result)
         return waited[0], time.perf_counter() - t0 - waited[0]
 
     def _sync_compressed(self) -> None:
-        sent = self._encode_delta(self._flatten_params())
-        mean = torch.empty(self.padded, device=self.device)
+        sent = self._encode_delta()
+        mean = self._buffer("mean", (self.padded,), torch.float32)
         comm_s, codec_s = self._exchange(sent, mean, self.process_group)
         self.stats["time_s"] += comm_s
         self.stats["codec_s"] += codec_s
