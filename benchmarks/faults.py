@@ -203,7 +203,7 @@ class Job:
     def common(self, steps: int) -> list[str]:
         a = self.args
         cmd = [str(a.config)] if a.config else []
-        cmd += QUICK_ARGS if a.quick else []
+        cmd += QUICK_ARGS if a.quick else [f"--data.batch_size={a.batch_size}"]
         cmd += [f"--run.dir={self.work / 'runs'}", f"--run.name={self.name}"]
         cmd += [f"--train.steps={steps}", "--train.log_every=1", "--train.eval_every=0"]
         cmd += [f"--train.final_eval_batches={a.final_eval_batches}", "--train.threads=1"]
@@ -317,8 +317,12 @@ class Job:
         return True
 
     def keep_metrics(self, life: Life) -> None:
-        """A killed group's rows, before its restart rewrites its metrics file."""
-        life.rows = read_rows(self.folder(life.group) / "metrics.jsonl")
+        """A killed group's rows, moved aside before its restart writes its own (a restart
+        killed before it wrote any must not show the last one's)."""
+        path = self.folder(life.group) / "metrics.jsonl"
+        life.rows = read_rows(path)
+        if path.is_file():
+            path.rename(path.with_name(f"metrics-life{len(self.lives)}.jsonl"))
 
     def measure(self, steps: int, wall: float, kills: int, live: dict[int, Life]) -> dict[str, Any]:
         out: dict[str, Any] = {"steps": steps, "wall_s": wall, "kills": kills}
@@ -336,10 +340,20 @@ class Job:
             }
         if self.kind == "ft":
             lives = self.lives
-            out["committed_steps"] = sum(
-                committed_steps(life.rows, life.killed_at is None and life.proc.returncode == 0)
+            out["lives"] = [
+                {
+                    "group": life.group,
+                    "rows": len(life.rows),
+                    "first_step": life.rows[0]["step"] if life.rows else None,
+                    "last_step": life.rows[-1]["step"] if life.rows else None,
+                    "killed": life.killed_at is not None,
+                    "committed": committed_steps(
+                        life.rows, life.killed_at is None and life.proc.returncode == 0
+                    ),
+                }
                 for life in lives
-            )
+            ]
+            out["committed_steps"] = sum(life["committed"] for life in out["lives"])
             gaps = [max_gap(life.rows) for life in lives]
             out["max_stall_s"] = max(gaps, default=0.0)
             out["stalls_over_quorum_timeout"] = sum(g > self.args.quorum_timeout_s for g in gaps)
@@ -421,6 +435,8 @@ def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[s
         timeout = args.kills * args.kill_every_s * 2 + 600
         clean = Job(args, hosts, "ft", "ft-clean", work).run(args.clean_steps, 0, timeout)
         cell["ft_clean"] = clean
+        if not clean["finished"]:
+            raise RuntimeError(f"[{label}] the clean torchft run failed: {clean.get('tail')}")
         print(f"[{label}] ft clean: {clean['steps']} steps in {clean['wall_s']:.1f} s", flush=True)
         budget_s = args.warmup_s + args.kills * args.kill_every_s + args.tail_s
         steps = args.steps or int(budget_s / (clean["step_s"] or 0.05))
@@ -460,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=HERE / "configs" / "ttq_gpt.toml")
     p.add_argument("--links", nargs="+", default=["none", "100mbit"])
     p.add_argument("--groups", type=int, default=3)
+    p.add_argument(
+        "--batch-size", type=int, default=48, help="global (16 a group with 3, as the 2-host cells)"
+    )
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--kill-every-s", type=float, default=60.0)
     p.add_argument("--warmup-s", type=float, default=20.0, help="no kill before (start-up)")

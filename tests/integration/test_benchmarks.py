@@ -293,3 +293,41 @@ def test_ttq_runs_sent_the_bytes_counted() -> None:
             assert abs(ratio - 1) <= 0.05, (r["cell"], r["entry"], r["seed"], ratio)
             checked += 1
     assert checked >= 50
+
+
+def test_faults_counts_only_steps_that_reached_a_committed_sync() -> None:
+    faults = importlib.import_module("faults")
+
+    def rows(syncs: list[int], healed_at: int | None = None) -> list[dict[str, Any]]:
+        return [
+            {"comm/syncs": s, "comm/healed": int(healed_at is not None and i >= healed_at)}
+            for i, s in enumerate(syncs)
+        ]
+
+    # killed after 6 steps, its last committed sync at step 4: 4 count
+    assert faults.committed_steps(rows([0, 0, 0, 1, 1, 1]), finished=False) == 4
+    # killed before its first sync: nothing counts
+    assert faults.committed_steps(rows([0, 0, 0]), finished=False) == 0
+    # restarted: 3 steps of its own, healed at its first sync (row 3), then 5 more and done
+    assert faults.committed_steps(rows([0, 0, 0, 1, 1, 1, 1, 2, 2], healed_at=3), True) == 5
+    times = [{"time/train_s": t} for t in (0.0, 0.1, 0.2, 2.7, 2.8)]
+    assert faults.max_gap(times) == pytest.approx(2.5)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_faults_quick_mode_kills_heals_and_writes_the_promised_fields(tmp_path: Path) -> None:
+    pytest.importorskip("torchft")
+    out = tmp_path / "faults.json"
+    _run([str(BENCH / "faults.py"), "--quick", f"--out={out}"], timeout_s=400)
+    cell = json.loads(out.read_text())["cells"][0]
+    ft, tr = cell["ft_faults"], cell["torchrun_faults"]
+    said = json.dumps(cell, indent=1)[-4000:]
+    assert cell["ft_clean"]["finished"] and ft["finished"] and tr["finished"], said
+    assert ft["kills"] == 2 and tr["kills"] == 2, said
+    # every restarted group healed from a live peer (or was killed again before it could)
+    assert ft["healed"] >= 1 and any(t is not None and t < 15 for t in ft["heal_s"]), said
+    assert ft["stalls_over_quorum_timeout"] == 0 and ft["equal"], said
+    assert 0 < ft["committed_steps"] <= ft["steps"] * 2, said
+    assert tr["restarts_seen"] >= 2 and tr["committed_steps"] == tr["steps"] * 2, said
+    assert ft["goodput"] > 0 and tr["goodput"] > 0, said
