@@ -25,6 +25,7 @@ import io
 import json
 import math
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -234,6 +235,39 @@ def compression_table(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def faults_table(payload: dict[str, Any]) -> str:
+    """Per link: torchft replica groups and torchrun under the same kills: goodput, stalls,
+    heal times, discarded syncs, equal models, final validation loss (torchrun's restarts resume
+    bit for bit, so its loss is an unfaulted run's)."""
+    o = payload["options"]
+    lines = [
+        f"{o['groups']} groups (hosts), k = {o['sync_every']}, {o['kills']} kills per run, one "
+        f"every {o['kill_every_s']:g} s on average; quorum timeout {o['quorum_timeout_s']:g} s; "
+        f"run on {payload['date']}",
+        "",
+        "| link | path | steps | kills | goodput | longest stall (s) | heal (s, median / max) "
+        "| discarded syncs | groups equal | val loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cell in payload["cells"]:
+        for key, name in (("ft_faults", "torchft groups"), ("torchrun_faults", "torchrun restart")):
+            r = cell.get(key)
+            if r is None:
+                continue
+            heals = sorted(t for t in r.get("heal_s", []) if t is not None)
+            heal = f"{statistics.median(heals):.1f} / {heals[-1]:.1f}" if heals else "-"
+            stall = _num(r.get("max_stall_s"), ".1f")
+            equal = {True: "yes", False: "no", None: "-"}[r.get("equal")]
+            lines.append(
+                f"| {_rate(None if cell['link'] == 'none' else cell['link'])} | {name} | {r['steps']} | {r['kills']} "
+                f"| {_num(r.get('goodput'), '.2f')} | {stall if key == 'ft_faults' else '-'} "
+                f"| {heal if key == 'ft_faults' else '-'} "
+                f"| {_num(r.get('discarded'), '.0f') if key == 'ft_faults' else '-'} | {equal} "
+                f"| {_num(r.get('val_loss'), '.4f')} |"
+            )
+    return "\n".join(lines)
+
+
 def _ablation(section: str | None) -> Callable[[dict[str, Any]], str]:
     def render(payload: dict[str, Any]) -> str:
         import outer_ablation
@@ -265,6 +299,7 @@ def _registry() -> dict[str, tuple[str, Callable[[dict[str, Any]], str]]]:
         "data_loader": ("data_loader.json", data_loader_tables),
         "keras_step": ("keras_step.json", keras_step_table),
         "compression": ("compression.json", compression_table),
+        "faults": ("faults.json", faults_table),
     }
 
 

@@ -347,8 +347,10 @@ class FaultTolerantSync:
         """A last sync when the last step did not end with one (every group that finishes at
         the same step takes part), so the slow weights hold every group's last steps; whether
         a sync ran and was committed."""
-        if self.step % self.options.sync_every == 0:
-            return False
+        if self.step <= self.options.sync_every_warmup_steps or (
+            self.step % self.options.sync_every == 0
+        ):
+            return False  # the last step ended with one
         return self.sync()
 
     def slow_weights(self) -> list[tuple[Tensor, Tensor]]:
