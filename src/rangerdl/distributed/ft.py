@@ -320,9 +320,11 @@ class FaultTolerantSync:
             flat[n + nb :] = self._digests
         participants = max(self.manager.num_participants(), 1)
         self.manager.allreduce(flat).wait()
-        if self._digests is not None:
-            self._check_agreement(flat[n + nb :])
         committed = bool(self.manager.should_commit())
+        if committed and self._digests is not None:
+            # only a completed all-reduce holds the mean digests: one a group died in holds
+            # partial sums, which must not read as another config
+            self._check_agreement(flat[n + nb :])
         if committed:
             warm = self.step <= self.options.sync_every_warmup_steps
             outer_step(self._slow, mean, self.options, self._momentum, warm=warm)
