@@ -437,7 +437,7 @@ def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[s
         cell["ft_clean"] = clean
         if not clean["finished"]:
             raise RuntimeError(f"[{label}] the clean torchft run failed: {clean.get('tail')}")
-        print(f"[{label}] ft clean: {clean['steps']} steps in {clean['wall_s']:.1f} s", flush=True)
+        print(f"[{label}] ft clean: {json.dumps(clean)}", flush=True)
         budget_s = args.warmup_s + args.kills * args.kill_every_s + args.tail_s
         steps = args.steps or int(budget_s / (clean["step_s"] or 0.05))
         faults = Job(args, hosts, "ft", "ft-faults", work).run(steps, args.kills, timeout)
@@ -452,6 +452,7 @@ def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[s
                 args.clean_steps, 0, timeout
             )
             cell["torchrun_clean"] = tclean
+            print(f"[{label}] torchrun clean: {json.dumps(tclean)}", flush=True)
             tfaults = Job(args, hosts, "torchrun", "tr-faults", work).run(
                 steps, args.kills, timeout
             )
@@ -496,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="loopback, tiny MLP, 2 kills")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--keep", action="store_true", help="keep the run folders and logs")
+    p.add_argument("--merge", action="store_true", help="keep the other links' cells in --out")
     args = p.parse_args(argv)
     netsim = not args.quick
     if args.quick:
@@ -509,18 +511,31 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             print(f"netsim unavailable ({why}); --quick runs on loopback", file=sys.stderr)
             return 2
-    cells = [run_link(args, None if link == "none" else link, netsim) for link in args.links]
-    payload = {
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(
-            ["python", "benchmarks/faults.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "cells": cells,
-    }
-    atomic_write_json(args.out, payload)
-    print(f"wrote {args.out}")
+    command = " ".join(
+        ["python", "benchmarks/faults.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    kept = []
+    if args.merge and args.out.is_file():  # the other links' cells, as they were run
+        kept = json.loads(args.out.read_text())["cells"]
+    for link in args.links:
+        cell = run_link(args, None if link == "none" else link, netsim)
+        cell |= {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(), "command": command}
+        kept = [c for c in kept if c["link"] != cell["link"]] + [cell]
+        payload = {
+            "date": time.strftime("%Y-%m-%d"),
+            "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "cells": kept,
+        }
+        atomic_write_json(args.out, payload)  # after every link: a later failure keeps it
+        print(f"wrote {args.out}", flush=True)
     return 0
+
+
+def _commit() -> str | None:
+    done = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    )
+    return done.stdout.strip() or None
 
 
 if __name__ == "__main__":
