@@ -48,6 +48,9 @@ class FakeManager:
     def state_dict(self) -> dict[str, int]:
         return {"step": 0, "batches_committed": 0}
 
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.loaded = state
+
 
 def make(manager: FakeManager) -> tuple[nn.Module, Any]:
     from rangerdl.distributed.ft import FaultTolerantSync
@@ -89,7 +92,7 @@ def test_a_committed_sync_of_one_group_keeps_its_weights() -> None:
 
 
 def test_a_checkpoint_round_trips_the_outer_state_and_one_without_it_is_refused() -> None:
-    net, sync = make(FakeManager())
+    _, sync = make(FakeManager())
     opt = sync.optimizer
     saved = opt.state_dict()
     assert saved["outer"]["step"] == 0 and "slow_weights" in saved["outer"]
