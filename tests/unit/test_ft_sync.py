@@ -48,6 +48,9 @@ class FakeManager:
     def state_dict(self) -> dict[str, int]:
         return {"step": 0, "batches_committed": 0}
 
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.loaded = state
+
 
 def make(manager: FakeManager) -> tuple[nn.Module, Any]:
     from rangerdl.distributed.ft import FaultTolerantSync
@@ -86,3 +89,17 @@ def test_a_committed_sync_of_one_group_keeps_its_weights() -> None:
     assert sync.sync() is True and sync.stats["syncs"] == 1
     for p, b in zip(net.parameters(), before, strict=True):
         assert torch.equal(p, b)  # the mean of one group is itself; alpha 0.5 moves nothing
+
+
+def test_a_checkpoint_round_trips_the_outer_state_and_one_without_it_is_refused() -> None:
+    _, sync = make(FakeManager())
+    opt = sync.optimizer
+    saved = opt.state_dict()
+    assert saved["outer"]["step"] == 0 and "slow_weights" in saved["outer"]
+    with torch.no_grad():
+        sync._slow.add_(1.0)  # a change the load must undo
+    opt.load_state_dict(saved)
+    assert torch.equal(sync._slow, saved["outer"]["slow_weights"])
+    without = {k: v for k, v in saved.items() if k != "outer"}
+    with pytest.raises(ValueError, match="not saved by an optimizer with a FaultTolerantSync"):
+        opt.load_state_dict(without)

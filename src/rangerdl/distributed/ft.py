@@ -50,7 +50,7 @@ from torch.optim import Optimizer
 
 from rangerdl.distributed.cost import ring_bytes
 from rangerdl.distributed.options import SyncOptions
-from rangerdl.distributed.sync import inner_options, outer_step
+from rangerdl.distributed.sync import inner_options, outer_step, split_outer_state
 
 __all__ = ["FaultTolerantSync", "connect", "require_torchft"]
 
@@ -465,13 +465,7 @@ class FaultTolerantSync:
     def _load_state_dict_hook(self, optimizer: Optimizer, state: dict[str, Any]) -> dict[str, Any]:
         if self._healing:
             return state
-        state = dict(state)
-        outer = state.pop("outer", None)
-        if outer is None:
-            raise ValueError(
-                f"{type(optimizer).__name__}.load_state_dict: no 'outer' entry; this state dict was "
-                "not saved by an optimizer with a FaultTolerantSync attached"
-            )
+        state, outer = split_outer_state(optimizer, state, "a FaultTolerantSync")
         self.load_state_dict(outer)
         return state
 

@@ -481,13 +481,7 @@ class OuterSync:
         return state
 
     def _load_state_dict_hook(self, optimizer: Optimizer, state: dict[str, Any]) -> dict[str, Any]:
-        state = dict(state)
-        outer = state.pop("outer", None)
-        if outer is None:
-            raise ValueError(
-                f"{type(optimizer).__name__}.load_state_dict: no 'outer' entry; this state dict was "
-                "not saved by an optimizer with an OuterSync attached"
-            )
+        state, outer = split_outer_state(optimizer, state, "an OuterSync")
         self.load_state_dict(outer)
         return state
 
@@ -818,6 +812,21 @@ class OuterSync:
             if comm is not b:
                 b.copy_(comm)
             self.stats["bytes"] += b.numel() * b.element_size() if self.rank == 0 else 0
+
+
+def split_outer_state(
+    optimizer: Optimizer, state: dict[str, Any], owner: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An optimizer ``state_dict`` without its ``"outer"`` entry (what a sync's state-dict hook
+    adds), and that entry; ``ValueError`` naming ``owner`` when it has none."""
+    state = dict(state)
+    outer = state.pop("outer", None)
+    if outer is None:
+        raise ValueError(
+            f"{type(optimizer).__name__}.load_state_dict: no 'outer' entry; this state dict was "
+            f"not saved by an optimizer with {owner} attached"
+        )
+    return state, outer
 
 
 def outer_step(
