@@ -329,5 +329,7 @@ def test_faults_quick_mode_kills_heals_and_writes_the_promised_fields(tmp_path: 
     assert ft["healed"] >= 1 and any(t is not None and t < 15 for t in ft["heal_s"]), said
     assert ft["stalls_over_quorum_timeout"] == 0 and ft["equal"], said
     assert 0 < ft["committed_steps"] <= ft["steps"] * 2, said
-    assert tr["restarts_seen"] >= 2 and tr["committed_steps"] == tr["steps"] * 2, said
+    # torchrun restarted from a checkpoint (a kill during a restart's start-up resumes once for
+    # both) and every worker reached the end
+    assert tr["restarts_seen"] >= 1 and tr["committed_steps"] == tr["steps"] * 2, said
     assert ft["goodput"] > 0 and tr["goodput"] > 0, said
