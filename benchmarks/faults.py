@@ -502,7 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     netsim = not args.quick
     if args.quick:
         args.config, args.links, args.groups, args.kills = None, ["none"], 2, 2
-        args.kill_every_s, args.warmup_s, args.clean_steps, args.tail_s = 3.0, 3.0, 600, 3.0
+        # tail_s: the survivor trains on long enough for the last restart to join and heal,
+        # even when a loaded machine takes ~10 s to start it
+        args.kill_every_s, args.warmup_s, args.clean_steps, args.tail_s = 3.0, 3.0, 600, 15.0
         args.final_eval_batches, args.checkpoint_every = 2, 50
     if netsim:
         from netsim import available
