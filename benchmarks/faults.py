@@ -260,7 +260,18 @@ class Job:
             time.sleep(1.0)
         t0 = time.monotonic()
         live = {g: self.start(g, steps) for g in range(a.groups)}
-        next_kill = t0 + a.warmup_s + rng.uniform(0.5, 1.5) * a.kill_every_s
+        # the kill clock starts once training has (the model line: printed before the first
+        # step, by every group, or by rank 0 under torchrun): start-up is not what is measured
+        started = (
+            (lambda: all(life.first("model: ") for life in live.values()))
+            if (self.kind == "ft")
+            else (lambda: any(life.first("model: ") for life in live.values()))
+        )
+        while not started() and time.monotonic() < t0 + timeout_s:
+            if any(life.proc.poll() is not None for life in live.values()):
+                break
+            time.sleep(0.05)
+        next_kill = time.monotonic() + a.warmup_s + rng.uniform(0.5, 1.5) * a.kill_every_s
         done_kills, deadline = 0, t0 + timeout_s
         try:
             while time.monotonic() < deadline:
