@@ -77,13 +77,18 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("compression", ["none", "int4"])
 def test_groups_end_on_one_model_and_resume_bit_for_bit(
     cache: Path,  # noqa: F811
     lighthouse: str,  # noqa: F811
     tmp_path: Path,
+    compression: str,
 ) -> None:
+    """``int4``: the pseudo-gradients all-gathered as 4-bit payloads and summed in fp32, with
+    error feedback, whose residual a checkpoint must carry for the resume to be exact."""
     runs = tmp_path / "runs"
-    whole = ["--run.name=whole", "--train.steps=18"]  # 18: the last sync is finish()'s
+    # 18: the last sync is finish()'s
+    whole = ["--run.name=whole", "--train.steps=18", f"--distributed.compression={compression}"]
     outs = [finish(p) for p in [start(cache, lighthouse, runs, i, *whole) for i in range(2)]]
     a, b = runs / "whole-group0", runs / "whole-group1"
     said = "\n".join(out[-1500:] for out in outs)
@@ -93,11 +98,19 @@ def test_groups_end_on_one_model_and_resume_bit_for_bit(
         assert s["replica_group"] == index and s["replica_groups"] == 2, said
         # 4 syncs every k = 4 steps, then finish()'s at step 18
         assert s["comm/syncs"] == 5 and s["comm/discarded"] == 0 and s["comm/healed"] == 0, said
+        if compression != "none":
+            # 5 syncs of one row to the one peer: a 16-byte header, the config digests (4 B a
+            # key, padded to 16) and the 4-bit payload
+            from rangerdl.distributed.compression import payload_bytes
+
+            params = sum(v.numel() for v in model_at(a, 18).values())
+            digests = s["comm/bytes"] / 5 - 16 - payload_bytes(compression, params, 256, 0.03)
+            assert digests % 16 == 0 and 0 < digests < 1024, said
     assert summary(a)["val/loss"] == summary(b)["val/loss"], said
 
     # stopped together at step 8, started again with the same commands: resumed from their
     # checkpoints (a named group continues its folder), bit for bit as the run that never stopped
-    parts = ["--run.name=parts", "--train.steps=18"]
+    parts = ["--run.name=parts", "--train.steps=18", f"--distributed.compression={compression}"]
     for extra in (["--train.stop_at=8"], []):
         procs = [start(cache, lighthouse, runs, i, *parts, *extra) for i in range(2)]
         outs = [finish(p) for p in procs]
@@ -114,8 +127,14 @@ def test_killed_group_restarted_by_the_same_command_heals_from_its_peer(
 ) -> None:
     runs = tmp_path / "runs"
     # enough steps that a trains on while b dies, restarts (imports take up to ~10 s on a busy
-    # machine) and joins: an MLP step is ~2 ms, a sync every 4 steps ~1-5 ms
-    args = ["--run.name=kill", "--train.steps=6000", "--train.log_every=10"]
+    # machine) and joins: an MLP step is ~2 ms, a sync every 4 steps ~1-5 ms. The syncs send
+    # 4-bit pseudo-gradients with error feedback (the uncompressed heal: test_ft.py)
+    args = [
+        "--run.name=kill",
+        "--train.steps=6000",
+        "--train.log_every=10",
+        "--distributed.compression=int4",
+    ]
     a = start(cache, lighthouse, runs, 0, *args)
     b = start(cache, lighthouse, runs, 1, *args)
     assert b.stdout is not None

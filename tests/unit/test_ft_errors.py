@@ -50,7 +50,7 @@ def test_unreachable_lighthouse_is_an_error_naming_it_within_the_timeout() -> No
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("overlap", True), ("shard_slow", True), ("compression", "int8"), ("comm_dtype", "bf16")],
+    [("overlap", True), ("shard_slow", True)],
 )
 def test_an_option_torchft_does_not_carry_is_refused_by_name(option: str, value: object) -> None:
     pytest.importorskip("torchft")
@@ -99,10 +99,6 @@ FT = ["--distributed.backend=torchft", "--distributed.lighthouse=127.0.0.1:1"]
         (
             ["--distributed.replica_groups=2", "--distributed.overlap=true"],
             r"\[distributed\] overlap = True",
-        ),
-        (
-            ["--distributed.replica_groups=2", "--distributed.compression=int8"],
-            r"\[distributed\] compression = 'int8'",
         ),
         (
             ["--distributed.replica_groups=2", "--distributed.strategy=ddp"],

@@ -103,3 +103,207 @@ def test_a_checkpoint_round_trips_the_outer_state_and_one_without_it_is_refused(
     without = {k: v for k, v in saved.items() if k != "outer"}
     with pytest.raises(ValueError, match="not saved by an optimizer with a FaultTolerantSync"):
         opt.load_state_dict(without)
+
+
+# ---------------------------------------------------------------- compressed payloads
+class Future:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+
+    def wait(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+class FakeGroup:
+    """The manager's process group as seen by group ``rank`` of ``len(rows)``: its all-gather
+    hands back the other groups' rows as given (``rows[rank]`` is replaced by this group's)."""
+
+    def __init__(self, rows: list[torch.Tensor | None], rank: int, fail: bool = False) -> None:
+        self.rows, self.rank, self.fail, self.sent = rows, rank, fail, []
+
+    def size(self) -> int:
+        return len(self.rows)
+
+    def allgather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], _: Any):
+        self.sent.append(inputs[0].clone())
+        for i, out in enumerate(outputs[0]):
+            row = inputs[0] if i == self.rank else self.rows[i]
+            out.copy_(row if row is not None else torch.zeros_like(inputs[0]))
+        error = RuntimeError("Connection closed by peer") if self.fail else None
+
+        class Work:
+            def get_future(self) -> Future:
+                return Future(error)
+
+        return Work()
+
+
+class ManagerOfGroups(FakeManager):
+    """torchft's Manager for a quorum of ``participants`` groups: errors reported by the sync
+    make ``should_commit()`` False, as torchft's do."""
+
+    def __init__(self, participants: int, participating: bool = True) -> None:
+        super().__init__()
+        self.participants, self.participating, self.error = participants, participating, None
+
+    def num_participants(self) -> int:
+        return self.participants
+
+    def is_participating(self) -> bool:
+        return self.participating
+
+    def errored(self) -> Exception | None:
+        return self.error
+
+    def report_error(self, e: Exception) -> None:
+        self.error = e
+
+    def wrap_future(self, fut: Future, default: Any) -> Any:
+        manager = self
+
+        class Wrapped:
+            def wait(self) -> Any:
+                try:
+                    return fut.wait()
+                except Exception as e:
+                    manager.report_error(e)
+                    return default
+
+        return Wrapped()
+
+    def should_commit(self) -> bool:
+        return self.error is None
+
+
+def compressed(
+    manager: ManagerOfGroups,
+    group: FakeGroup,
+    compression: str = "int4",
+    seed: int = 0,
+    lr: float = 1e-2,
+    norm: bool = False,
+) -> tuple[nn.Module, Any]:
+    """A group's model after its local steps (``seed``), its sync not run yet. ``lr`` goes
+    into the agreement (with ``norm``: a BatchNorm whose running mean the groups average)."""
+    from rangerdl.distributed.ft import FaultTolerantSync
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(40, 30), nn.Linear(30, 3))  # 1,323 values: blocks of 256
+    if norm:
+        net.append(nn.BatchNorm1d(3))
+    opt = Ranger(net.parameters(), lr=lr, lookahead=False)
+    options = SyncOptions(sync_every=2, compression=compression, block_size=256)
+    sync = FaultTolerantSync(
+        opt,
+        manager,
+        options,
+        process_group=group,
+        agreement={"optim.lr": lr} if norm else None,
+        buffers=net.buffers(),
+    )
+    torch.manual_seed(seed)
+    with torch.no_grad():  # this group's local steps
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+        for b in net.buffers():
+            if b.is_floating_point():
+                b.add_(torch.randn_like(b))
+    sync.step = 2  # as after sync_every steps (step 0 would be a warm-up sync)
+    return net, sync
+
+
+def payload_row(compression: str, seed: int, participating: int = 1, **kw: Any) -> torch.Tensor:
+    """The row another group (its own local steps, seed ``seed``) sends."""
+    group = FakeGroup([None], 0)
+    _, sync = compressed(ManagerOfGroups(1), group, compression, seed, **kw)
+    sync.sync()
+    row = group.sent[0].clone()
+    row[0] = participating
+    return row
+
+
+def flat(net: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+@pytest.mark.parametrize("compression", ["bf16", "int8", "int4", "int2", "topk"])
+def test_the_compressed_mean_is_the_fp32_mean_of_the_groups_taking_part(compression: str) -> None:
+    from rangerdl.distributed.compression import Codec
+    from rangerdl.distributed.ft import HEADER
+
+    others = [payload_row(compression, 1), payload_row(compression, 2, participating=0)]
+    group = FakeGroup([None, others[0], others[1]], rank=0)
+    manager = ManagerOfGroups(participants=2)
+    net, sync = compressed(manager, group, compression, seed=0)
+    slow = sync._slow.clone()
+    delta = flat(net) - slow  # this group's pseudo-gradient (no residual yet)
+    assert sync.sync() is True
+    codec = Codec(compression, 256, sync.options.topk_density)
+    mine = group.sent[0]
+    assert mine[0] == 1  # taking part
+    # the mean of the two rows marked as taking part, decoded and summed in fp32; the healing
+    # group's row (0) is left out
+    decoded = codec.decode(torch.stack([mine[HEADER:], others[0][HEADER:]]), sync.numel)
+    mean = decoded.sum(dim=0) / 2
+    expected = slow + sync.options.outer_lr * mean  # no outer momentum: the plain outer step
+    assert sync._momentum is None
+    assert torch.equal(sync._slow, expected)
+    assert torch.equal(flat(net), expected)  # the parameters start from the slow weights
+    # error feedback: what was sent plus what is kept is the pseudo-gradient, exactly
+    sent = codec.decode(mine[HEADER:].view(1, -1), sync.numel).view(-1)
+    assert torch.allclose(sent + sync._residual, delta, rtol=0, atol=1e-7)
+    # bytes: one row to each of the 2 others (ring all-gather), header included
+    assert sync.stats["bytes"] == 2 * mine.numel()
+
+
+def test_a_compressed_sync_a_peer_died_in_changes_nothing_and_keeps_the_residual() -> None:
+    group = FakeGroup([None, payload_row("int4", 1)], rank=0, fail=True)
+    manager = ManagerOfGroups(participants=2)
+    net, sync = compressed(manager, group)
+    before, slow = flat(net).clone(), sync._slow.clone()
+    assert sync.sync() is False
+    assert sync.stats["discarded"] == 1 and sync.stats["bytes"] == 0
+    assert torch.equal(flat(net), before) and torch.equal(sync._slow, slow)
+    assert torch.equal(sync._residual, torch.zeros_like(sync._residual))
+
+
+def test_a_quorum_that_does_not_match_the_marked_rows_is_discarded() -> None:
+    # the quorum counts 3 groups, only 2 rows say they take part: the sync must not commit
+    group = FakeGroup([None, payload_row("int8", 1), payload_row("int8", 2, 0)], rank=0)
+    net, sync = compressed(ManagerOfGroups(participants=3), group, "int8")
+    before = flat(net).clone()
+    assert sync.sync() is False and torch.equal(flat(net), before)
+    assert "marked their payload" in str(sync.manager.error)
+
+
+def test_the_error_feedback_residual_round_trips_a_checkpoint() -> None:
+    group = FakeGroup([None, payload_row("int2", 1)], rank=0)
+    _, sync = compressed(ManagerOfGroups(participants=2), group, "int2")
+    assert sync.sync() is True and sync._residual.abs().sum() > 0
+    saved = sync.optimizer.state_dict()
+    kept = saved["outer"]["error_feedback"].clone()
+    sync._residual.zero_()
+    sync.optimizer.load_state_dict(saved)
+    assert torch.equal(sync._residual, kept)
+    saved["outer"].pop("error_feedback")
+    with pytest.raises(ValueError, match="no error-feedback residual"):
+        sync.optimizer.load_state_dict(saved)
+
+
+def test_buffers_are_averaged_and_configs_compared_in_the_same_all_gather() -> None:
+    peer = payload_row("int8", 1, norm=True)
+    group = FakeGroup([None, peer], rank=0)
+    net, sync = compressed(ManagerOfGroups(participants=2), group, "int8", norm=True)
+    mean_before = net[-1].running_mean.clone()
+    _, other = compressed(ManagerOfGroups(1), FakeGroup([None], 0), "int8", seed=1, norm=True)
+    assert sync.sync() is True
+    assert torch.equal(net[-1].running_mean, (mean_before + other.buffers[0]) / 2)
+    assert sync.stats["bytes"] == group.sent[0].numel()  # one row to the one peer
+
+    odd = payload_row("int8", 1, norm=True, lr=0.5)  # a peer started with another lr
+    _, sync = compressed(
+        ManagerOfGroups(participants=2), FakeGroup([None, odd], 0), "int8", norm=True
+    )
+    with pytest.raises(ValueError, match=r"optim\.lr differ"):
+        sync.sync()

@@ -11,7 +11,9 @@ a torchft ``Manager``:
    agree on who takes part; a group behind the others receives their state here (below);
 2. each group's weights are averaged over the groups taking part (``manager.allreduce``: a sum
    divided by the number of participants; a group that just healed sends zeros and is not
-   counted);
+   counted); with a ``compression``, each group's pseudo-gradient is encoded instead, the payloads
+   all-gathered on the manager's process group (a failure there is reported to the manager),
+   and every group decodes and sums those of the groups taking part in fp32;
 3. ``manager.should_commit()``: only when every group in the quorum finished the all-reduce do they
    apply the outer step (:func:`~rangerdl.distributed.sync.outer_step`) and continue from the new
    slow weights. A sync in which a member died is discarded by all: the slow weights stay as they
@@ -36,6 +38,7 @@ DiLoCo, Douillard et al. 2023 (arXiv 2311.08105); Lookahead, Zhang et al. 2019.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import socket
@@ -48,6 +51,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from rangerdl.distributed.compression import Codec
 from rangerdl.distributed.cost import ring_bytes
 from rangerdl.distributed.options import SyncOptions
 from rangerdl.distributed.sync import inner_options, outer_step, split_outer_state
@@ -60,7 +64,10 @@ INSTALL = (
     'torchft is not installed: pip install "rangerdl[ft]" (with your torch already installed; '
     "pip keeps it: torchft asks for torch >= 2.7)"
 )
-UNSUPPORTED = ("overlap", "shard_slow", "compression", "comm_dtype")
+UNSUPPORTED = ("overlap", "shard_slow")
+HEADER = 16
+"""Bytes before a compressed payload in the all-gather: byte 0 says whether the group takes part
+(16 keep the payload's scales aligned)."""
 
 
 def require_torchft() -> Any:
@@ -160,6 +167,7 @@ def connect(
         init_sync=False,  # every group builds the same weights from the same seed
     )
     manager.rangerdl_store = store  # the store must outlive the manager's clients
+    manager.rangerdl_process_group = pg  # the compressed syncs' all-gather runs on it
     return manager
 
 
@@ -211,9 +219,15 @@ class FaultTolerantSync:
             share one dtype and device.
         manager: from :func:`connect`. This object registers its state with it for healing.
         options: ``sync_every``, ``outer_lr``, ``outer_momentum``, ``nesterov``,
-            ``sync_every_warmup_steps`` as in :class:`OuterSync` (``0``: the optimizer's ``k``
-            and ``alpha``). ``overlap``, ``shard_slow`` and ``compression`` are not available on
-            torchft here: an error names the option.
+            ``sync_every_warmup_steps``, ``compression`` (``comm_dtype``), ``block_size``,
+            ``topk_density``, ``error_feedback`` as in :class:`OuterSync` (``0``: the
+            optimizer's ``k`` and ``alpha``). With a ``compression`` each group encodes its
+            pseudo-gradient (its weights minus the slow weights, plus its error-feedback
+            residual); the payloads are all-gathered on the manager's process group, and every
+            group decodes those of the groups taking part and sums them in fp32 (never in the
+            payload's dtype), so all get the same mean, bit for bit. A group keeps what its
+            payload lost only when the sync is committed. ``overlap`` and ``shard_slow`` are not
+            available on torchft here: an error names the option.
         user_state: ``(state_dict, load_state_dict)`` callables for what else a healed group
             needs, e.g. the data position; their value must be tensors and plain types.
         agreement: ``{key: value}`` every group must share (a training config): a digest of
@@ -225,6 +239,8 @@ class FaultTolerantSync:
             (the default) the floating-point ones (BatchNorm's running statistics) are averaged
             over the groups in each committed sync, as :class:`OuterSync` does; every buffer
             travels with a heal. ``"broadcast"`` needs a fixed rank 0 and is refused here.
+        process_group: the process group given to the manager, which a compressed sync's
+            all-gather runs on (default: the one :func:`connect` made).
 
     Raises:
         ImportError: torchft missing.
@@ -241,6 +257,7 @@ class FaultTolerantSync:
         user_state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
         agreement: Mapping[str, Any] | None = None,
         buffers: Iterable[Tensor] | None = None,
+        process_group: Any = None,
     ) -> None:
         require_torchft()
         given, defaults = options or SyncOptions(), SyncOptions()
@@ -248,7 +265,7 @@ class FaultTolerantSync:
             if getattr(given, name) != getattr(defaults, name):
                 raise ValueError(
                     f"{name} = {getattr(given, name)!r} is not available with torchft (its "
-                    "syncs are blocking fp32 all-reduces of the weights here); leave it at "
+                    "syncs are blocking here); leave it at "
                     f"{getattr(defaults, name)!r}"
                 )
         self.options = inner_options(optimizer, given, "FaultTolerantSync", "replica groups")
@@ -282,10 +299,28 @@ class FaultTolerantSync:
         )
         self._slow = self._flatten()
         self._momentum = torch.zeros_like(self._slow) if self.options.outer_momentum > 0 else None
+        self.process_group = process_group or getattr(manager, "rangerdl_process_group", None)
+        payload = self.options.compression
+        self._codec = (
+            None
+            if payload == "none"
+            else Codec(payload, self.options.block_size, self.options.topk_density)
+        )
+        if self._codec is not None and self.process_group is None:
+            raise ValueError(
+                f"compression = {payload!r} needs the manager's process group: pass "
+                "process_group= (the one given to the torchft Manager), or use connect()"
+            )
+        # error feedback: what this group's payloads lost, (n,) fp32
+        feedback = self._codec is not None and self.options.error_feedback
+        self._residual = torch.zeros(self.numel, device=self._slow.device) if feedback else None
+        self._buffers: dict[str, Tensor] = {}  # the compressed sync's work buffers, kept
         self.user_state = user_state
         """``(state_dict, load_state_dict)`` of what else a healed group needs (may be set after
         construction, before the first sync)."""
         self.stats = {"syncs": 0, "discarded": 0, "healed": 0, "bytes": 0, "time_s": 0.0}
+        if self._codec is not None:
+            self.stats["codec_s"] = 0.0
         self._healing = False
         manager.register_state_dict_fn("rangerdl", self._load_heal_state, self._heal_state)
         self._hooks = [
@@ -309,32 +344,50 @@ class FaultTolerantSync:
         A discarded sync changes nothing here but the counters."""
         start = time.perf_counter()
         self.manager.start_quorum()  # may heal: load a peer's state through _load_heal_state
-        # one all-reduce: [parameters | averaged buffers | config digests]
-        n, nb = self.numel, self._buffer_numel
-        extra = 0 if self._digests is None else self._digests.numel()
-        flat = torch.empty(n + nb + extra, dtype=self._slow.dtype, device=self._slow.device)
-        mean = self._flatten(flat[:n])
+        # what travels beside the weights: [averaged buffers | config digests]
+        nb = self._buffer_numel
+        side = torch.empty(
+            nb + (0 if self._digests is None else self._digests.numel()),
+            dtype=self._slow.dtype,
+            device=self._slow.device,
+        )
         if nb:
-            torch.cat([b.reshape(-1).to(flat.dtype) for b in self._averaged], out=flat[n : n + nb])
+            torch.cat([b.reshape(-1).to(side.dtype) for b in self._averaged], out=side[:nb])
         if self._digests is not None:
-            flat[n + nb :] = self._digests
-        participants = max(self.manager.num_participants(), 1)
-        self.manager.allreduce(flat).wait()
-        committed = bool(self.manager.should_commit())
+            side[nb:] = self._digests
+        size = self._world_size()
+        target: Tensor | None
+        if self._codec is None:  # one all-reduce: [parameters | side]
+            n = self.numel
+            flat = torch.cat([self._flatten(), side])
+            self.manager.allreduce(flat).wait()
+            sent = ring_bytes(flat.numel(), flat.element_size(), size)
+            target, side_mean = flat[:n], flat[n:]
+        else:  # one all-gather: [header | side | this group's encoded pseudo-gradient]
+            target, side_mean, sent = self._exchange_compressed(side, size)
+        committed = bool(self.manager.should_commit()) and target is not None
         if committed and self._digests is not None:
-            # only a completed all-reduce holds the mean digests: one a group died in holds
+            # only a completed exchange holds the mean digests: one a group died in holds
             # partial sums, which must not read as another config
-            self._check_agreement(flat[n + nb :])
+            self._check_agreement(side_mean[nb:])
         if committed:
+            assert target is not None
             warm = self.step <= self.options.sync_every_warmup_steps
-            outer_step(self._slow, mean, self.options, self._momentum, warm=warm)
+            compressed = self._codec is not None
+            outer_step(
+                self._slow, target, self.options, self._momentum, is_delta=compressed, warm=warm
+            )
+            if compressed and self._residual is not None and self.manager.is_participating():
+                # what this group's payload lost (sent + kept == its pseudo-gradient)
+                given = self._buffers["kept"].view(-1)
+                torch.sub(self._buffers["delta"].view(-1), given, out=self._residual)
             self._set_params(self._slow)
-            offset = n
+            offset = 0
             for b in self._averaged:
-                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                b.copy_(side_mean[offset : offset + b.numel()].view_as(b))
                 offset += b.numel()
             self.stats["syncs"] += 1
-            self.stats["bytes"] += ring_bytes(flat.numel(), flat.element_size(), participants)
+            self.stats["bytes"] += sent
         else:
             self.stats["discarded"] += 1
             log.warning(
@@ -378,23 +431,37 @@ class FaultTolerantSync:
         }
         if self._momentum is not None:
             state["momentum_buffer"] = self._momentum.clone()
+        if self._residual is not None:
+            state["error_feedback"] = self._residual.clone()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved.
 
         Raises:
-            ValueError: slow weights of another shape, or no outer momentum where this sync
+            ValueError: slow weights of another shape, no outer momentum where this sync
+                keeps one, or no (or another shape of) error-feedback residual where this sync
                 keeps one.
         """
         self._load_outer(state)
+        if self._residual is not None:
+            kept = state.get("error_feedback")
+            if not isinstance(kept, Tensor) or kept.shape != self._residual.shape:
+                raise ValueError(
+                    "the saved outer state has no error-feedback residual of shape "
+                    f"{tuple(self._residual.shape)}, but error_feedback = true with compression "
+                    f"= {self.options.compression!r}"
+                )
+            self._residual.copy_(kept)
         self.stats = {**self.stats, **state.get("stats", {})}
         if "manager" in state:
             self.manager.load_state_dict(state["manager"])
 
     def comm_stats(self) -> dict[str, float]:
         """``comm/syncs`` (committed), ``comm/discarded``, ``comm/healed``, ``comm/bytes``
-        (sent by this group), ``comm/time_s`` (blocked in syncs, quorum included)."""
+        (handed to the collectives by this group in committed syncs: payloads, scales,
+        indices and the one-byte header), ``comm/time_s`` (blocked in syncs, quorum included),
+        and with a compression ``comm/codec_s`` (encoding and decoding)."""
         return {f"comm/{k}": float(v) for k, v in self.stats.items()}
 
     # ------------------------------------------------------------------ healing
@@ -439,6 +506,10 @@ class FaultTolerantSync:
             self.optimizer.load_state_dict(state["optimizer"])
         finally:
             self._healing = False
+        if self._residual is not None:
+            # what this group's earlier payloads lost was measured against slow weights it no
+            # longer holds
+            self._residual.zero_()
         self.stats["healed"] += 1
         log.info("healed from a peer: step %d", self.step)
 
@@ -470,6 +541,81 @@ class FaultTolerantSync:
         return state
 
     # ------------------------------------------------------------------ internals
+    def _world_size(self) -> int:
+        """Replica groups in this sync's process group (those healing included)."""
+        if self.process_group is not None:
+            with contextlib.suppress(Exception):  # not configured yet
+                return int(self.process_group.size())
+        return max(int(self.manager.num_participants()), 1)
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """The work buffer ``name`` (made again when the shape changes: groups came or went)."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != shape:
+            buffer = torch.zeros(shape, dtype=dtype, device=self._slow.device)
+            self._buffers[name] = buffer
+        return buffer
+
+    def _exchange_compressed(self, side: Tensor, size: int) -> tuple[Tensor | None, Tensor, int]:
+        """The mean pseudo-gradient ``(n,)`` fp32 and the mean of ``side`` over the groups taking
+        part, from their rows, and the bytes this group handed to the all-gather; ``None`` for
+        the mean when the exchange failed (the error is reported to the manager, so the sync is
+        discarded).
+
+        Each of the ``size`` groups sends one row of bytes: ``HEADER`` (byte 0: 1 when it takes
+        part, 0 when it is healing), ``side`` as fp32 (padded to 16 bytes), then its encoded
+        pseudo-gradient; every group decodes the rows marked 1 in rank order and sums them in
+        fp32, so all get the same means, bit for bit."""
+        from torch.distributed.distributed_c10d import AllgatherOptions
+
+        codec, n = self._codec, self.numel
+        assert codec is not None and self.process_group is not None
+        t0 = time.perf_counter()
+        delta = self._buffer("delta", (1, n), torch.float32)
+        self._flatten(delta.view(-1))
+        delta.view(-1).sub_(self._slow)
+        if self._residual is not None:
+            delta.view(-1).add_(self._residual)
+        at = HEADER + -(-4 * side.numel() // 16) * 16  # where the payload starts
+        row = self._buffer("row", (at + codec.nbytes(n),), torch.uint8)
+        kept = self._buffer("kept", (1, n), torch.float32) if self._residual is not None else None
+        codec.encode(delta, out=row[at:].view(1, -1), dequantized=kept)
+        row[0] = 1 if self.manager.is_participating() else 0
+        row[HEADER : HEADER + 4 * side.numel()] = side.float().view(torch.uint8)
+        gathered = self._buffer("gathered", (size, row.numel()), torch.uint8)
+        codec_s = time.perf_counter() - t0
+        if self.manager.errored() is None:
+            try:
+                work = self.process_group.allgather(
+                    [list(gathered.unbind(0))], [row], AllgatherOptions()
+                )
+                self.manager.wrap_future(work.get_future(), None).wait()
+            except Exception as e:  # a peer died: discard this sync everywhere
+                self.manager.report_error(e)
+        sent = (size - 1) * row.numel()
+        if self.manager.errored() is not None:
+            self.stats["codec_s"] += codec_s
+            return None, side, sent
+        t0 = time.perf_counter()
+        taking = (gathered[:, 0] == 1).nonzero().view(-1)
+        if taking.numel() != self.manager.num_participants():
+            self.manager.report_error(
+                RuntimeError(
+                    f"{taking.numel()} groups marked their payload as taking part, the quorum "
+                    f"has {self.manager.num_participants()}"
+                )
+            )
+            return None, side, sent
+        rows = gathered[taking]
+        count = taking.numel()
+        side_mean = side
+        if side.numel():
+            sides = rows[:, HEADER : HEADER + 4 * side.numel()].flatten().view(torch.float32)
+            side_mean = sides.view(count, -1).sum(dim=0).div_(count).to(side.dtype)
+        mean = codec.decode(rows[:, at:], n).sum(dim=0).div_(count)
+        self.stats["codec_s"] += codec_s + time.perf_counter() - t0
+        return mean, side_mean, sent
+
     def _views(self, flat: Tensor) -> Iterable[Tensor]:
         out, offset = [], 0
         for p in self.params:

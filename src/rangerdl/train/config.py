@@ -278,11 +278,11 @@ class DistributedConfig(SyncOptions):
                 "`rangerdl lighthouse`"
             )
         defaults = SyncOptions()
-        for name in ("overlap", "shard_slow", "compression", "comm_dtype"):
+        for name in ("overlap", "shard_slow"):
             if getattr(self, name) != getattr(defaults, name):
                 raise ValueError(
                     f"[distributed] {name} = {getattr(self, name)!r} is not available with "
-                    f"backend = 'torchft' (its syncs are blocking fp32 all-reduces); leave it at "
+                    f"backend = 'torchft' (its syncs are blocking); leave it at "
                     f"{getattr(defaults, name)!r}"
                 )
 
