@@ -129,10 +129,10 @@ def codec_micro(numel: int, repeats: int = 20) -> dict[str, float]:
     """Seconds of one sync's encode/decode work on one rank, W = 2, single thread, done as
     ``OuterSync`` does it with error feedback (its buffers kept from sync to sync): theta - phi
     plus the residual, encoded in W chunks whose decoded values the encoding gives back (the
-    residual keeps what they lost); then ``exchange_mean`` on stand-in collectives, their copies
-    not counted: decode the W received chunks and sum, add the mean residual, encode the mean
-    chunk (its decoded values given back), decode the other rank's gathered chunk. Median of
-    ``repeats``; the parameters come as one flat tensor (the sync copies them from the model)."""
+    residual keeps what they lost); then ``exchange_mean`` on a stand-in all-gather, its copy
+    not counted: decode the other rank's payload, sum with this rank's decoded values. Median
+    of ``repeats``; the parameters come as one flat tensor (the sync copies them from the
+    model)."""
     import torch
 
     from rangerdl.distributed.compression import Codec, exchange_mean
@@ -141,10 +141,11 @@ def codec_micro(numel: int, repeats: int = 20) -> dict[str, float]:
     chunk = -(-numel // WORKERS)
     waited = [0.0]
 
-    def run(fn: Any, received: torch.Tensor, sent: torch.Tensor) -> None:
-        """Both collectives as rank 0 sees them when every rank sent what it did."""
+    def run(fn: Any, received: torch.Tensor, given: torch.Tensor) -> None:
+        """The collective as rank 0 sees it when every rank sent what it did."""
         t0 = time.perf_counter()
-        received.copy_(sent.expand_as(received))
+        copies = received.numel() // given.numel()
+        received.view(copies, *given.shape).copy_(given.expand(copies, *given.shape))
         waited[0] += time.perf_counter() - t0
 
     gen = torch.Generator().manual_seed(0)
@@ -156,18 +157,18 @@ def codec_micro(numel: int, repeats: int = 20) -> dict[str, float]:
         delta = torch.zeros(WORKERS, chunk)
         residual, mean_residual = torch.zeros(WORKERS, chunk), torch.zeros(chunk)
         payload = torch.empty(WORKERS, codec.nbytes(chunk), dtype=torch.uint8)
-        mean = torch.empty(WORKERS * chunk)
+        mean, sent = torch.empty(WORKERS * chunk), torch.empty(WORKERS, chunk)
         times = []
         for _ in range(repeats + 2):
             waited[0] = 0.0
             t0 = time.perf_counter()
             delta.view(-1)[:numel].copy_(theta).sub_(slow)
             delta.add_(residual)
-            codec.encode(delta, out=payload, dequantized=residual)
-            torch.sub(delta, residual, out=residual)
+            codec.encode(delta, out=payload, dequantized=sent)
+            torch.sub(delta, sent, out=residual)
             exchange_mean(
                 codec, payload, chunk, WORKERS, run, device=torch.device("cpu"),
-                mean_residual=mean_residual, rank=0, out=mean,
+                mean_residual=mean_residual, mode="all_gather", rank=0, own=sent, out=mean,
             )  # fmt: skip
             times.append(time.perf_counter() - t0 - waited[0])
         out[name] = statistics.median(times[2:])

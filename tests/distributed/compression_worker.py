@@ -61,13 +61,17 @@ def run_exchange(spec: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
             chunk = -(-numel // world)
             x = torch.zeros(world * chunk)
             x[:numel] = exchange_input(rank, numel)
-            payload = codec.encode(x.view(world, chunk))
-            # "own": this rank's chunk of the mean taken from its encoding, not decoded again
-            for mode, own in (("all_to_all", False), ("all_to_all", True), ("all_gather", False)):
+            sent = torch.empty(world, chunk)
+            payload = codec.encode(x.view(world, chunk), dequantized=sent)
+            # "own": this rank's chunk of the mean taken from its encoding (all-to-all), or its
+            # payload's values from its encoding (all-gather), not decoded again
+            modes = [(m, own) for m in ("all_to_all", "all_gather") for own in (False, True)]
+            for mode, own in modes:
                 residual = torch.full((chunk,), 0.01 * (rank + 1))
                 mean = exchange_mean(
                     codec, payload, chunk, world, run, device=torch.device("cpu"),
                     mean_residual=residual, mode=mode, rank=rank if own else None,
+                    own=sent if own else None,
                     out=torch.full((world * chunk,), float("nan")) if own else None,
                 )  # fmt: skip
                 key = f"{name}-{numel}-{mode}" + ("-own" if own else "")

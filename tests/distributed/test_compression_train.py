@@ -18,7 +18,9 @@ __all__ = ["cache"]  # the fixture, shared with test_distributed_train
 
 def test_resume_with_error_feedback_is_bitwise_identical(cache: Path, tmp_path: Path) -> None:
     # overlap 2 with sync_every 6: at the stop (step 18) an exchange is in flight and the
-    # residuals of this rank's payload and of its chunk of the mean are both non-zero
+    # residual of this rank's payload is non-zero; at 2 ranks the payloads are all-gathered
+    # and the mean is never encoded again, so its residual stays zero (the all-to-all's, at 3
+    # ranks, resumes bit for bit in test_compression)
     common = [*TINY, "--train.steps=30", "--train.checkpoint_every=0"]
     common += ["--distributed.sync_every=6", "--distributed.compression=int2"]
     common += ["--distributed.overlap=true", "--distributed.overlap_steps=2"]
@@ -27,7 +29,8 @@ def test_resume_with_error_feedback_is_bitwise_identical(cache: Path, tmp_path: 
     stopped = tmp_path / "b" / "t" / "checkpoints" / "step-18" / "state-rank1.pt"
     outer = torch.load(stopped, weights_only=True)["optimizer"]["outer"]
     assert outer["compression"] == "int2"
-    assert outer["error_feedback"].abs().max() > 0 and outer["error_feedback_mean"].abs().max() > 0
+    assert outer["error_feedback"].abs().max() > 0
+    assert outer["error_feedback_mean"].abs().max() == 0
     torchrun(cache, ["--resume", str(tmp_path / "b" / "t")])
     assert train_losses(tmp_path / "a" / "t") == train_losses(tmp_path / "b" / "t")
     for a, b in zip(final(tmp_path / "a" / "t", 30), final(tmp_path / "b" / "t", 30), strict=True):

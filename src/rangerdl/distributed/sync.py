@@ -11,7 +11,9 @@ rank, :func:`rangerdl.distributed.cost.ring_bytes`), or the same bytes as reduce
 all-gather with ``shard_slow`` (each rank keeps 1/W of the slow weights and outer momentum), or
 with ``compression`` the pseudo-gradient encoded (bf16, int8/int4/int2 blockwise absmax, top-k:
 :mod:`rangerdl.distributed.compression`) via all-to-all, decoded and summed in fp32, the mean
-encoded again and all-gathered (:func:`rangerdl.distributed.cost.compressed_sync_bytes`); with
+encoded again and all-gathered (:func:`rangerdl.distributed.cost.compressed_sync_bytes`); at 2
+ranks, where it sends the same bytes, one all-gather of the payloads, each rank decoding the
+other's and summing in fp32 (the mean is not encoded again); with
 ``error_feedback`` what each encoding lost is kept and added to the next one. ``overlap`` launches the sync asynchronously and merges it
 ``overlap_steps`` optimizer steps later (Streaming DiLoCo's tau, Douillard et al. 2025; torchft's
 ``fragment_sync_delay``). With ``eager`` (the default) each rank takes the outer step at launch
@@ -230,6 +232,10 @@ class OuterSync:
             if payload == "none"
             else Codec(payload, self.options.block_size, self.options.topk_density)
         )
+        # the exchange: at 2 ranks one all-gather of the payloads sends what the all-to-all and
+        # the all-gather of the re-encoded mean do, with a third less decoding and encoding and
+        # no second rounding; beyond 2 the all-gather would send W/2 times the bytes
+        self._mode = "all_gather" if self.world_size == 2 else "all_to_all"
         feedback = self._codec is not None and self.options.error_feedback
         # error feedback: what this rank's payload lost (padded to W chunks), and what its
         # encoding of its chunk of the mean lost (the all-gather half)
@@ -719,7 +725,12 @@ class OuterSync:
         chunks = delta.view(self.world_size, self.shard)
         shape = (self.world_size, self._codec.nbytes(self.shard))
         payload = self._buffer("payload", shape, torch.uint8)
-        if self._residual is None:
+        if self._mode == "all_gather":  # the exchange takes this rank's decoded payload as is
+            sent = self._buffer("sent", (self.world_size, self.shard), torch.float32)
+            self._codec.encode(chunks, out=payload, dequantized=sent)
+            if self._residual is not None:
+                torch.sub(chunks, sent, out=self._residual.view(self.world_size, self.shard))
+        elif self._residual is None:
             self._codec.encode(chunks, out=payload)
         else:  # the residual's buffer receives the decoded payload, then the difference
             kept = self._residual.view(self.world_size, self.shard)
@@ -736,8 +747,10 @@ class OuterSync:
         return buffer
 
     def _payload_bytes(self, payload: Tensor) -> int:
-        """Bytes this rank sends in the all-to-all and the all-gather of ``payload`` (``W``
-        chunks of ``P`` bytes): ``2 (W-1) P``."""
+        """Bytes this rank sends in the exchange of ``payload`` (``W`` chunks of ``P`` bytes):
+        ``2 (W-1) P`` (all-to-all, then all-gather of the mean), ``(W-1) W P`` (all-gather)."""
+        if self._mode == "all_gather":
+            return (self.world_size - 1) * self.world_size * payload.shape[1]
         return 2 * (self.world_size - 1) * payload.shape[1]
 
     def _exchange(self, payload: Tensor, mean: Tensor, group: Any) -> tuple[float, float]:
@@ -761,7 +774,9 @@ class OuterSync:
             run,
             device=self.device,
             mean_residual=self._mean_residual,
+            mode=self._mode,
             rank=dist.get_rank(group),
+            own=self._buffers.get("sent"),
             out=mean,
         )
         return waited[0], time.perf_counter() - t0 - waited[0]
