@@ -489,18 +489,27 @@ def exchange_mean(
         gathered = gathered.to(device).view(world_size, rows, width)
         if rank is None or own is None:
             decoded = codec.decode(gathered.view(-1, width), chunk)
-        else:  # the others' payloads, and this rank's as its encoding gave it back
-            decoded = torch.empty(world_size, rows, chunk, device=device)
-            for lo, hi in ((0, rank), (rank + 1, world_size)):
-                if hi > lo:
-                    codec.decode(
-                        gathered[lo:hi].reshape(-1, width),
-                        chunk,
-                        out=decoded[lo:hi].view(-1, chunk),
-                    )
-            decoded[rank].copy_(own.view(rows, chunk))
-        decoded = decoded.view(world_size, rows * chunk)
-        return torch.sum(decoded, dim=0, out=out).div_(world_size)
+            decoded = decoded.view(world_size, rows * chunk)
+            return torch.sum(decoded, dim=0, out=out).div_(world_size)
+        # the ranks' values added in rank order (the same sums on every rank), this rank's as
+        # its encoding gave them back; two terms commute exactly, so at 2 ranks the other's
+        # are decoded straight into ``out``
+        acc, own = out.view(rows, chunk), own.view(rows, chunk)
+        if world_size == 2:
+            codec.decode(gathered[1 - rank], chunk, out=acc)
+            return out.add_(own.view(-1)).div_(world_size)
+        scratch = None
+        for j in range(world_size):
+            if j == rank and j == 0:
+                acc.copy_(own)
+            elif j == rank:
+                acc.add_(own)
+            elif j == 0:
+                codec.decode(gathered[j], chunk, out=acc)
+            else:
+                scratch = codec.decode(gathered[j], chunk, out=scratch)
+                acc.add_(scratch)
+        return out.div_(world_size)
     if mode != "all_to_all":
         raise ValueError(f"mode must be all_gather or all_to_all, got {mode!r}")
     received = torch.empty_like(payload)
