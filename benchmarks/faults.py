@@ -441,7 +441,13 @@ def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[s
     label = rate or "none"
     hosts = Hosts(args.groups, rate, netsim)
     work = Path(tempfile.mkdtemp(prefix=f"faults-{label}-"))
-    cell: dict[str, Any] = {"link": label, "groups": args.groups, "netsim": netsim}
+    cell: dict[str, Any] = {
+        "link": label,
+        "groups": args.groups,
+        "netsim": netsim,
+        "kills": args.kills,
+        "kill_every_s": args.kill_every_s,
+    }
     try:
         timeout = args.kills * args.kill_every_s * 2 + 600
         clean = Job(args, hosts, "ft", "ft-clean", work).run(args.clean_steps, 0, timeout)
@@ -508,7 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="loopback, tiny MLP, 2 kills")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--keep", action="store_true", help="keep the run folders and logs")
-    p.add_argument("--merge", action="store_true", help="keep the other links' cells in --out")
+    p.add_argument(
+        "--merge", action="store_true", help="keep the other links' (or kill rates') cells in --out"
+    )
     args = p.parse_args(argv)
     netsim = not args.quick
     if args.quick:
@@ -533,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     for link in args.links:
         cell = run_link(args, None if link == "none" else link, netsim)
         cell |= {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(), "command": command}
-        kept = [c for c in kept if c["link"] != cell["link"]] + [cell]
+        same = ("link", "kill_every_s")  # a cell per link and kill rate
+        kept = [c for c in kept if [c.get(k) for k in same] != [cell[k] for k in same]] + [cell]
         payload = {
             "date": time.strftime("%Y-%m-%d"),
             "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

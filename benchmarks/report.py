@@ -241,15 +241,16 @@ def faults_table(payload: dict[str, Any]) -> str:
     bit for bit, so its loss is an unfaulted run's)."""
     o = payload["options"]
     lines = [
-        f"{o['groups']} groups (hosts), k = {o['sync_every']}, {o['kills']} kills per run, one "
-        f"every {o['kill_every_s']:g} s on average; quorum timeout {o['quorum_timeout_s']:g} s; "
-        f"run on {payload['date']}",
+        f"{o['groups']} groups (hosts), k = {o['sync_every']}; quorum timeout "
+        f"{o['quorum_timeout_s']:g} s; a kill every `kill every` seconds on average; each cell "
+        "run on the date in the JSON",
         "",
-        "| link | path | steps | kills | goodput | longest stall (s) | heal (s, median / max) "
-        "| discarded syncs | groups equal | val loss |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| link | kill every (s) | path | steps | kills | goodput | longest stall (s) "
+        "| heal (s, median / max) | discarded syncs | groups equal | val loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in payload["cells"]:
+        every = cell.get("kill_every_s", o["kill_every_s"])
         for key, name in (("ft_faults", "torchft groups"), ("torchrun_faults", "torchrun restart")):
             r = cell.get(key)
             if r is None:
@@ -259,7 +260,8 @@ def faults_table(payload: dict[str, Any]) -> str:
             stall = _num(r.get("max_stall_s"), ".1f")
             equal = {True: "yes", False: "no", None: "-"}[r.get("equal")]
             lines.append(
-                f"| {_rate(None if cell['link'] == 'none' else cell['link'])} | {name} | {r['steps']} | {r['kills']} "
+                f"| {_rate(None if cell['link'] == 'none' else cell['link'])} | {every:g} | {name} "
+                f"| {r['steps']} | {r['kills']} "
                 f"| {_num(r.get('goodput'), '.2f')} | {stall if key == 'ft_faults' else '-'} "
                 f"| {heal if key == 'ft_faults' else '-'} "
                 f"| {_num(r.get('discarded'), '.0f') if key == 'ft_faults' else '-'} | {equal} "
