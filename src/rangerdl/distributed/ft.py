@@ -66,8 +66,9 @@ INSTALL = (
 )
 UNSUPPORTED = ("overlap", "shard_slow")
 HEADER = 16
-"""Bytes before a compressed payload in the all-gather: byte 0 says whether the group takes part
-(16 keep the payload's scales aligned)."""
+"""Bytes at the start of a group's row in a compressed sync's all-gather: byte 0 says whether the
+group takes part; the averaged buffers and config digests follow (fp32, padded to 16 bytes), then
+the payload (16 keep its scales aligned)."""
 
 
 def require_torchft() -> Any:
@@ -359,7 +360,9 @@ class FaultTolerantSync:
         target: Tensor | None
         if self._codec is None:  # one all-reduce: [parameters | side]
             n = self.numel
-            flat = torch.cat([self._flatten(), side])
+            flat = self._buffer("flat", (n + side.numel(),), self._slow.dtype)
+            self._flatten(flat[:n])
+            flat[n:] = side
             self.manager.allreduce(flat).wait()
             sent = ring_bytes(flat.numel(), flat.element_size(), size)
             target, side_mean = flat[:n], flat[n:]
