@@ -217,7 +217,8 @@ def test_overlap_equals_delayed_merge_simulation(
     # The simulation: W replicas in one process. At a sync step s each replica's weights are
     # snapshotted and averaged; after step s + delay phi moves toward that mean and each replica
     # becomes phi plus its own progress since the snapshot. With bf16 what is averaged is the
-    # pseudo-gradient (snapshot - phi) rounded to bf16, summed in fp32, the mean rounded to bf16.
+    # pseudo-gradient (snapshot - phi) rounded to bf16, summed in fp32 (at 2 workers the payloads
+    # are all-gathered: the mean is not rounded again).
     # Eager: at the launch each replica takes the outer step with its own snapshot as the mean
     # and trains on from that estimate; the merge adds (phi_new - estimate).
     replicas = [make_model(0) for _ in range(world)]
@@ -240,7 +241,7 @@ def test_overlap_equals_delayed_merge_simulation(
             snapshots = [flat(m) for m in replicas]
             if comm_dtype == "bf16":
                 deltas = torch.stack([(s - phi).bfloat16().float() for s in snapshots])
-                mean = (deltas.sum(0) / world).bfloat16().float()
+                mean = deltas.sum(0) / world
             else:
                 mean = torch.stack(snapshots).sum(0) / world
             estimates = [
