@@ -48,7 +48,8 @@ lint: setup
 # single-threaded), each with its own temporary folder; their logs are printed when both end.
 KERAS_BACKENDS := tensorflow jax
 # pytest-xdist: the suite is mostly processes that start, wait for each other and stop; two
-# workers keep both cores busy. TEST_WORKERS=0 runs it in one process.
+# workers keep both cores busy (worksteal: a worker that runs out takes the other's queued
+# tests). TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 # The lint and the Keras backends run beside pytest at the lowest priority (nice 19): they take
 # the CPU its workers leave idle while they wait on the processes they start (about a quarter of
@@ -57,7 +58,7 @@ test: setup
 	@for t in lint test-keras; do \
 	  (nice -n 19 $(MAKE) --no-print-directory $$t > $(VENV)/$$t.log 2>&1; echo $$? > $(VENV)/$$t.rc) & \
 	done; \
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15; status=$$?; wait; \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15; status=$$?; wait; \
 	for t in lint test-keras; do \
 	  echo "== make $$t"; cat $(VENV)/$$t.log; test "$$(cat $(VENV)/$$t.rc)" = 0 || status=1; \
 	done; exit $$status

@@ -21,9 +21,15 @@ else:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Slow and multi-process tests first (a stable sort keeps each group's order): with several
-    # workers, no worker is left running a long test alone at the end.
-    items.sort(key=lambda item: not ({"slow", "distributed"} & set(item.keywords)))
+    # The longest tests first, then the other slow and multi-process ones (a stable sort keeps
+    # each group's order): with several workers (and --dist worksteal, which hands a worker that
+    # ran out the queued tests of another), no worker is left running a long test alone at the end.
+    items.sort(
+        key=lambda item: (
+            "long" not in item.keywords,
+            not ({"slow", "distributed"} & set(item.keywords)),
+        )
+    )
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA; none available")

@@ -103,6 +103,7 @@ def test_one_replica_group_is_single_process_ranger(lighthouse: str, tmp_path: P
     assert torch.equal(saved["slow"], expected)
 
 
+@pytest.mark.long
 def test_killed_replica_group_heals_from_its_peer_which_goes_on(
     lighthouse: str, tmp_path: Path
 ) -> None:

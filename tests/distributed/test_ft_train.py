@@ -120,6 +120,7 @@ def test_groups_end_on_one_model_and_resume_bit_for_bit(
         assert same(model_at(runs / f"parts-group{index}", 18), model_at(a, 18)), said
 
 
+@pytest.mark.long
 def test_killed_group_restarted_by_the_same_command_heals_from_its_peer(
     cache: Path,  # noqa: F811
     lighthouse: str,  # noqa: F811

@@ -62,6 +62,7 @@ def test_contender_overrides_reach_the_trainer() -> None:
             assert cfg.distributed.strategy == c.strategy
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_ttq_quick_mode_writes_the_promised_fields(tmp_path: Path) -> None:
     results = tmp_path / "results"
@@ -314,6 +315,7 @@ def test_faults_counts_only_steps_that_reached_a_committed_sync() -> None:
     assert faults.max_gap(times) == pytest.approx(2.5)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_faults_quick_mode_kills_heals_and_writes_the_promised_fields(tmp_path: Path) -> None:

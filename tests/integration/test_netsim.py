@@ -165,6 +165,7 @@ def _train_on_the_wire(
     return sent, summary
 
 
+@pytest.mark.long
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_counted_sync_bytes_are_the_bytes_on_the_wire(root_with_tc: None, tmp_path: Path) -> None:

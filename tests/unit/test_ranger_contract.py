@@ -309,6 +309,7 @@ def test_grad_is_not_modified_by_gradient_centralisation() -> None:
             assert torch.equal(p.grad, g)  # type: ignore[arg-type]
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_compiled_training_step_matches_eager() -> None:
     def train(compiled: bool) -> list[torch.Tensor]:
