@@ -211,6 +211,11 @@ def test_payload_bytes_by_hand() -> None:
     assert compressed_sync_bytes("int4", 1000, 1) == 0
     link = Link(8e6, latency_s=0.0, efficiency=1.0)  # 1 MB/s
     assert compressed_sync_time("int4", 1000, 3, link) == pytest.approx(700e-6)
+    # at 2 ranks one all-gather of the same bytes: one latency, not two
+    slow = Link(8e6, latency_s=0.01, efficiency=1.0)
+    bytes_2 = compressed_sync_bytes("int4", 1000, 2)  # chunks of 500: 250 B + 2 scales
+    assert bytes_2 == 2 * (250 + 2 * 4)
+    assert compressed_sync_time("int4", 1000, 2, slow) == pytest.approx(0.01 + bytes_2 / 1e6)
 
 
 def test_options_name_impossible_combinations() -> None:

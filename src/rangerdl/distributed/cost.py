@@ -201,8 +201,11 @@ def compressed_sync_time(
     block_size: int = 256,
     topk_density: float = 0.03,
 ) -> float:
-    """Seconds on the wire of one compressed sync: an all-to-all and an all-gather of ``W P``
-    bytes each."""
+    """Seconds on the wire of one compressed sync as ``OuterSync`` runs it: an all-to-all and
+    an all-gather of ``W P`` bytes each, or at 2 ranks one all-gather of every rank's ``W P``
+    (the same bytes, one latency less)."""
     chunk = -(-numel // world_size)
     per_chunk = payload_bytes(compression, chunk, block_size, topk_density)
+    if world_size == 2:
+        return all_gather_time(world_size * world_size * per_chunk, 1, world_size, link)
     return 2 * all_gather_time(world_size * per_chunk, 1, world_size, link)
