@@ -5,6 +5,7 @@ times and restarted by the same command, side by side with torchrun's restart-ev
 
     sudo python benchmarks/faults.py              # 3 groups, GPT workload, links none and 100mbit
     python benchmarks/faults.py --quick           # loopback, a tiny MLP, 2 kills (make test)
+    sudo python benchmarks/faults.py --cpu-per-host 0.667 --no-torchrun   # hosts with a CPU quota each
 
 Per link, four runs of the same workload (``--config``, k = ``--sync-every``):
 
@@ -31,6 +32,11 @@ output timestamped as it arrives):
   second; for torchrun the job's final step (every worker) over its wall time, against its clean
   run; both from launch to the end, start-up included;
 - ``val_loss``: the final validation loss of the faulted and the clean run.
+
+All the simulated hosts share this machine's CPUs: when a group dies, the survivors get its
+share and step faster than they would on hosts of their own, which flatters the torchft runs'
+goodput (torchrun stops every worker at once, so its runs are not flattered). ``--cpu-per-host``
+gives each host a CFS quota of its share, so a dead group's CPU stays idle.
 
 Writes ``benchmarks/results/faults.json`` (or ``--out``).
 """
@@ -101,10 +107,26 @@ class Life:
 
 
 class Hosts:
-    """Where the processes run: the namespaces of a netsim cluster (root), or loopback."""
+    """Where the processes run: the namespaces of a netsim cluster (root), or loopback.
 
-    def __init__(self, count: int, rate: str | None, netsim: bool) -> None:
+    ``cpu_per_host``: each host's processes share a CFS quota of that many CPUs (a cgroup v1
+    ``cpu`` group per host), so that a host whose group died leaves its CPU idle, as a separate
+    machine would, instead of handing it to the survivors on this one machine. ``0``: no quota.
+    """
+
+    def __init__(self, count: int, rate: str | None, netsim: bool, cpu_per_host: float = 0.0):
         self.count, self.rate, self.cluster = count, rate, None
+        self.cgroups: list[Path] = []
+        if cpu_per_host > 0:
+            root = Path("/sys/fs/cgroup/cpu")
+            if not (root / "cpu.cfs_quota_us").is_file():
+                raise RuntimeError(f"--cpu-per-host needs the cgroup v1 cpu controller at {root}")
+            for host in range(count):
+                group = root / f"rdl-faults-{os.getpid()}-h{host}"
+                group.mkdir(exist_ok=True)
+                (group / "cpu.cfs_period_us").write_text("100000")
+                (group / "cpu.cfs_quota_us").write_text(str(int(cpu_per_host * 100000)))
+                self.cgroups.append(group)
         if netsim:
             from netsim import Cluster
 
@@ -115,6 +137,9 @@ class Hosts:
 
     def spawn(self, host: int, cmd: list[str], env: dict[str, str], cwd: Path) -> Any:
         full = {**os.environ, **env, "OMP_NUM_THREADS": "1", "RUST_LOG": "warn"}
+        if self.cgroups:  # the shell joins the host's cgroup, then becomes the command
+            procs = self.cgroups[host] / "cgroup.procs"
+            cmd = ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *cmd]
         if self.cluster is not None:
             full["GLOO_SOCKET_IFNAME"] = self.cluster.hosts[host].ifname
             cmd = ["ip", "netns", "exec", self.cluster.hosts[host].namespace, *cmd]
@@ -132,6 +157,13 @@ class Hosts:
     def close(self) -> None:
         if self.cluster is not None:
             self.cluster.close()
+        for group in self.cgroups:  # empty once its processes are gone
+            for _ in range(50):
+                try:
+                    group.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
 
 
 def free_port() -> int:
@@ -439,7 +471,7 @@ def goodput(faults: dict[str, Any], clean: dict[str, Any], groups: int) -> float
 
 def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[str, Any]:
     label = rate or "none"
-    hosts = Hosts(args.groups, rate, netsim)
+    hosts = Hosts(args.groups, rate, netsim, args.cpu_per_host)
     work = Path(tempfile.mkdtemp(prefix=f"faults-{label}-"))
     cell: dict[str, Any] = {
         "link": label,
@@ -447,6 +479,7 @@ def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[s
         "netsim": netsim,
         "kills": args.kills,
         "kill_every_s": args.kill_every_s,
+        "cpu_per_host": args.cpu_per_host,
     }
     try:
         timeout = args.kills * args.kill_every_s * 2 + 600
@@ -510,6 +543,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quorum-timeout-s", type=float, default=30.0)
     p.add_argument("--final-eval-batches", type=int, default=8)
     p.add_argument("--no-torchrun", dest="torchrun", action="store_false")
+    p.add_argument(
+        "--cpu-per-host",
+        type=float,
+        default=0.0,
+        help="a CPU quota per simulated host (cgroup v1, root), e.g. 0.667 for 3 hosts on 2 "
+        "cores: a dead group's CPU stays idle instead of speeding up the others (0: none)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="loopback, tiny MLP, 2 kills")
     p.add_argument("--out", type=Path, default=OUT)
@@ -541,8 +581,11 @@ def main(argv: list[str] | None = None) -> int:
     for link in args.links:
         cell = run_link(args, None if link == "none" else link, netsim)
         cell |= {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(), "command": command}
-        same = ("link", "kill_every_s")  # a cell per link and kill rate
-        kept = [c for c in kept if [c.get(k) for k in same] != [cell[k] for k in same]] + [cell]
+        # a cell per link, kill rate and CPU quota
+        same = {"link": None, "kill_every_s": None, "cpu_per_host": 0.0}
+        kept = [
+            c for c in kept if [c.get(k, d) for k, d in same.items()] != [cell[k] for k in same]
+        ] + [cell]
         payload = {
             "date": time.strftime("%Y-%m-%d"),
             "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

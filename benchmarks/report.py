@@ -245,12 +245,14 @@ def faults_table(payload: dict[str, Any]) -> str:
         f"{o['quorum_timeout_s']:g} s; a kill every `kill every` seconds on average; each cell "
         "run on the date in the JSON",
         "",
-        "| link | kill every (s) | path | steps | kills | goodput | longest stall (s) "
-        "| heal (s, median / max) | discarded syncs | groups equal | val loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| link | kill every (s) | CPU per host | path | steps | kills | goodput "
+        "| longest stall (s) | heal (s, median / max) | discarded syncs | groups equal | val loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in payload["cells"]:
         every = cell.get("kill_every_s", o["kill_every_s"])
+        cpu = cell.get("cpu_per_host") or 0.0
+        quota = f"{cpu:.2f} (quota)" if cpu else "shared"
         for key, name in (("ft_faults", "torchft groups"), ("torchrun_faults", "torchrun restart")):
             r = cell.get(key)
             if r is None:
@@ -260,7 +262,8 @@ def faults_table(payload: dict[str, Any]) -> str:
             stall = _num(r.get("max_stall_s"), ".1f")
             equal = {True: "yes", False: "no", None: "-"}[r.get("equal")]
             lines.append(
-                f"| {_rate(None if cell['link'] == 'none' else cell['link'])} | {every:g} | {name} "
+                f"| {_rate(None if cell['link'] == 'none' else cell['link'])} | {every:g} "
+                f"| {quota} | {name} "
                 f"| {r['steps']} | {r['kills']} "
                 f"| {_num(r.get('goodput'), '.2f')} | {stall if key == 'ft_faults' else '-'} "
                 f"| {heal if key == 'ft_faults' else '-'} "
