@@ -137,12 +137,13 @@ class Hosts:
 
     def spawn(self, host: int, cmd: list[str], env: dict[str, str], cwd: Path) -> Any:
         full = {**os.environ, **env, "OMP_NUM_THREADS": "1", "RUST_LOG": "warn"}
-        if self.cgroups:  # the shell joins the host's cgroup, then becomes the command
-            procs = self.cgroups[host] / "cgroup.procs"
-            cmd = ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *cmd]
         if self.cluster is not None:
             full["GLOO_SOCKET_IFNAME"] = self.cluster.hosts[host].ifname
             cmd = ["ip", "netns", "exec", self.cluster.hosts[host].namespace, *cmd]
+        if self.cgroups:  # the shell joins the host's cgroup, then becomes the command (outside
+            # `ip netns exec`, which mounts a sysfs of the namespace's own)
+            procs = self.cgroups[host] / "cgroup.procs"
+            cmd = ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *cmd]
         return subprocess.Popen(
             cmd,
             env=full,
