@@ -296,7 +296,8 @@ def wire_table(payload: dict[str, Any]) -> str:
 
 def recheck_table(payload: dict[str, Any]) -> str:
     """Reruns of committed runs: training time, and the time to the cell's target, then and
-    now (the committed run: the cell's run of the same entry, lr, seed and steps)."""
+    now (the committed run: the cell's run of the same entry, lr, seed and steps with the same
+    losses; none, "-", once a change of the code has replaced that run with another)."""
     lines = [
         "| date | cell | contender | steps | train (s): committed | now | now / committed "
         "| to target (s): committed | now | now / committed |",
@@ -312,7 +313,13 @@ def recheck_table(payload: dict[str, Any]) -> str:
                 target = statistics.median(finals)
                 hit_now = p.time_to_target(run["curve"], target)
                 key = p.run_key({**run, "stage": "run"})
-                same = [r for r in payload["runs"] if r.get("ok") and p.run_key(r) == key]
+                same = [
+                    r
+                    for r in payload["runs"]
+                    if r.get("ok")
+                    and p.run_key(r) == key
+                    and r.get("final_val_loss") == run.get("final_val_loss")
+                ]
                 hit_then = p.time_to_target(same[-1]["curve"], target) if same else None
             hit_ratio = _f(hit_now / hit_then if hit_now and hit_then else None, ".3f")
             lines.append(

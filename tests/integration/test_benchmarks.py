@@ -204,6 +204,24 @@ def test_ttq_protocol_ladder_targets_and_speedups(tmp_path: Path) -> None:
     assert (tmp_path / "f.png").stat().st_size > 0
 
 
+def test_ttq_recheck_compares_only_with_the_run_it_repeated() -> None:
+    """A recheck's "committed" time to target is that of the committed run with the same key
+    and the same losses; once a code change replaced that run (other losses), it is "-", not
+    the new run's time."""
+    cell, lr = "gpt-2h-100mbit", 1e-3
+    runs = _ddp_runs(cell, lr, {0: 2.0, 1: 2.0, 2: 2.0})
+    kw = dict(entry="ranger_k8_bf16", cell=cell, lr=lr, seed=0, steps=1024, start=3.0)
+    committed = _synthetic_run(**kw, secs=40.0, end=1.5)  # crosses 2.0 at 2/3 of 40 s
+    rerun = _synthetic_run(**kw, secs=60.0, end=1.5)  # the same losses, a slower clock
+    check = {"cell": cell, "date": "d", "rows": [{"run": rerun, "committed_train_time_s": 40.0,
+                                                 "train_time_s": 60.0}]}  # fmt: skip
+    line = ttq_report.recheck_table({"runs": [*runs, committed], "rechecks": [check]})
+    assert "| 26.7 | 40.0 | 1.500 |" in line.splitlines()[-1]
+    replaced = _synthetic_run(**kw, secs=40.0, end=1.6)  # the code changed: other losses
+    line = ttq_report.recheck_table({"runs": [*runs, replaced], "rechecks": [check]})
+    assert line.splitlines()[-1].endswith("| - | 40.0 | - |")
+
+
 def test_ttq_protocol_time_is_the_median_of_seeds_a_miss_counts_as_never() -> None:
     """2 of 3 seeds must cross: at B one seed crosses (no time); at 1.25 B two cross and the
     third never does: the time is the slower of the two crossings (the median with never)."""
