@@ -7,14 +7,17 @@ times and restarted by the same command, side by side with torchrun's restart-ev
     python benchmarks/faults.py --quick           # loopback, a tiny MLP, 2 kills (make test)
     sudo python benchmarks/faults.py --cpu-per-host 0.667 --no-torchrun   # hosts with a CPU quota each
 
-Per link, four runs of the same workload (``--config``, k = ``--sync-every``):
+Per link, five runs of the same workload (``--config``, k = ``--sync-every``):
 
 1. ``ft-clean``: ``--groups`` replica groups (``rangerdl train --distributed.backend=torchft``, one
-   per simulated host, the Lighthouse beside group 0) with no fault: steps per second per group.
+   per simulated host, the Lighthouse beside group 0, ``--heartbeat-timeout-ms`` 1000) with no
+   fault: steps per second per group.
 2. ``ft-faults``: the same, ``--kills`` times a random group is SIGKILLed at a random time
    (``--kill-every-s`` apart on average, uniform in [0.5, 1.5] of it; syncs take a share of the
    time, so some kills land in one) and started again at once with the same command.
-3. ``torchrun-clean``, 4. ``torchrun-faults``: one torchrun agent per host (``--max-restarts``),
+3. ``ft-clean-after``: run 1 again (``--no-clean-after``: not), so that a drift of this shared
+   machine's speed during run 2 does not pass for a cost or a gain of the faults.
+4. ``torchrun-clean``, 5. ``torchrun-faults``: one torchrun agent per host (``--max-restarts``),
    distributed Ranger through ``OuterSync``; the same kill schedule hits a random worker, and
    torchrun restarts every worker from the last checkpoint (every ``--checkpoint-every`` steps).
 
@@ -28,8 +31,8 @@ output timestamped as it arrives):
 - ``discarded``: syncs the survivors discarded (a kill inside a sync: never half-applied);
 - ``equal``: every group's final model (slow weights) bitwise equal to group 0's;
 - ``goodput``: committed steps (per process life: the steps up to its last committed sync, less
-  the ones a heal overwrote) per second of the whole faulted run, over the clean run's steps per
-  second; for torchrun the job's final step (every worker) over its wall time, against its clean
+  the ones a heal overwrote) per second of the whole faulted run, over the clean runs' steps per
+  second (their mean; ``goodput_vs_before`` and ``goodput_vs_after`` against each); for torchrun the job's final step (every worker) over its wall time, against its clean
   run; both from launch to the end, start-up included;
 - ``val_loss``: the final validation loss of the faulted and the clean run.
 
@@ -288,7 +291,8 @@ class Job:
                 "lighthouse",
                 f"--bind={self.hosts.ip(0)}:{self.port}",
             ]
-            lh += [f"--min-replicas={1}", "--join-timeout-ms=3000", "--heartbeat-timeout-ms=2000"]
+            lh += [f"--min-replicas={1}", f"--join-timeout-ms={a.join_timeout_ms}"]
+            lh += [f"--heartbeat-timeout-ms={a.heartbeat_timeout_ms}"]
             self.lighthouse = self.hosts.spawn(0, lh, {}, REPO)
             time.sleep(1.0)
         t0 = time.monotonic()
@@ -459,15 +463,19 @@ def cmdline(pid: int) -> bytes:
         return b""
 
 
-def goodput(faults: dict[str, Any], clean: dict[str, Any], groups: int) -> float | None:
-    """Committed steps of the faulted run over what the clean run's groups train in the same
-    time: the clean run's steady steps per second per group (:func:`steady_step_s`) times the
-    faulted run's wall time less the clean run's fixed costs (its wall time less its steps at
-    that rate: start-up, the first quorum, the final evaluation)."""
-    if not clean.get("step_s") or faults.get("committed_steps") is None:
+def goodput(faults: dict[str, Any], cleans: list[dict[str, Any]], groups: int) -> float | None:
+    """Committed steps of the faulted run over what the clean runs' groups train in the same
+    time: their mean steady seconds per step per group (:func:`steady_step_s`) against the
+    faulted run's wall time less their mean fixed costs (wall time less steps at that rate:
+    start-up, the first quorum, the final evaluation). Clean runs before and after the faulted
+    one: this shared machine's speed drifts by several percent over a 25-minute run."""
+    if not cleans or any(not c.get("step_s") for c in cleans):
         return None
-    overhead = clean["wall_s"] - clean["steps"] * clean["step_s"]
-    return faults["committed_steps"] / (groups / clean["step_s"] * (faults["wall_s"] - overhead))
+    if faults.get("committed_steps") is None:
+        return None
+    step_s = sum(c["step_s"] for c in cleans) / len(cleans)
+    overhead = sum(c["wall_s"] - c["steps"] * c["step_s"] for c in cleans) / len(cleans)
+    return faults["committed_steps"] / (groups / step_s * (faults["wall_s"] - overhead))
 
 
 def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[str, Any]:
@@ -481,6 +489,8 @@ def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[s
         "kills": args.kills,
         "kill_every_s": args.kill_every_s,
         "cpu_per_host": args.cpu_per_host,
+        "heartbeat_timeout_ms": args.heartbeat_timeout_ms,
+        "join_timeout_ms": args.join_timeout_ms,
     }
     try:
         timeout = args.kills * args.kill_every_s * 2 + 600
@@ -492,12 +502,22 @@ def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[s
         budget_s = args.warmup_s + args.kills * args.kill_every_s + args.tail_s
         steps = args.steps or int(budget_s / (clean["step_s"] or 0.05))
         faults = Job(args, hosts, "ft", "ft-faults", work).run(steps, args.kills, timeout)
-        faults["goodput"] = goodput(faults, clean, args.groups)
         cell["ft_faults"] = faults
         print(
             f"[{label}] ft faults: {json.dumps({k: v for k, v in faults.items() if k != 'tail'})}",
             flush=True,
         )
+        cleans = [clean]
+        if args.clean_after:
+            after = Job(args, hosts, "ft", "ft-clean-after", work).run(args.clean_steps, 0, timeout)
+            cell["ft_clean_after"] = after
+            print(f"[{label}] ft clean after: {json.dumps(after)}", flush=True)
+            if after["finished"]:
+                cleans.append(after)
+                faults["goodput_vs_before"] = goodput(faults, [clean], args.groups)
+                faults["goodput_vs_after"] = goodput(faults, [after], args.groups)
+        faults["goodput"] = goodput(faults, cleans, args.groups)
+        print(f"[{label}] ft goodput: {faults['goodput']}", flush=True)
         if args.torchrun:
             tclean = Job(args, hosts, "torchrun", "tr-clean", work).run(
                 args.clean_steps, 0, timeout
@@ -508,7 +528,7 @@ def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[s
                 steps, args.kills, timeout
             )
             if tclean["finished"] and tfaults["finished"]:
-                tfaults["goodput"] = goodput(tfaults, tclean, args.groups)
+                tfaults["goodput"] = goodput(tfaults, [tclean], args.groups)
             cell["torchrun_faults"] = tfaults
             print(
                 f"[{label}] torchrun faults: {json.dumps({k: v for k, v in tfaults.items() if k != 'tail'})}",
@@ -542,6 +562,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clean-steps", type=int, default=400)
     p.add_argument("--checkpoint-every", type=int, default=100, help="torchrun's restart point")
     p.add_argument("--quorum-timeout-s", type=float, default=30.0)
+    p.add_argument(
+        "--heartbeat-timeout-ms",
+        type=int,
+        default=1000,
+        help="the Lighthouse's: how soon a dead group is left out of the quorum (10 of "
+        "torchft's 100 ms heartbeats)",
+    )
+    p.add_argument("--join-timeout-ms", type=int, default=3000, help="the Lighthouse's")
+    p.add_argument(
+        "--no-clean-after",
+        dest="clean_after",
+        action="store_false",
+        help="no second clean torchft run after the faulted one (goodput against the first only)",
+    )
     p.add_argument("--final-eval-batches", type=int, default=8)
     p.add_argument("--no-torchrun", dest="torchrun", action="store_false")
     p.add_argument(
@@ -582,8 +616,13 @@ def main(argv: list[str] | None = None) -> int:
     for link in args.links:
         cell = run_link(args, None if link == "none" else link, netsim)
         cell |= {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(), "command": command}
-        # a cell per link, kill rate and CPU quota
-        same = {"link": None, "kill_every_s": None, "cpu_per_host": 0.0}
+        # a cell per link, kill rate, CPU quota and heartbeat timeout (2 s before it was an option)
+        same = {
+            "link": None,
+            "kill_every_s": None,
+            "cpu_per_host": 0.0,
+            "heartbeat_timeout_ms": 2000,
+        }
         kept = [
             c for c in kept if [c.get(k, d) for k, d in same.items()] != [cell[k] for k in same]
         ] + [cell]

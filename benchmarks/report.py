@@ -245,14 +245,16 @@ def faults_table(payload: dict[str, Any]) -> str:
         f"{o['quorum_timeout_s']:g} s; a kill every `kill every` seconds on average; each cell "
         "run on the date in the JSON",
         "",
-        "| link | kill every (s) | CPU per host | path | steps | kills | goodput "
-        "| longest stall (s) | heal (s, median / max) | discarded syncs | groups equal | val loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| link | kill every (s) | CPU per host | heartbeat timeout (s) | path | steps | kills "
+        "| goodput (vs clean before / after) | longest stall (s) | heal (s, median / max) "
+        "| discarded syncs | groups equal | val loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in payload["cells"]:
         every = cell.get("kill_every_s", o["kill_every_s"])
         cpu = cell.get("cpu_per_host") or 0.0
         quota = f"{cpu:.2f} (quota)" if cpu else "shared"
+        heartbeat = cell.get("heartbeat_timeout_ms", 2000) / 1000  # 2 s before it was an option
         for key, name in (("ft_faults", "torchft groups"), ("torchrun_faults", "torchrun restart")):
             r = cell.get(key)
             if r is None:
@@ -261,11 +263,15 @@ def faults_table(payload: dict[str, Any]) -> str:
             heal = f"{statistics.median(heals):.1f} / {heals[-1]:.1f}" if heals else "-"
             stall = _num(r.get("max_stall_s"), ".1f")
             equal = {True: "yes", False: "no", None: "-"}[r.get("equal")]
+            good = _num(r.get("goodput"), ".2f")
+            if r.get("goodput_vs_after") is not None:
+                before, after = r["goodput_vs_before"], r["goodput_vs_after"]
+                good += f" ({before:.2f} / {after:.2f})"
             lines.append(
                 f"| {_rate(None if cell['link'] == 'none' else cell['link'])} | {every:g} "
-                f"| {quota} | {name} "
+                f"| {quota} | {f'{heartbeat:g}' if key == 'ft_faults' else '-'} | {name} "
                 f"| {r['steps']} | {r['kills']} "
-                f"| {_num(r.get('goodput'), '.2f')} | {stall if key == 'ft_faults' else '-'} "
+                f"| {good} | {stall if key == 'ft_faults' else '-'} "
                 f"| {heal if key == 'ft_faults' else '-'} "
                 f"| {_num(r.get('discarded'), '.0f') if key == 'ft_faults' else '-'} | {equal} "
                 f"| {_num(r.get('val_loss'), '.4f')} |"

@@ -331,6 +331,14 @@ def test_faults_counts_only_steps_that_reached_a_committed_sync() -> None:
     assert faults.committed_steps(rows([0, 0, 0, 1, 1, 1, 1, 2, 2], healed_at=3), True) == 5
     times = [{"time/train_s": t} for t in (0.0, 0.1, 0.2, 2.7, 2.8)]
     assert faults.max_gap(times) == pytest.approx(2.5)
+    # goodput: 3 groups at 0.1 s a step for (110 - 10) s of wall train 3000 steps; the fixed
+    # costs (10 s) and the step time are the clean runs' means
+    faulted = {"committed_steps": 2400, "wall_s": 110.0}
+    before = {"step_s": 0.08, "steps": 100, "wall_s": 16.0}  # 8 s of steps, 8 s fixed
+    after = {"step_s": 0.12, "steps": 100, "wall_s": 24.0}  # 12 s of steps, 12 s fixed
+    assert faults.goodput(faulted, [before, after], 3) == pytest.approx(2400 / 3000)
+    assert faults.goodput(faulted, [before], 3) == pytest.approx(2400 / (3 / 0.08 * 102))
+    assert faults.goodput(faulted, [{"step_s": None}], 3) is None
 
 
 @pytest.mark.long
@@ -353,3 +361,6 @@ def test_faults_quick_mode_kills_heals_and_writes_the_promised_fields(tmp_path: 
     # both) and every worker reached the end
     assert tr["restarts_seen"] >= 1 and tr["committed_steps"] == tr["steps"] * 2, said
     assert ft["goodput"] > 0 and tr["goodput"] > 0, said
+    # the clean run again after the faulted one: goodput against their mean, and each
+    assert cell["ft_clean_after"]["finished"] and cell["heartbeat_timeout_ms"] == 1000, said
+    assert ft["goodput_vs_before"] > 0 and ft["goodput_vs_after"] > 0, said
