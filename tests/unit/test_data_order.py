@@ -226,3 +226,53 @@ def test_drop_last_says_how_many(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="rangerdl.data.order"):
         take(GlobalBatchSampler(103, 10), 1)
     assert "3 of 103 samples are skipped each epoch" in caplog.text
+
+
+def test_replica_groups_that_die_and_heal_never_count_a_sample_twice_in_an_epoch() -> None:
+    """The data rule of torchft replica groups (docs/distributed.md): group ``i`` of ``N``
+    reads slice ``i`` of each global batch. Group 1 is killed at step 10 and restarted from
+    nothing: it trains ``k`` steps of its own (re-reading its slices of steps 0..k-1), and at
+    its first sync (step 16, the peers' sync) it heals: it takes a live peer's sampler state as
+    the heal does (after that step), then reads its own slice from there. The reads that count
+    (the survivors', and the healed group's before its kill and after its heal) hold no sample
+    twice in the epoch; the dead group's slices of steps 10..16 are read by no one; its
+    re-reads are work the heal discards."""
+    n, groups, batch, k = 960, 3, 48, 4
+    killed_at, healed_at = 10, 16
+    make = lambda g: GlobalBatchSampler(n, batch, rank=g, world_size=groups, seed=3)  # noqa: E731
+    samplers = [make(g) for g in range(groups)]
+    iters = [iter(s) for s in samplers]
+    counted: list[int] = []
+    reread: list[int] = []
+
+    def read(g: int) -> list[int]:
+        out = next(iters[g])
+        samplers[g].advance(1)
+        return out
+
+    for step in range(n // batch):  # one epoch
+        for g in range(groups):
+            if g != 1 or not killed_at <= step <= healed_at:
+                counted += read(g)
+                continue
+            if step == healed_at - k + 1:  # restarted with no checkpoint: from the start
+                samplers[1] = make(1)
+                iters[1] = iter(samplers[1])
+            if step > healed_at - k:
+                reread += read(1)
+            if step == healed_at:  # the heal: its peer's data position, after this step
+                samplers[1].load_state_dict(samplers[0].state_dict())
+                iters[1] = iter(samplers[1])
+    assert len(counted) == len(set(counted))  # no sample counts twice
+    order = epoch_order(n, seed=3, epoch=0)
+    share = batch // groups
+    missed = {
+        int(i)
+        for step in range(killed_at, healed_at + 1)
+        for i in order[step * batch + share : step * batch + 2 * share]
+    }
+    assert set(range(n)) - set(counted) == missed
+    first = {
+        int(i) for step in range(k) for i in order[step * batch + share : step * batch + 2 * share]
+    }
+    assert set(reread) == first and first <= set(counted)
