@@ -298,6 +298,7 @@ def _registry() -> dict[str, tuple[str, Callable[[dict[str, Any]], str]]]:
         "ttq_tuning": ("ttq_protocol.json", ttq_report.tuning_table),
         "ttq_ablation": ("ttq_protocol.json", ttq_report.tuning_ablation_table),
         "ttq_recheck": ("ttq_protocol.json", ttq_report.recheck_table),
+        "ttq_bounds": ("ttq_protocol.json", ttq_report.bounds_table),
         "ttq_seedstudy": ("ttq_protocol.json", ttq_report.seed_study_table),
         "ttq_wire": ("ttq_protocol.json", ttq_report.wire_table),
         "ttq_links": ("ttq_protocol.json", ttq_report.links_table),

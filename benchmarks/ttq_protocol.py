@@ -6,6 +6,7 @@
     python benchmarks/ttq_protocol.py run               # needs root (netsim)
     python benchmarks/ttq_protocol.py report
     python benchmarks/ttq_protocol.py recheck --cell gpt-2h-100mbit --runs ddp_adamw:1024
+    python benchmarks/ttq_protocol.py bound --cell gpt-2h-20mbit --runs ENTRY:STEPS  # no rate limit
     python benchmarks/ttq_protocol.py --quick tune --entries ddp_adamw ranger_k8  # smoke test
 """
 

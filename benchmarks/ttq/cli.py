@@ -50,11 +50,17 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--runs", nargs="+", required=True, help="INIT,DATA,LR e.g. 2,0,0.002")
     st.add_argument("--workload", choices=list(p.B), default="gpt")
     st.add_argument("--redo", action="store_true", help="rerun runs already in the JSON")
+    bd = sub.add_parser(
+        "bound", help="contenders of a cell with no rate limit: how far the link holds them (root)"
+    )
+    bd.add_argument("--cell", required=True, choices=[c.key for c in p.CELLS])
+    bd.add_argument("--runs", nargs="+", required=True, help="ENTRY:STEPS, every seed")
+    bd.add_argument("--redo", action="store_true", help="rerun runs already in the JSON")
     rep = sub.add_parser("report", help="stage 3: tables and figure from the JSON")
     c = sub.add_parser("recheck", help="rerun committed runs: the machine then and now (root)")
     c.add_argument("--cell", required=True, choices=[c.key for c in p.CELLS])
     c.add_argument("--runs", nargs="+", required=True, help="ENTRY:STEPS, seed 0")
-    for x in (t, r, st, rep, c):
+    for x in (t, r, st, bd, rep, c):
         x.add_argument(
             "--out",
             type=Path,
@@ -137,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                 runner.run_cell(spec, args.out, args.redo, args.tuning, netsim, args.entries)
     elif args.stage == "seedstudy":
         runner.seed_study(args.workload, _study_runs(parser, args.runs), args.out, args.redo)
+    elif args.stage == "bound":
+        _need_netsim()
+        spec = next(c for c in p.CELLS if c.key == args.cell)
+        runner.bound(spec, _recheck_runs(parser, args.runs), args.out, args.redo)
     elif args.stage == "recheck":
         _need_netsim()
         spec = next(c for c in p.CELLS if c.key == args.cell)
@@ -145,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = runner.load(args.out)
     _describe(payload, argv)
     payload["cells"] = p.analyse(payload)
+    payload["bounds"] = p.bounds(payload, payload["cells"])
     atomic_write_json(args.out, payload)
     if payload["cells"]:
         report.plot(payload, args.out.with_suffix(".png"))

@@ -656,6 +656,54 @@ def analyse(payload: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def bounds(payload: dict[str, Any], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a contender reaches with no rate limit (the ``bound`` stage's runs: its seeds at one
+    step budget in the cell's hosts, ``CellSpec.unlimited_key``): per rate-limited cell of those
+    hosts that races it, its time to target with no limit (the median over ``SEEDS``, a miss
+    counting as never), its time in the cell, the cell's best peer and the most the contender
+    could be faster than that peer: the peer's time / its own with no limit. Communication
+    alone cannot take it past that; only fewer steps to the target or cheaper steps can."""
+    runs = [r for r in payload["runs"] if r["stage"] == "run" and r.get("ok")]
+    seeds = tuple(payload.get("constants", {}).get("seeds", SEEDS))
+    out = []
+    for cell in cells:
+        spec = next(s for s in CELLS if s.key == cell["cell"])
+        free = [r for r in runs if r["cell"] == spec.unlimited_key and r["entry"] != "ddp_adamw"]
+        rows = {r["entry"]: r for r in cell["rows"]}
+        peers = [r for r in cell["rows"] if r["family"] == "peer" and r.get("rung")]
+        best = min(peers, key=lambda r: r["time_to_target_s"], default=None)
+        for name, steps in sorted({(r["entry"], r["steps_budget"]) for r in free}):
+            if name not in spec.entries:
+                continue
+            times = {
+                r["seed"]: time_to_target(r["curve"], cell["target_val_loss"])
+                for r in free
+                if r["entry"] == name and r["steps_budget"] == steps
+            }
+            t = median_time(times, seeds)
+            here = rows.get(name, {})
+            out.append(
+                {
+                    "cell": spec.key,
+                    "entry": name,
+                    "steps": steps,
+                    "no_limit_time_to_target_per_seed": times,
+                    "no_limit_time_to_target_s": t,
+                    "seeds_crossing": f"{sum(v is not None for v in times.values())}/{len(seeds)}",
+                    "time_to_target_s": here.get("time_to_target_s"),
+                    "rung": here.get("rung"),
+                    "best_peer": None if best is None else best["entry"],
+                    "best_peer_time_to_target_s": None
+                    if best is None
+                    else best["time_to_target_s"],
+                    "most_over_best_peer": (
+                        None if best is None or not t else best["time_to_target_s"] / t
+                    ),
+                }
+            )
+    return out
+
+
 def _versus_best_peer(rows: list[dict[str, Any]]) -> None:
     """Each distributed Ranger row: the best peer's time to target / its own."""
     peers = [r["time_to_target_s"] for r in rows if r["family"] == "peer" and r.get("rung")]

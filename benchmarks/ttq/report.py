@@ -330,6 +330,36 @@ def recheck_table(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def bounds_table(payload: dict[str, Any]) -> str:
+    """Contenders run with no rate limit (the ``bound`` stage): their time to target there
+    against their time in each cell and the cell's best peer."""
+    lines = [
+        "| cell | contender | steps | time to target with no rate limit (s): median (min-max) "
+        "| seeds crossing | in the cell (s) | best peer in the cell (s) | most over the best peer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for b in payload.get("bounds", []):
+        times = list(b["no_limit_time_to_target_per_seed"].values())
+        crossed = [t for t in times if t is not None]
+        spread = "never"
+        if crossed:
+            last = f"{max(crossed):.1f}" if len(crossed) == len(times) else "never"
+            spread = f"{min(crossed):.1f}-{last}"
+        here = _f(b["time_to_target_s"], ".1f")
+        if b["time_to_target_s"] is not None and b["rung"] != b["steps"]:
+            here += f" (at {b['rung']} steps)"
+        peer = "-"
+        if b["best_peer"] is not None:
+            peer = f"{b['best_peer_time_to_target_s']:.1f} ({b['best_peer']})"
+        most = _f(b["most_over_best_peer"], ".2f")
+        lines.append(
+            f"| {b['cell']} | {b['entry']} | {b['steps']} "
+            f"| {_f(b['no_limit_time_to_target_s'], '.1f')} ({spread}) | {b['seeds_crossing']} "
+            f"| {here} | {peer} | {most if most == '-' else most + 'x'} |"
+        )
+    return "\n".join(lines)
+
+
 def tables(payload: dict[str, Any]) -> str:
     """Everything the ``report`` stage prints: every cell, then the tuning table."""
     return "\n\n".join(x for x in (cells_tables(payload), tuning_table(payload)) if x)

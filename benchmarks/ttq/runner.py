@@ -460,6 +460,32 @@ def seed_study(
                 atomic_write_json(out, payload)
 
 
+def bound(spec: p.CellSpec, wanted: list[tuple[str, int]], out: Path, redo: bool) -> None:
+    """Run contenders (entry, steps) of ``spec`` with every seed of ``SEEDS`` in its hosts with
+    no rate limit (``spec.unlimited_key``; its tuned lr): what they reach when communication
+    costs nothing but its latency (:func:`ttq.protocol.bounds`). ``redo`` reruns runs already in
+    ``out``."""
+    payload = load(out)
+    lrs = {}
+    for name, _ in wanted:
+        lr = p.tuned_lr(payload, spec.workload, 2, name)
+        if lr is None:
+            raise SystemExit(f"{name} has no tuning runs in {out}")
+        lrs[name] = lr
+    with tempfile.TemporaryDirectory(prefix="rdl-ttq-bound-") as tmp:
+        workdir = Path(tmp)
+        prepare_data(workdir, p.QUICK, {spec.workload})
+        with Runner(workdir, spec.workload, spec.hosts, None, cell=spec.unlimited_key) as runner:
+            for name, steps in wanted:
+                for seed in p.SEEDS:
+                    key = ("run", spec.unlimited_key, name, lrs[name], seed, steps)
+                    done = [r for r in load(out)["runs"] if p.run_key(r) == key and r.get("ok")]
+                    if done and not redo:
+                        continue
+                    every = p.EVAL_EVERY[spec.workload]
+                    save_run(out, runner.run(p.ENTRIES[name], lrs[name], seed, steps, "run", every))
+
+
 def recheck(spec: p.CellSpec, wanted: list[tuple[str, int]], out: Path, command: str) -> None:
     """Rerun committed runs (entry, steps; seed 0, tuned lr) of ``spec`` the same way and record
     their training times now and then under ``rechecks`` in ``out``: the machine is shared and

@@ -204,6 +204,37 @@ def test_ttq_protocol_ladder_targets_and_speedups(tmp_path: Path) -> None:
     assert (tmp_path / "f.png").stat().st_size > 0
 
 
+def test_ttq_bound_is_the_best_peer_over_the_time_with_no_rate_limit() -> None:
+    """The ``bound`` stage's runs (no rate limit, the cell's hosts): their median time to target
+    (a miss counts as never), and the best peer's time in the cell over it: the most a
+    contender can gain on the link alone."""
+    cell, lr = "gpt-2h-100mbit", 1e-3
+    runs = _ddp_runs(cell, lr, {0: 2.0, 1: 2.0, 2: 2.0})
+    name = "ranger_k4_int8_overlap1_eager"
+    me = dict(entry=name, cell=cell, lr=lr, bytes_per_rank_counted=1e8, comm_time_s=1.0)
+    peer = dict(entry="post_local_sgd_k8", cell=cell, lr=lr, comm_time_s=1.0)
+    free = dict(entry=name, cell="gpt-2h-nolimit", lr=lr, steps=1280, start=3.0)
+    for seed in (0, 1, 2):
+        runs.append(_synthetic_run(**me, seed=seed, steps=1024, secs=60.0, start=3.0, end=1.5))
+        runs.append(_synthetic_run(**peer, seed=seed, steps=1024, secs=90.0, start=3.0, end=1.5))
+        # with no limit: 3 -> 1.5 in 30 s crosses 2.0 at 20 s (seed 2 never crosses)
+        runs.append(_synthetic_run(**free, seed=seed, secs=30.0, end=1.5 if seed < 2 else 2.5))
+    payload = {"runs": runs}
+    cells = proto.analyse(payload)
+    (b,) = [x for x in proto.bounds(payload, cells) if x["cell"] == cell]
+    assert b["entry"] == name and b["steps"] == 1280 and b["seeds_crossing"] == "2/3"
+    assert b["no_limit_time_to_target_s"] == pytest.approx(20.0)  # the median with a never
+    assert b["best_peer"] == "post_local_sgd_k8"
+    assert b["best_peer_time_to_target_s"] == pytest.approx(60.0)  # 2/3 of 90 s
+    assert b["time_to_target_s"] == pytest.approx(40.0) and b["rung"] == 1024
+    assert b["most_over_best_peer"] == pytest.approx(3.0)
+    line = ttq_report.bounds_table({"bounds": [b]}).splitlines()[-1]
+    assert (
+        "| 20.0 (20.0-never) | 2/3 | 40.0 (at 1024 steps) | 60.0 (post_local_sgd_k8) | 3.00x |"
+        in line
+    )
+
+
 def test_ttq_recheck_compares_only_with_the_run_it_repeated() -> None:
     """A recheck's "committed" time to target is that of the committed run with the same key
     and the same losses; once a code change replaced that run (other losses), it is "-", not
