@@ -460,18 +460,25 @@ def seed_study(
                 atomic_write_json(out, payload)
 
 
+def _tuned_lrs(
+    payload: dict[str, Any], spec: p.CellSpec, names: list[str], out: Path
+) -> dict[str, float]:
+    """Each entry's tuned lr (found with 2 hosts); exits naming an entry with no tuning runs."""
+    lrs = {}
+    for name in names:
+        lr = p.tuned_lr(payload, spec.workload, 2, name)
+        if lr is None:
+            raise SystemExit(f"{name} has no tuning runs in {out}")
+        lrs[name] = lr
+    return lrs
+
+
 def bound(spec: p.CellSpec, wanted: list[tuple[str, int]], out: Path, redo: bool) -> None:
     """Run contenders (entry, steps) of ``spec`` with every seed of ``SEEDS`` in its hosts with
     no rate limit (``spec.unlimited_key``; its tuned lr): what they reach when communication
     costs nothing but its latency (:func:`ttq.protocol.bounds`). ``redo`` reruns runs already in
     ``out``."""
-    payload = load(out)
-    lrs = {}
-    for name, _ in wanted:
-        lr = p.tuned_lr(payload, spec.workload, 2, name)
-        if lr is None:
-            raise SystemExit(f"{name} has no tuning runs in {out}")
-        lrs[name] = lr
+    lrs = _tuned_lrs(load(out), spec, [name for name, _ in wanted], out)
     with tempfile.TemporaryDirectory(prefix="rdl-ttq-bound-") as tmp:
         workdir = Path(tmp)
         prepare_data(workdir, p.QUICK, {spec.workload})
@@ -491,12 +498,7 @@ def recheck(spec: p.CellSpec, wanted: list[tuple[str, int]], out: Path, command:
     their training times now and then under ``rechecks`` in ``out``: the machine is shared and
     its speed drifts between days, so new rows beside older ones are checked this way."""
     committed = load(out)
-    lrs = {}
-    for name, _ in wanted:
-        lr = p.tuned_lr(committed, spec.workload, 2, name)
-        if lr is None:
-            raise SystemExit(f"{name} has no tuning runs in {out}")
-        lrs[name] = lr
+    lrs = _tuned_lrs(committed, spec, [name for name, _ in wanted], out)
     rows = []
     with tempfile.TemporaryDirectory(prefix="rdl-ttq-recheck-") as tmp:
         workdir = Path(tmp)
