@@ -6,8 +6,10 @@ times and restarted by the same command, side by side with torchrun's restart-ev
     sudo python benchmarks/faults.py              # 3 groups, GPT workload, links none and 100mbit
     python benchmarks/faults.py --quick           # loopback, a tiny MLP, 2 kills (make test)
     sudo python benchmarks/faults.py --cpu-per-host 0.667 --no-torchrun   # hosts with a CPU quota each
+    sudo python benchmarks/faults.py --cpu-per-host 0.667 --no-ft --merge  # torchrun's path beside
 
-Per link, five runs of the same workload (``--config``, k = ``--sync-every``):
+Per link, two paths, each run three times on the same workload (``--config``, k =
+``--sync-every``): clean, under kills, and clean again.
 
 1. ``ft-clean``: ``--groups`` replica groups (``rangerdl train --distributed.backend=torchft``, one
    per simulated host, the Lighthouse beside group 0, ``--heartbeat-timeout-ms`` 1000) with no
@@ -17,9 +19,11 @@ Per link, five runs of the same workload (``--config``, k = ``--sync-every``):
    time, so some kills land in one) and started again at once with the same command.
 3. ``ft-clean-after``: run 1 again (``--no-clean-after``: not), so that a drift of this shared
    machine's speed during run 2 does not pass for a cost or a gain of the faults.
-4. ``torchrun-clean``, 5. ``torchrun-faults``: one torchrun agent per host (``--max-restarts``),
-   distributed Ranger through ``OuterSync``; the same kill schedule hits a random worker, and
-   torchrun restarts every worker from the last checkpoint (every ``--checkpoint-every`` steps).
+4. ``tr-clean``, ``tr-faults``, ``tr-clean-after`` (``--no-torchrun``: not): one torchrun agent per
+   host (``--max-restarts``), distributed Ranger through ``OuterSync``, the faulted run as many
+   steps as the torchft one; the same kill schedule hits a random worker, and torchrun restarts
+   every worker from the last checkpoint (every ``--checkpoint-every`` steps). ``--no-ft`` runs
+   this path alone; with ``--merge`` it joins the torchft path's cell of the same settings.
 
 Measured (``metrics.jsonl`` with a row per step, each process life kept apart, and each process's
 output timestamped as it arrives):
@@ -478,6 +482,50 @@ def goodput(faults: dict[str, Any], cleans: list[dict[str, Any]], groups: int) -
     return faults["committed_steps"] / (groups / step_s * (faults["wall_s"] - overhead))
 
 
+def run_path(
+    args: argparse.Namespace,
+    hosts: Hosts,
+    work: Path,
+    cell: dict[str, Any],
+    kind: str,
+    name: str,
+    steps: int,
+    timeout: float,
+) -> int:
+    """One path (``ft``: torchft groups, ``torchrun``) on one link: clean, faulted (``steps``;
+    0: what the clean run trains in the kill schedule's time), clean again (``--clean-after``);
+    their records go into ``cell`` (``{kind}_clean``, ``{kind}_faults``, ``{kind}_clean_after``)
+    with the goodput. Returns the faulted run's steps (the next path runs the same)."""
+    label, key = cell["link"], "ft" if kind == "ft" else "torchrun"
+    clean = Job(args, hosts, kind, f"{name}-clean", work).run(args.clean_steps, 0, timeout)
+    cell[f"{key}_clean"] = clean
+    print(f"[{label}] {key} clean: {json.dumps(clean)}", flush=True)
+    if not clean["finished"]:
+        raise RuntimeError(f"[{label}] the clean {key} run failed: {clean.get('tail')}")
+    budget_s = args.warmup_s + args.kills * args.kill_every_s + args.tail_s
+    steps = steps or int(budget_s / (clean["step_s"] or 0.05))
+    faults = Job(args, hosts, kind, f"{name}-faults", work).run(steps, args.kills, timeout)
+    faults |= {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit()}
+    cell[f"{key}_faults"] = faults
+    shown = {k: v for k, v in faults.items() if k != "tail"}
+    print(f"[{label}] {key} faults: {json.dumps(shown)}", flush=True)
+    cleans = [clean]
+    if args.clean_after:
+        after = Job(args, hosts, kind, f"{name}-clean-after", work).run(
+            args.clean_steps, 0, timeout
+        )
+        cell[f"{key}_clean_after"] = after
+        print(f"[{label}] {key} clean after: {json.dumps(after)}", flush=True)
+        if after["finished"]:
+            cleans.append(after)
+            faults["goodput_vs_before"] = goodput(faults, [clean], args.groups)
+            faults["goodput_vs_after"] = goodput(faults, [after], args.groups)
+    if faults["finished"]:
+        faults["goodput"] = goodput(faults, cleans, args.groups)
+    print(f"[{label}] {key} goodput: {faults.get('goodput')}", flush=True)
+    return steps
+
+
 def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[str, Any]:
     label = rate or "none"
     hosts = Hosts(args.groups, rate, netsim, args.cpu_per_host)
@@ -494,46 +542,10 @@ def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[s
     }
     try:
         timeout = args.kills * args.kill_every_s * 2 + 600
-        clean = Job(args, hosts, "ft", "ft-clean", work).run(args.clean_steps, 0, timeout)
-        cell["ft_clean"] = clean
-        if not clean["finished"]:
-            raise RuntimeError(f"[{label}] the clean torchft run failed: {clean.get('tail')}")
-        print(f"[{label}] ft clean: {json.dumps(clean)}", flush=True)
-        budget_s = args.warmup_s + args.kills * args.kill_every_s + args.tail_s
-        steps = args.steps or int(budget_s / (clean["step_s"] or 0.05))
-        faults = Job(args, hosts, "ft", "ft-faults", work).run(steps, args.kills, timeout)
-        cell["ft_faults"] = faults
-        print(
-            f"[{label}] ft faults: {json.dumps({k: v for k, v in faults.items() if k != 'tail'})}",
-            flush=True,
-        )
-        cleans = [clean]
-        if args.clean_after:
-            after = Job(args, hosts, "ft", "ft-clean-after", work).run(args.clean_steps, 0, timeout)
-            cell["ft_clean_after"] = after
-            print(f"[{label}] ft clean after: {json.dumps(after)}", flush=True)
-            if after["finished"]:
-                cleans.append(after)
-                faults["goodput_vs_before"] = goodput(faults, [clean], args.groups)
-                faults["goodput_vs_after"] = goodput(faults, [after], args.groups)
-        faults["goodput"] = goodput(faults, cleans, args.groups)
-        print(f"[{label}] ft goodput: {faults['goodput']}", flush=True)
-        if args.torchrun:
-            tclean = Job(args, hosts, "torchrun", "tr-clean", work).run(
-                args.clean_steps, 0, timeout
-            )
-            cell["torchrun_clean"] = tclean
-            print(f"[{label}] torchrun clean: {json.dumps(tclean)}", flush=True)
-            tfaults = Job(args, hosts, "torchrun", "tr-faults", work).run(
-                steps, args.kills, timeout
-            )
-            if tclean["finished"] and tfaults["finished"]:
-                tfaults["goodput"] = goodput(tfaults, [tclean], args.groups)
-            cell["torchrun_faults"] = tfaults
-            print(
-                f"[{label}] torchrun faults: {json.dumps({k: v for k, v in tfaults.items() if k != 'tail'})}",
-                flush=True,
-            )
+        steps = args.steps
+        for kind, name in (("ft", "ft"), ("torchrun", "tr")):
+            if (kind == "ft" and args.ft) or (kind == "torchrun" and args.torchrun):
+                steps = run_path(args, hosts, work, cell, kind, name, steps, timeout)
     finally:
         hosts.close()
         if args.keep:
@@ -541,6 +553,26 @@ def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[s
         else:
             shutil.rmtree(work, ignore_errors=True)
     return cell
+
+
+def merge_cell(cells: list[dict[str, Any]], cell: dict[str, Any]) -> list[dict[str, Any]]:
+    """``cells`` with ``cell`` in: one cell per link, kill rate, CPU quota and heartbeat
+    timeout (2 s before it was an option). A path run on its own (``--no-ft``,
+    ``--no-torchrun``) joins the cell of the other path at the same settings, each path's
+    faulted run keeping its own date, commit and command."""
+    same = {"link": None, "kill_every_s": None, "cpu_per_host": 0.0, "heartbeat_timeout_ms": 2000}
+
+    def key(c: dict[str, Any]) -> list[Any]:
+        return [c.get(k, d) for k, d in same.items()]
+
+    match = [c for c in cells if key(c) == key(cell)]
+    if match:
+        old = match[-1]
+        for path in [k for k in old if k.endswith("_faults")]:
+            for field in ("date", "commit", "command"):
+                old[path].setdefault(field, old.get(field))
+        cell = {**old, **cell}
+    return [c for c in cells if key(c) != key(cell)] + [cell]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -578,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--final-eval-batches", type=int, default=8)
     p.add_argument("--no-torchrun", dest="torchrun", action="store_false")
+    p.add_argument("--no-ft", dest="ft", action="store_false", help="torchrun's path only")
     p.add_argument(
         "--cpu-per-host",
         type=float,
@@ -616,16 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     for link in args.links:
         cell = run_link(args, None if link == "none" else link, netsim)
         cell |= {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(), "command": command}
-        # a cell per link, kill rate, CPU quota and heartbeat timeout (2 s before it was an option)
-        same = {
-            "link": None,
-            "kill_every_s": None,
-            "cpu_per_host": 0.0,
-            "heartbeat_timeout_ms": 2000,
-        }
-        kept = [
-            c for c in kept if [c.get(k, d) for k, d in same.items()] != [cell[k] for k in same]
-        ] + [cell]
+        for path in [k for k in cell if k.endswith("_faults")]:
+            cell[path]["command"] = command
+        kept = merge_cell(kept, cell)
         payload = {
             "date": time.strftime("%Y-%m-%d"),
             "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -370,6 +370,18 @@ def test_faults_counts_only_steps_that_reached_a_committed_sync() -> None:
     assert faults.goodput(faulted, [before, after], 3) == pytest.approx(2400 / 3000)
     assert faults.goodput(faulted, [before], 3) == pytest.approx(2400 / (3 / 0.08 * 102))
     assert faults.goodput(faulted, [{"step_s": None}], 3) is None
+    # a path run on its own joins the cell of the other path at the same settings, each
+    # faulted run keeping its own date; other settings make a cell of their own
+    ft = {"link": "100mbit", "kill_every_s": 60.0, "cpu_per_host": 0.5, "date": "d1"}
+    ft |= {"ft_faults": {"goodput": 0.9}, "heartbeat_timeout_ms": 1000}
+    other = {**ft, "heartbeat_timeout_ms": 2000, "date": "d0"}
+    tr = {**ft, "date": "d2", "torchrun_faults": {"goodput": 0.7, "date": "d2"}}
+    del tr["ft_faults"]
+    merged = faults.merge_cell([other, ft], tr)
+    assert merged[0] is other and len(merged) == 2
+    both = merged[1]
+    assert both["ft_faults"]["goodput"] == 0.9 and both["torchrun_faults"]["goodput"] == 0.7
+    assert both["ft_faults"]["date"] == "d1" and both["date"] == "d2"
 
 
 @pytest.mark.long
