@@ -54,10 +54,13 @@ def cell_line(cell: dict[str, Any]) -> str:
     d = cell["target_seeds"]
     goal = f"; goal {cell['speedup_target']}x over DDP" if cell["speedup_target"] else ""
     free = cell["ddp_no_limit_train_time_s"]
+    times = cell["ddp_train_time_s"]["values"]  # the speedups divide their mean
+    runs = f" (mean of {len(times)} runs)" if len(times) > 1 else ""
+    steps = p.B[cell["cell"].split("-")[0]]
     return (
         f"**{cell['cell']}**: target {cell['target_val_loss']:.4f}, the median final loss of "
         f"{len(d['values'])} DDP AdamW seeds (min {d['min']:.4f}, max {d['max']:.4f}); DDP "
-        f"trains B steps in {cell['ddp_train_time_s']['median']:.1f} s here, "
+        f"trains its B = {steps} steps in {statistics.mean(times):.1f} s here{runs}, "
         f"{_f(free, '.1f', ' s')} with no rate limit: limit {_f(cell['limit'], '.2f', 'x')}{goal}"
     )
 

@@ -56,7 +56,12 @@ def _lighthouse(args: argparse.Namespace, extra: list[str]) -> int:
         )
     except Exception as exc:  # the Rust server's bind error (address in use, bad address)
         raise ValueError(f"cannot serve the Lighthouse at {args.bind}: {exc}") from None
-    print(f"Lighthouse at {server.address()} (min replicas {args.min_replicas})", flush=True)
+    # torchft's address names this machine's host name; the groups reach it at --bind's address
+    print(
+        f"Lighthouse at {server.address()} (bound to {args.bind}; min replicas "
+        f"{args.min_replicas})",
+        flush=True,
+    )
     try:
         stop.wait()
     finally:
