@@ -630,8 +630,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.config, args.links, args.groups, args.kills = None, ["none"], 2, 2
         # tail_s: the survivor trains on long enough for the last restart to join and heal,
-        # even when a loaded machine takes ~10 s to start it
-        args.kill_every_s, args.warmup_s, args.clean_steps, args.tail_s = 3.0, 3.0, 600, 15.0
+        # even when a loaded machine takes 15 s or more to start it (a restart that comes up
+        # after its peer finished has no one to heal from: it trains alone, and the models end
+        # apart, which a 15 s tail let happen once in 4 runs with two of these side by side)
+        args.kill_every_s, args.warmup_s, args.clean_steps, args.tail_s = 3.0, 3.0, 600, 30.0
         args.final_eval_batches, args.checkpoint_every = 2, 50
     if netsim:
         from netsim import available
