@@ -670,8 +670,7 @@ def bounds(payload: dict[str, Any], cells: list[dict[str, Any]]) -> list[dict[st
         spec = next(s for s in CELLS if s.key == cell["cell"])
         free = [r for r in runs if r["cell"] == spec.unlimited_key and r["entry"] != "ddp_adamw"]
         rows = {r["entry"]: r for r in cell["rows"]}
-        peers = [r for r in cell["rows"] if r["family"] == "peer" and r.get("rung")]
-        best = min(peers, key=lambda r: r["time_to_target_s"], default=None)
+        best = _best_peer(cell["rows"])
         for name, steps in sorted({(r["entry"], r["steps_budget"]) for r in free}):
             if name not in spec.entries:
                 continue
@@ -704,13 +703,18 @@ def bounds(payload: dict[str, Any], cells: list[dict[str, Any]]) -> list[dict[st
     return out
 
 
+def _best_peer(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The peer row that reached the target soonest (None: no peer reached it)."""
+    peers = [r for r in rows if r["family"] == "peer" and r.get("rung")]
+    return min(peers, key=lambda r: r["time_to_target_s"], default=None)
+
+
 def _versus_best_peer(rows: list[dict[str, Any]]) -> None:
     """Each distributed Ranger row: the best peer's time to target / its own."""
-    peers = [r["time_to_target_s"] for r in rows if r["family"] == "peer" and r.get("rung")]
-    best = min(peers, default=None)
+    best = _best_peer(rows)
     for r in rows:
         if r["family"] == "rangerdl" and best is not None and r.get("time_to_target_s"):
-            r["speedup_over_best_peer"] = best / r["time_to_target_s"]
+            r["speedup_over_best_peer"] = best["time_to_target_s"] / r["time_to_target_s"]
 
 
 def _row(
