@@ -145,6 +145,45 @@ def test_encode_gives_back_the_decoded_payload_bit_for_bit(
     assert torch.equal(out, payload)
     assert torch.equal(_bits(dequantized), _bits(decoded))
     assert torch.equal(_bits(x - dequantized), _bits(x - decoded))
+    # the residual on its own (topk: without the dense decoded values), and beside them
+    residual = torch.full_like(x, float("nan"))
+    assert codec.encode(x, out=out, residual=residual) is out
+    assert torch.equal(out, payload)
+    assert torch.equal(_bits(residual), _bits(x - decoded))
+    residual.fill_(float("nan"))
+    dequantized.fill_(float("nan"))
+    codec.encode(x, out=out, dequantized=dequantized, residual=residual)
+    assert torch.equal(_bits(residual), _bits(x - decoded))
+    assert torch.equal(_bits(dequantized), _bits(decoded))
+
+
+@pytest.mark.parametrize("name", PAYLOADS)
+@pytest.mark.parametrize("shape", [(1, 1), (2, 257), (2, 1792), "zeros"])
+@pytest.mark.parametrize("block", [256, 7])
+def test_decoding_into_a_sum_adds_the_decoded_values(
+    name: str, shape: tuple[int, int] | str, block: int
+) -> None:
+    """``decode(p, add=True)`` adds what ``decode(p)`` returns; a sparse payload (``topk``)
+    touches only the values it carries, so a ``-0.0`` it does not carry stays ``-0.0``."""
+    x = _with_zeros() if isinstance(shape, str) else _sample(*shape, seed=sum(shape))
+    numel = x.shape[1]
+    codec = Codec(name, block_size=block, topk_density=0.1)
+    payload = codec.encode(x)
+    decoded = codec.decode(payload, numel)
+    base = _sample(*x.shape, seed=99)
+    base[:, ::3] = -0.0
+    total = base.clone()
+    assert codec.decode(payload, numel, out=total, add=True) is total
+    expected = base + decoded
+    if codec.sparse:  # where nothing was sent, the sum is base itself, signed zeros and all
+        ones = payload.clone()  # the values (bf16, first in the layout) all 1.0: where sent
+        values = 2 * topk_per_chunk(block, 0.1) * -(-numel // block)
+        ones[:, :values] = torch.ones(values // 2, dtype=torch.bfloat16).view(torch.uint8)
+        carried = codec.decode(ones, numel) != 0
+        expected = torch.where(carried, expected, base)
+    assert torch.equal(_bits(total), _bits(expected))
+    with pytest.raises(ValueError, match="out must be"):
+        codec.decode(payload, numel, add=True)
 
 
 @pytest.mark.parametrize("name", PAYLOADS)

@@ -26,7 +26,9 @@ to rank ``j``) encodes the mean again for the all-gather, and every rank decodes
 so all hold the same mean (the owner takes its own chunk from its encoding: the same values).
 Or every rank's payload goes to every rank (all-gather), each decodes and sums them all: ``W``
 times the bytes of one phase of the other, so the same bytes at 2 ranks, where ``OuterSync``
-uses it (no second encoding, a third less codec work).
+uses it (no second encoding, a third less codec work). A ``topk`` payload is added into the sum
+where it has values (a scatter-add of its size), and its encoding writes the error-feedback
+residual the same way: no pass over every value beyond the selection itself.
 Encoding and decoding are whole-tensor torch operations (no Python loop over blocks). An
 encoding can give back the values its payload decodes to, bit for bit (error feedback keeps
 the difference), and write into buffers the caller keeps.
@@ -89,8 +91,19 @@ class Codec:
         """Bytes of one encoded row of ``numel`` values."""
         return payload_bytes(self.compression, numel, self.block_size, self.topk_density)
 
+    @property
+    def sparse(self) -> bool:
+        """Whether a payload carries only some of its values (``topk``): decoding one into a
+        sum (:meth:`decode` with ``add``) then costs its size, not a pass over every value."""
+        return self.compression == "topk"
+
     def encode(
-        self, x: Tensor, *, out: Tensor | None = None, dequantized: Tensor | None = None
+        self,
+        x: Tensor,
+        *,
+        out: Tensor | None = None,
+        dequantized: Tensor | None = None,
+        residual: Tensor | None = None,
     ) -> Tensor:
         """Encode each row of ``x``.
 
@@ -102,6 +115,10 @@ class Codec:
                 receives what :meth:`decode` of the payload returns, bit for bit, from the
                 values at hand instead of the packed bytes (error feedback keeps ``x`` minus
                 it). Its contents are used as scratch space first.
+            residual: ``(rows, numel)`` float32 on ``x``'s device, not overlapping ``x`` or
+                ``dequantized``: receives ``x`` minus what :meth:`decode` of the payload
+                returns, bit for bit (the error-feedback residual). ``topk`` writes it without
+                the dense decoded values: ``x`` itself but at the values sent.
 
         Returns:
             The payload: ``out``, or a new ``(rows, nbytes(numel))`` uint8 tensor.
@@ -114,26 +131,32 @@ class Codec:
             out = torch.empty(shape, dtype=torch.uint8, device=x.device)
         elif out.shape != shape or out.dtype != torch.uint8:
             raise ValueError(f"out must be {shape} uint8, got {out.dtype} {tuple(out.shape)}")
-        if dequantized is not None and (
-            dequantized.shape != x.shape or dequantized.dtype != torch.float32
-        ):
-            raise ValueError(
-                f"dequantized must be {tuple(x.shape)} float32, got "
-                f"{dequantized.dtype} {tuple(dequantized.shape)}"
-            )
+        for name, given in (("dequantized", dequantized), ("residual", residual)):
+            if given is not None and (given.shape != x.shape or given.dtype != torch.float32):
+                raise ValueError(
+                    f"{name} must be {tuple(x.shape)} float32, got "
+                    f"{given.dtype} {tuple(given.shape)}"
+                )
         x = x.contiguous()
+        if self.compression == "topk":
+            self._encode_topk(x, out, dequantized, residual)
+            return out
+        # the decoded values, in the residual's buffer when they are not asked for
+        decoded = dequantized if dequantized is not None else residual
         if self.compression in ("none", "bf16"):
             dtype = torch.float32 if self.compression == "none" else torch.bfloat16
             _write(out, x, dtype)
-            if dequantized is not None:
-                dequantized.copy_(_as(out, dtype))
-        elif self.compression == "topk":
-            self._encode_topk(x, out, dequantized)
+            if decoded is not None:
+                decoded.copy_(_as(out, dtype))
         else:
-            self._encode_quantized(x, out, dequantized)
+            self._encode_quantized(x, out, decoded)
+        if residual is not None and decoded is not None:
+            torch.sub(x, decoded, out=residual)
         return out
 
-    def decode(self, payload: Tensor, numel: int, *, out: Tensor | None = None) -> Tensor:
+    def decode(
+        self, payload: Tensor, numel: int, *, out: Tensor | None = None, add: bool = False
+    ) -> Tensor:
         """Decode each row of ``payload`` (from :meth:`encode` of ``numel`` values a row).
 
         Args:
@@ -141,6 +164,9 @@ class Codec:
             numel: values a row.
             out: ``(rows, numel)`` float32 on ``payload``'s device to write into (default: a
                 new tensor).
+            add: add the decoded values to ``out`` (required) instead of writing them. A
+                :attr:`sparse` payload adds only the values it carries: the others are left
+                as they are (``out + 0`` would turn a ``-0.0`` into ``0.0``).
 
         Returns:
             ``(rows, numel)`` float32 on ``payload``'s device: ``out`` when given.
@@ -151,10 +177,16 @@ class Codec:
                 f"got {tuple(payload.shape)}"
             )
         shape = (payload.shape[0], numel)
+        if out is None and add:
+            raise ValueError(f"out must be the {shape} float32 sum to add into, got None")
         if out is None:
             out = torch.empty(shape, device=payload.device)
         elif out.shape != shape or out.dtype != torch.float32:
             raise ValueError(f"out must be {shape} float32, got {out.dtype} {tuple(out.shape)}")
+        if add:
+            if self.sparse:
+                return self._decode_topk(payload, out, add=True)
+            return out.add_(self.decode(payload, numel))
         if self.compression == "none":
             return out.copy_(_as(payload, torch.float32))
         if self.compression == "bf16":
@@ -218,21 +250,27 @@ class Codec:
         return out if values is out else out.copy_(values[:, :numel])
 
     # ------------------------------------------------------------------ top-k
-    def _encode_topk(self, x: Tensor, out: Tensor, dequantized: Tensor | None) -> None:
+    def _encode_topk(
+        self, x: Tensor, out: Tensor, dequantized: Tensor | None, residual: Tensor | None
+    ) -> None:
         rows = x.shape[0]
         blocks = self._blocks(x)
         kept = topk_per_chunk(self.block_size, self.topk_density)
-        magnitude = torch.abs(blocks, out=self._scratch(blocks, dequantized))
+        spare = dequantized if dequantized is not None else residual  # written after
+        magnitude = torch.abs(blocks, out=self._scratch(blocks, spare))
         positions = _largest(magnitude.view(torch.int32), kept)  # (rows, blocks, kept)
-        sent = blocks.gather(2, positions).to(torch.bfloat16)
+        taken = blocks.gather(2, positions)
+        sent = taken.to(torch.bfloat16)
         value_bytes = 2 * sent.numel() // rows
         _write(out[:, :value_bytes], sent.view(rows, -1), torch.bfloat16)
         bits = index_bits(self.block_size)
         pack_bits(positions.view(rows, -1), bits, out=out[:, value_bytes:])
         if dequantized is not None:
             self._scatter_topk(sent.float(), positions, dequantized)
+        if residual is not None:  # x - 0 is x bit for bit: only the sent values change
+            self._scatter_topk(taken.sub_(sent.float()), positions, residual, base=x)
 
-    def _decode_topk(self, payload: Tensor, out: Tensor) -> Tensor:
+    def _decode_topk(self, payload: Tensor, out: Tensor, add: bool = False) -> Tensor:
         rows, numel = out.shape
         blocks = -(-numel // self.block_size)
         kept = topk_per_chunk(self.block_size, self.topk_density)
@@ -242,17 +280,35 @@ class Codec:
             payload[:, value_bytes:], index_bits(self.block_size), blocks * kept
         )
         positions = positions.long().view(rows, blocks, kept)
-        return self._scatter_topk(values.view(rows, blocks, kept), positions, out)
+        values = values.view(rows, blocks, kept)
+        return self._scatter_topk(values, positions, out, base=out if add else None, add=add)
 
-    def _scatter_topk(self, values: Tensor, positions: Tensor, out: Tensor) -> Tensor:
-        """``out`` (``(rows, numel)``) <- zeros but ``values`` at ``positions`` (both
-        ``(rows, blocks, kept)``, positions within each block)."""
+    def _scatter_topk(
+        self,
+        values: Tensor,
+        positions: Tensor,
+        out: Tensor,
+        *,
+        base: Tensor | None = None,
+        add: bool = False,
+    ) -> Tensor:
+        """``out`` (``(rows, numel)``) <- ``base`` (default zeros) but ``values`` at
+        ``positions`` (both ``(rows, blocks, kept)``, positions within each block), or
+        added to it there (``add``). ``base`` may be ``out``."""
         rows, numel = out.shape
         blocks = positions.shape[1]
         padded = numel != blocks * self.block_size or not out.is_contiguous()
         full = out if not padded else torch.empty(rows, blocks * self.block_size, device=out.device)
-        full.zero_()
-        full.view(rows, blocks, self.block_size).scatter_(2, positions, values)
+        if base is None:
+            full.zero_()
+        elif base is not full:  # and zeros in the padding (positions may fall in it)
+            full[:, :numel].copy_(base)
+            full[:, numel:].zero_()
+        grid = full.view(rows, blocks, self.block_size)
+        if add:
+            grid.scatter_add_(2, positions, values)
+        else:
+            grid.scatter_(2, positions, values)
         return out.copy_(full[:, :numel]) if padded else out
 
 
@@ -472,7 +528,8 @@ def exchange_mean(
             the gathered bytes decode to), and only the others' chunks are decoded; with the
             all-gather and ``own``, its own payload is not decoded. Default: all are decoded.
         own: with the all-gather and ``rank``: ``(W, chunk)`` fp32 on ``device``, what this
-            rank's payload decodes to (:meth:`Codec.encode`'s ``dequantized``).
+            rank's payload decodes to (:meth:`Codec.encode`'s ``dequantized``). Not used
+            with a :attr:`~Codec.sparse` codec, whose own payload is added as cheaply.
         out: ``(W * chunk,)`` contiguous float32 on ``device`` to write the mean into
             (default: a new tensor).
 
@@ -487,28 +544,24 @@ def exchange_mean(
         gathered = torch.empty(world_size * rows, width, dtype=torch.uint8, device=payload.device)
         run(release.all_gather_single, gathered, payload)
         gathered = gathered.to(device).view(world_size, rows, width)
-        if rank is None or own is None:
-            decoded = codec.decode(gathered.view(-1, width), chunk)
-            decoded = decoded.view(world_size, rows * chunk)
-            return torch.sum(decoded, dim=0, out=out).div_(world_size)
         # the ranks' values added in rank order (the same sums on every rank), this rank's as
-        # its encoding gave them back; two terms commute exactly, so at 2 ranks the other's
-        # are decoded straight into ``out``
-        acc, own = out.view(rows, chunk), own.view(rows, chunk)
-        if world_size == 2:
-            codec.decode(gathered[1 - rank], chunk, out=acc)
-            return out.add_(own.view(-1)).div_(world_size)
-        scratch = None
+        # its encoding gave them back; a sparse payload's are added where it has them (its
+        # own too: cheaper than a dense add, and every rank then adds alike)
+        acc = out.view(rows, chunk)
+        if own is not None and rank is not None and not codec.sparse:
+            own = own.view(rows, chunk)
+            if world_size == 2:  # two terms commute exactly: the other's decoded into ``out``
+                codec.decode(gathered[1 - rank], chunk, out=acc)
+                return out.add_(own.view(-1)).div_(world_size)
+        else:
+            own = None
         for j in range(world_size):
-            if j == rank and j == 0:
+            if j == rank and own is not None and j == 0:
                 acc.copy_(own)
-            elif j == rank:
+            elif j == rank and own is not None:
                 acc.add_(own)
-            elif j == 0:
-                codec.decode(gathered[j], chunk, out=acc)
             else:
-                scratch = codec.decode(gathered[j], chunk, out=scratch)
-                acc.add_(scratch)
+                codec.decode(gathered[j], chunk, out=acc, add=j > 0)
         return out.div_(world_size)
     if mode != "all_to_all":
         raise ValueError(f"mode must be all_gather or all_to_all, got {mode!r}")

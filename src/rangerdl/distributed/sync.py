@@ -725,17 +725,11 @@ class OuterSync:
         chunks = delta.view(self.world_size, self.shard)
         shape = (self.world_size, self._codec.nbytes(self.shard))
         payload = self._buffer("payload", shape, torch.uint8)
-        if self._mode == "all_gather":  # the exchange takes this rank's decoded payload as is
+        residual = None if self._residual is None else self._residual.view(chunks.shape)
+        sent = None  # the exchange takes this rank's decoded payload as is (a sparse one: added)
+        if self._mode == "all_gather" and not self._codec.sparse:
             sent = self._buffer("sent", (self.world_size, self.shard), torch.float32)
-            self._codec.encode(chunks, out=payload, dequantized=sent)
-            if self._residual is not None:
-                torch.sub(chunks, sent, out=self._residual.view(self.world_size, self.shard))
-        elif self._residual is None:
-            self._codec.encode(chunks, out=payload)
-        else:  # the residual's buffer receives the decoded payload, then the difference
-            kept = self._residual.view(self.world_size, self.shard)
-            self._codec.encode(chunks, out=payload, dequantized=kept)
-            torch.sub(chunks, kept, out=kept)
+        self._codec.encode(chunks, out=payload, dequantized=sent, residual=residual)
         self.stats["codec_s"] += time.perf_counter() - t0
         return self._to_comm(payload)
 
