@@ -24,6 +24,8 @@ Per link, two paths, each run three times on the same workload (``--config``, k 
    steps as the torchft one; the same kill schedule hits a random worker, and torchrun restarts
    every worker from the last checkpoint (every ``--checkpoint-every`` steps). ``--no-ft`` runs
    this path alone; with ``--merge`` it joins the torchft path's cell of the same settings.
+   ``--quick`` (a smoke test, numbers meaningless) runs this path's faulted run for its own
+   steps with a 5 s tail and no clean run after it.
 
 Measured (``metrics.jsonl`` with a row per step, each process life kept apart, and each process's
 output timestamped as it arrives):
@@ -491,18 +493,21 @@ def run_path(
     name: str,
     steps: int,
     timeout: float,
+    tail_s: float,
+    clean_after: bool,
 ) -> int:
     """One path (``ft``: torchft groups, ``torchrun``) on one link: clean, faulted (``steps``;
-    0: what the clean run trains in the kill schedule's time), clean again (``--clean-after``);
-    their records go into ``cell`` (``{kind}_clean``, ``{kind}_faults``, ``{kind}_clean_after``)
-    with the goodput. Returns the faulted run's steps (the next path runs the same)."""
+    0: what the clean run trains in the kill schedule's time plus ``tail_s``), clean again
+    (``clean_after``); their records go into ``cell`` (``{kind}_clean``, ``{kind}_faults``,
+    ``{kind}_clean_after``) with the goodput. Returns the faulted run's steps (the next path
+    runs the same)."""
     label, key = cell["link"], "ft" if kind == "ft" else "torchrun"
     clean = Job(args, hosts, kind, f"{name}-clean", work).run(args.clean_steps, 0, timeout)
     cell[f"{key}_clean"] = clean
     print(f"[{label}] {key} clean: {json.dumps(clean)}", flush=True)
     if not clean["finished"]:
         raise RuntimeError(f"[{label}] the clean {key} run failed: {clean.get('tail')}")
-    budget_s = args.warmup_s + args.kills * args.kill_every_s + args.tail_s
+    budget_s = args.warmup_s + args.kills * args.kill_every_s + tail_s
     steps = steps or int(budget_s / (clean["step_s"] or 0.05))
     faults = Job(args, hosts, kind, f"{name}-faults", work).run(steps, args.kills, timeout)
     faults |= {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit()}
@@ -510,7 +515,7 @@ def run_path(
     shown = {k: v for k, v in faults.items() if k != "tail"}
     print(f"[{label}] {key} faults: {json.dumps(shown)}", flush=True)
     cleans = [clean]
-    if args.clean_after:
+    if clean_after:
         after = Job(args, hosts, kind, f"{name}-clean-after", work).run(
             args.clean_steps, 0, timeout
         )
@@ -545,7 +550,12 @@ def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[s
         steps = args.steps
         for kind, name in (("ft", "ft"), ("torchrun", "tr")):
             if (kind == "ft" and args.ft) or (kind == "torchrun" and args.torchrun):
-                steps = run_path(args, hosts, work, cell, kind, name, steps, timeout)
+                # --quick: torchrun's path a smoke test of its own (no peer to heal from, so
+                # no long tail; no second clean run), not a comparison
+                tail_s, after = args.tail_s, args.clean_after
+                if args.quick and kind == "torchrun":
+                    steps, tail_s, after = 0, 5.0, False
+                steps = run_path(args, hosts, work, cell, kind, name, steps, timeout, tail_s, after)
     finally:
         hosts.close()
         if args.keep:
@@ -633,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         # even when a loaded machine takes 15 s or more to start it (a restart that comes up
         # after its peer finished has no one to heal from: it trains alone, and the models end
         # apart, which a 15 s tail let happen once in 4 runs with two of these side by side)
-        args.kill_every_s, args.warmup_s, args.clean_steps, args.tail_s = 3.0, 3.0, 600, 30.0
+        args.kill_every_s, args.warmup_s, args.clean_steps, args.tail_s = 3.0, 3.0, 300, 30.0
         args.final_eval_batches, args.checkpoint_every = 2, 50
     if netsim:
         from netsim import available
