@@ -77,18 +77,27 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("compression", ["none", "int4"])
+OVERLAP = ["--distributed.overlap=true", "--distributed.eager=true"]
+
+
+@pytest.mark.parametrize(
+    ("compression", "overlap"), [("none", False), ("int4", False), ("int4", True)]
+)
 def test_groups_end_on_one_model_and_resume_bit_for_bit(
     cache: Path,  # noqa: F811
     lighthouse: str,  # noqa: F811
     tmp_path: Path,
     compression: str,
+    overlap: bool,
 ) -> None:
     """``int4``: the pseudo-gradients all-gathered as 4-bit payloads and summed in fp32, with
-    error feedback, whose residual a checkpoint must carry for the resume to be exact."""
+    error feedback, whose residual a checkpoint must carry for the resume to be exact.
+    ``overlap`` (eager): each sync in flight for a step, merged at the next; the stop at step 8
+    saves the one launched there, decided, and the resumed run merges it at step 9."""
     runs = tmp_path / "runs"
+    extra = [f"--distributed.compression={compression}", *(OVERLAP if overlap else [])]
     # 18: the last sync is finish()'s
-    whole = ["--run.name=whole", "--train.steps=18", f"--distributed.compression={compression}"]
+    whole = ["--run.name=whole", "--train.steps=18", *extra]
     outs = [finish(p) for p in [start(cache, lighthouse, runs, i, *whole) for i in range(2)]]
     a, b = runs / "whole-group0", runs / "whole-group1"
     said = "\n".join(out[-1500:] for out in outs)
@@ -96,7 +105,7 @@ def test_groups_end_on_one_model_and_resume_bit_for_bit(
     for run, index in ((a, 0), (b, 1)):
         s = summary(run)
         assert s["replica_group"] == index and s["replica_groups"] == 2, said
-        # 4 syncs every k = 4 steps, then finish()'s at step 18
+        # 4 syncs every k = 4 steps (overlapped: merged a step later), then finish()'s at 18
         assert s["comm/syncs"] == 5 and s["comm/discarded"] == 0 and s["comm/healed"] == 0, said
         if compression != "none":
             # 5 syncs of one row to the one peer: a 16-byte header, the config digests (4 B a
@@ -110,12 +119,15 @@ def test_groups_end_on_one_model_and_resume_bit_for_bit(
 
     # stopped together at step 8, started again with the same commands: resumed from their
     # checkpoints (a named group continues its folder), bit for bit as the run that never stopped
-    parts = ["--run.name=parts", "--train.steps=18", f"--distributed.compression={compression}"]
+    parts = ["--run.name=parts", "--train.steps=18", *extra]
     for extra in (["--train.stop_at=8"], []):
         procs = [start(cache, lighthouse, runs, i, *parts, *extra) for i in range(2)]
         outs = [finish(p) for p in procs]
     said = "\n".join(out[-1500:] for out in outs)
     assert "resuming" in outs[0] and "resuming" in outs[1], said
+    if overlap:  # the stop saved the sync launched at step 8 in flight, decided
+        saved = runs / "parts-group0" / "checkpoints" / "step-8" / "state-rank0.pt"
+        assert "pending" in torch.load(saved, weights_only=True)["optimizer"]["outer"], said
     for index in range(2):
         assert same(model_at(runs / f"parts-group{index}", 18), model_at(a, 18)), said
 
@@ -129,12 +141,15 @@ def test_killed_group_restarted_by_the_same_command_heals_from_its_peer(
     runs = tmp_path / "runs"
     # enough steps that a trains on while b dies, restarts (imports take up to ~10 s on a busy
     # machine) and joins: an MLP step is ~2 ms, a sync every 4 steps ~1-5 ms. The syncs send
-    # 4-bit pseudo-gradients with error feedback (the uncompressed heal: test_ft.py)
+    # 4-bit pseudo-gradients with error feedback, each sync in flight for a step, eager (the
+    # blocking uncompressed heal: test_ft.py); the healing peer trains on while its state is
+    # fetched
     args = [
         "--run.name=kill",
         "--train.steps=6000",
         "--train.log_every=10",
         "--distributed.compression=int4",
+        *OVERLAP,
     ]
     a = start(cache, lighthouse, runs, 0, *args)
     b = start(cache, lighthouse, runs, 1, *args)

@@ -4,6 +4,7 @@ tensor holds partial sums)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -36,6 +37,9 @@ class FakeManager:
 
     def num_participants(self) -> int:
         return 1
+
+    def is_participating(self) -> bool:
+        return True
 
     def allreduce(self, tensor: torch.Tensor) -> Done:
         if self.garbage:
@@ -307,3 +311,129 @@ def test_buffers_are_averaged_and_configs_compared_in_the_same_all_gather() -> N
     )
     with pytest.raises(ValueError, match=r"optim\.lr differ"):
         sync.sync()
+
+
+# ---------------------------------------------------------------- overlapped syncs
+GRAD = torch.linspace(-1, 1, 10)
+
+
+def overlapped(manager: FakeManager, eager: bool) -> tuple[nn.Module, Any]:
+    """A group alone whose syncs launch every 2 steps and merge a step later."""
+    from rangerdl.distributed.ft import FaultTolerantSync
+
+    torch.manual_seed(0)
+    net = nn.Linear(4, 2)
+    opt = Ranger(net.parameters(), lr=1e-2, lookahead=False)
+    options = SyncOptions(sync_every=2, outer_lr=0.7, overlap=True, eager=eager)
+    return net, FaultTolerantSync(opt, manager, options)
+
+
+def train(net: nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    for step in range(steps):
+        offset = 0
+        for p in net.parameters():
+            g = GRAD[offset : offset + p.numel()].view_as(p) * (1 + step % 3)
+            p.grad = g.clone()
+            offset += p.numel()
+        opt.step()
+
+
+def reference(steps: int, set_at_2: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The same training without a sync: the flat weights after 2 and after ``steps`` steps
+    (the weights set to ``set_at_2`` after step 2, as an eager launch sets them)."""
+    torch.manual_seed(0)
+    net = nn.Linear(4, 2)
+    opt = Ranger(net.parameters(), lr=1e-2, lookahead=False)
+    train(net, opt, 2)
+    at_2 = flat(net).clone()
+    if set_at_2 is not None:
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(set_at_2.clone(), net.parameters())
+    for step in range(2, steps):
+        offset = 0
+        for p in net.parameters():
+            p.grad = (GRAD[offset : offset + p.numel()].view_as(p) * (1 + step % 3)).clone()
+            offset += p.numel()
+        opt.step()
+    return at_2, flat(net).clone()
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_an_overlapped_sync_merges_a_step_late_keeping_the_step_trained_meanwhile(
+    eager: bool,
+) -> None:
+    net, sync = overlapped(FakeManager(), eager)
+    slow0 = sync._slow.clone()
+    train(net, sync.optimizer, 2)  # launched at step 2: in flight
+    assert sync._pending is not None and sync.stats["syncs"] == 0
+    at_2, _ = reference(2)
+    new_slow = slow0.lerp(at_2, 0.7)  # one group: the mean is its own weights
+    if eager:  # the outer step with its own weights, applied at the launch
+        assert torch.equal(flat(net), new_slow) and torch.equal(sync._slow, slow0)
+    else:
+        assert torch.equal(flat(net), at_2)
+    # step 3 trains on, then the sync merges: the new slow weights plus the step's progress
+    _, trained = reference(3, new_slow if eager else None)
+    _step(net, sync.optimizer, 2)
+    assert sync._pending is None and sync.stats["syncs"] == 1
+    assert torch.equal(sync._slow, new_slow)
+    base = new_slow if eager else at_2  # what the step trained from
+    assert torch.equal(flat(net), trained.add(new_slow.sub(base)))
+
+
+def test_a_discarded_overlapped_sync_takes_the_eager_step_back() -> None:
+    net, sync = overlapped(FakeManager(garbage=True), eager=True)
+    slow0 = sync._slow.clone()
+    train(net, sync.optimizer, 2)
+    at_2, _ = reference(2)
+    estimate = slow0.lerp(at_2, 0.7)
+    assert torch.equal(flat(net), estimate)
+    _step(net, sync.optimizer, 2)  # trains from the estimate, then the merge discards
+    assert sync.stats["discarded"] == 1 and sync.stats["syncs"] == 0
+    assert torch.equal(sync._slow, slow0)  # never half-applied
+    # the eager step taken back: the launch's weights plus the step's progress
+    _, trained = reference(3, estimate)
+    assert torch.equal(flat(net), trained.add(at_2.sub(estimate)))
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_a_checkpoint_with_a_sync_in_flight_resumes_bit_for_bit(eager: bool) -> None:
+    net, sync = overlapped(FakeManager(), eager)
+    train(net, sync.optimizer, 2)  # in flight
+    saved_model = {k: v.clone() for k, v in net.state_dict().items()}
+    saved = copy.deepcopy(sync.optimizer.state_dict())
+    assert saved["outer"]["pending"]["committed"] is True  # decided when saved
+    for step in range(2, 7):  # steps 3-7: merges at 3, 5 and 7, launches at 4 and 6
+        _step(net, sync.optimizer, step)
+    resumed_net, resumed = overlapped(FakeManager(), eager)
+    resumed_net.load_state_dict(saved_model)
+    resumed.optimizer.load_state_dict(saved)
+    assert resumed._pending is not None and resumed.step == 2
+    for step in range(2, 7):
+        _step(resumed_net, resumed.optimizer, step)
+    assert torch.equal(flat(resumed_net), flat(net))
+    assert torch.equal(resumed._slow, sync._slow)
+    assert resumed.stats["syncs"] == sync.stats["syncs"] == 3
+    # a saved sync in flight that is not this model's is refused, naming it
+    saved["outer"]["pending"]["snapshot"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="overlapped sync's snapshot is not a tensor of shape"):
+        resumed.optimizer.load_state_dict(saved)
+    saved["outer"]["pending"].pop("snapshot")
+    with pytest.raises(ValueError, match="saved overlapped sync has keys"):
+        resumed.optimizer.load_state_dict(saved)
+
+
+def test_finish_merges_the_sync_in_flight_and_ends_on_the_slow_weights() -> None:
+    net, sync = overlapped(FakeManager(), eager=False)
+    train(net, sync.optimizer, 2)  # launched at the last step
+    assert sync.finish() is True
+    assert sync._pending is None and torch.equal(flat(net), sync._slow)
+
+
+def _step(net: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    """Training step ``step + 1`` (0-based ``step``), with :func:`train`'s gradient."""
+    offset = 0
+    for p in net.parameters():
+        p.grad = (GRAD[offset : offset + p.numel()].view_as(p) * (1 + step % 3)).clone()
+        offset += p.numel()
+    opt.step()

@@ -19,6 +19,13 @@ a torchft ``Manager``:
    slow weights. A sync in which a member died is discarded by all: the slow weights stay as they
    were (never half-applied) and each group keeps its local progress, synced at the next one.
 
+With ``overlap`` steps 1-2 run at the sync's step and the exchange is left in flight while the
+group trains ``overlap_steps`` more steps; step 3 and the merge follow, as in
+:class:`~rangerdl.distributed.sync.OuterSync`: the parameters move by what the slow weights moved,
+keeping the steps trained meanwhile (``eager``: the outer step with this group's own weights is
+applied at the launch and corrected at the merge; a discarded sync takes it back). The quorum
+stays blocking: a group heals at a sync's launch, never while one is in flight.
+
 Healing sends the slow weights, the outer momentum, the step clock, the parameters, the inner
 optimizer's ``state_dict()`` and whatever ``user_state`` returns (the data position): the state as
 the sending peer had it at the start of that sync, which the healed group then syncs like the
@@ -39,6 +46,8 @@ DiLoCo, Douillard et al. 2023 (arXiv 2311.08105); Lookahead, Zhang et al. 2019.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import hashlib
 import logging
 import socket
@@ -64,7 +73,7 @@ INSTALL = (
     'torchft is not installed: pip install "rangerdl[ft]" (with your torch already installed; '
     "pip keeps it: torchft asks for torch >= 2.7)"
 )
-UNSUPPORTED = ("overlap", "shard_slow")
+UNSUPPORTED = ("shard_slow",)
 HEADER = 16
 """Bytes at the start of a group's row in a compressed sync's all-gather: byte 0 says whether the
 group takes part; the averaged buffers and config digests follow (fp32, padded to 16 bytes), then
@@ -210,6 +219,33 @@ def _wait_for(address: str, timeout_s: float) -> None:
             time.sleep(0.2)
 
 
+@dataclasses.dataclass
+class _InFlight:
+    """A sync between its launch and its merge (:meth:`FaultTolerantSync._launch`)."""
+
+    work: Any
+    """The exchange's wait-able handle until waited for (``None`` after, or when it never
+    started)."""
+    launched_at: int
+    warm: bool
+    side: Tensor
+    """What this group sent beside the weights (buffers, config digests)."""
+    sent: int
+    """Bytes handed to the collective."""
+    participating: bool
+    snapshot: Tensor | None = None
+    """Overlapped: the flat parameters at the launch."""
+    estimate: Tensor | None = None
+    """Eager: the slow weights the parameters were moved to at the launch."""
+    decided: bool = False
+    committed: bool = False
+    target: Tensor | None = None
+    """Committed: the mean weights (or pseudo-gradient)."""
+    side_mean: Tensor | None = None
+    residual: Tensor | None = None
+    """Committed, with error feedback: what this group's payload lost."""
+
+
 class FaultTolerantSync:
     """Synchronises the parameters of ``optimizer`` across torchft replica groups every
     ``options.sync_every`` calls of ``optimizer.step()``, keeping the slow weights (the module
@@ -227,8 +263,10 @@ class FaultTolerantSync:
             residual); the payloads are all-gathered on the manager's process group, and every
             group decodes those of the groups taking part and sums them in fp32 (never in the
             payload's dtype), so all get the same mean, bit for bit. A group keeps what its
-            payload lost only when the sync is committed. ``overlap`` and ``shard_slow`` are not
-            available on torchft here: an error names the option.
+            payload lost only when the sync is committed. With ``overlap`` the exchange runs
+            while the group trains ``overlap_steps`` more steps, then the sync is committed
+            (or discarded) and merged as :class:`OuterSync` merges it (``eager`` too).
+            ``shard_slow`` is not available on torchft here: an error names it.
         user_state: ``(state_dict, load_state_dict)`` callables for what else a healed group
             needs, e.g. the data position; their value must be tensors and plain types.
         agreement: ``{key: value}`` every group must share (a training config): a digest of
@@ -265,9 +303,9 @@ class FaultTolerantSync:
         for name in UNSUPPORTED:
             if getattr(given, name) != getattr(defaults, name):
                 raise ValueError(
-                    f"{name} = {getattr(given, name)!r} is not available with torchft (its "
-                    "syncs are blocking here); leave it at "
-                    f"{getattr(defaults, name)!r}"
+                    f"{name} = {getattr(given, name)!r} is not available with torchft (a "
+                    "replica group is one process, which holds all the slow weights); leave "
+                    f"it at {getattr(defaults, name)!r}"
                 )
         self.options = inner_options(optimizer, given, "FaultTolerantSync", "replica groups")
         groups = optimizer.param_groups
@@ -323,6 +361,7 @@ class FaultTolerantSync:
         if self._codec is not None:
             self.stats["codec_s"] = 0.0
         self._healing = False
+        self._pending: _InFlight | None = None  # an overlapped sync between launch and merge
         manager.register_state_dict_fn("rangerdl", self._load_heal_state, self._heal_state)
         self._hooks = [
             optimizer.register_step_post_hook(lambda *_: self.after_step()),
@@ -332,83 +371,38 @@ class FaultTolerantSync:
 
     # ------------------------------------------------------------------ public
     def after_step(self) -> None:
-        """Count one optimizer step and sync when due (the optimizer's step post-hook calls it)."""
+        """Count one optimizer step; merge an overlapped sync that is due; sync when due (the
+        optimizer's step post-hook calls it)."""
         self.step += 1
-        if self.step <= self.options.sync_every_warmup_steps or (
-            self.step % self.options.sync_every == 0
+        due = self._due(self.step)
+        pending = self._pending
+        if pending is not None and (
+            due or self.step - pending.launched_at >= self.options.overlap_steps
         ):
+            self._merge()
+        if due and self.options.overlap:
+            self._launch(overlapped=True)
+        elif due:
             self.sync()
 
     @torch.no_grad()
     def sync(self) -> bool:
-        """One sync now (normally called every ``sync_every`` steps); whether it was committed.
-        A discarded sync changes nothing here but the counters."""
-        start = time.perf_counter()
-        self.manager.start_quorum()  # may heal: load a peer's state through _load_heal_state
-        # what travels beside the weights: [averaged buffers | config digests]
-        nb = self._buffer_numel
-        side = torch.empty(
-            nb + (0 if self._digests is None else self._digests.numel()),
-            dtype=self._slow.dtype,
-            device=self._slow.device,
-        )
-        if nb:
-            torch.cat([b.reshape(-1).to(side.dtype) for b in self._averaged], out=side[:nb])
-        if self._digests is not None:
-            side[nb:] = self._digests
-        size = self._world_size()
-        target: Tensor | None
-        if self._codec is None:  # one all-reduce: [parameters | side]
-            n = self.numel
-            flat = self._buffer("flat", (n + side.numel(),), self._slow.dtype)
-            self._flatten(flat[:n])
-            flat[n:] = side
-            self.manager.allreduce(flat).wait()
-            sent = ring_bytes(flat.numel(), flat.element_size(), size)
-            target, side_mean = flat[:n], flat[n:]
-        else:  # one all-gather: [header | side | this group's encoded pseudo-gradient]
-            target, side_mean, sent = self._exchange_compressed(side, size)
-        committed = bool(self.manager.should_commit()) and target is not None
-        if committed and self._digests is not None:
-            # only a completed exchange holds the mean digests: one a group died in holds
-            # partial sums, which must not read as another config
-            self._check_agreement(side_mean[nb:])
-        if committed:
-            assert target is not None
-            warm = self.step <= self.options.sync_every_warmup_steps
-            compressed = self._codec is not None
-            outer_step(
-                self._slow, target, self.options, self._momentum, is_delta=compressed, warm=warm
-            )
-            if compressed and self._residual is not None and self.manager.is_participating():
-                # what this group's payload lost (sent + kept == its pseudo-gradient)
-                given = self._buffers["kept"].view(-1)
-                torch.sub(self._buffers["delta"].view(-1), given, out=self._residual)
-            self._set_params(self._slow)
-            offset = 0
-            for b in self._averaged:
-                b.copy_(side_mean[offset : offset + b.numel()].view_as(b))
-                offset += b.numel()
-            self.stats["syncs"] += 1
-            self.stats["bytes"] += sent
-        else:
-            self.stats["discarded"] += 1
-            log.warning(
-                "sync at step %d discarded (a replica group failed during it, or too few took "
-                "part); the slow weights are unchanged and the next sync includes these steps",
-                self.step,
-            )
-        self.stats["time_s"] += time.perf_counter() - start
-        return committed
+        """One blocking sync now (normally called every ``sync_every`` steps), after merging an
+        overlapped one still in flight; whether it was committed. A discarded sync changes
+        nothing here but the counters."""
+        if self._pending is not None:
+            self._merge()
+        self._launch(overlapped=False)
+        return self._merge()
 
     def finish(self) -> bool:
-        """A last sync when the last step did not end with one (every group that finishes at
-        the same step takes part), so the slow weights hold every group's last steps; whether
-        a sync ran and was committed."""
-        if self.step <= self.options.sync_every_warmup_steps or (
-            self.step % self.options.sync_every == 0
-        ):
-            return False  # the last step ended with one
+        """Merge an overlapped sync in flight, then a last sync when the last step did not end
+        with one (every group that finishes at the same step takes part), so the slow weights
+        hold every group's last steps; whether the last sync was committed (``False`` when the
+        last step ended with a blocking one, already counted)."""
+        merged = self._merge() if self._pending is not None else False
+        if self._due(self.step):
+            return merged  # the last step ended with a sync: merged above, or blocking
         return self.sync()
 
     def slow_weights(self) -> list[tuple[Tensor, Tensor]]:
@@ -416,22 +410,35 @@ class FaultTolerantSync:
         return list(zip(self.params, self._views(self._slow), strict=True))
 
     def close(self) -> None:
-        """Detach from the optimizer (the manager is the caller's to shut down)."""
+        """Detach from the optimizer (the manager is the caller's to shut down). An overlapped
+        sync still in flight is waited for, not merged: safe after an error."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.work is not None:
+            with contextlib.suppress(Exception):  # a peer died mid-sync: nothing to merge
+                pending.work.wait()
 
     def state_dict(self) -> dict[str, Any]:
         """The outer state for a checkpoint: slow weights ``(n,)``, outer momentum, the step
         clock, the counters and the manager's step (so that a group restored from an older
-        checkpoint than its peers' heals from them). Also saved inside
-        ``optimizer.state_dict()["outer"]`` by a hook."""
+        checkpoint than its peers' heals from them), and an overlapped sync in flight: waited
+        for and decided (committed or not) now, so that its merge resumes identically. Also
+        saved inside ``optimizer.state_dict()["outer"]`` by a hook."""
+        pending = self._decide() if self._pending is not None else None
         state: dict[str, Any] = {
             "slow_weights": self._slow.clone(),
             "step": self.step,
             "stats": dict(self.stats),
             "manager": dict(self.manager.state_dict()),
         }
+        if pending is not None:
+            state["pending"] = {
+                name: value.clone() if isinstance(value, Tensor) else value
+                for name, value in vars(pending).items()
+                if name not in ("work", "decided")
+            }
         if self._momentum is not None:
             state["momentum_buffer"] = self._momentum.clone()
         if self._residual is not None:
@@ -459,6 +466,14 @@ class FaultTolerantSync:
         self.stats = {**self.stats, **state.get("stats", {})}
         if "manager" in state:
             self.manager.load_state_dict(state["manager"])
+        self._pending = None
+        if "pending" in state:
+            if not self.options.overlap:
+                raise ValueError(
+                    "the saved outer state has an overlapped sync in flight, but overlap = false: "
+                    "resume with the options it was saved with"
+                )
+            self._pending = self._pending_from(state["pending"])
 
     def comm_stats(self) -> dict[str, float]:
         """``comm/syncs`` (committed), ``comm/discarded``, ``comm/healed``, ``comm/bytes``
@@ -467,11 +482,34 @@ class FaultTolerantSync:
         and with a compression ``comm/codec_s`` (encoding and decoding)."""
         return {f"comm/{k}": float(v) for k, v in self.stats.items()}
 
+    def _pending_from(self, saved: Any) -> _InFlight:
+        """The overlapped sync a checkpoint saved in flight; ``ValueError`` naming what is
+        missing or of the wrong kind."""
+        fields = {f.name: f for f in dataclasses.fields(_InFlight)}
+        expected = set(fields) - {"work", "decided"}
+        if not isinstance(saved, dict) or set(saved) != expected:
+            got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise ValueError(
+                f"the saved overlapped sync has keys {got}, expected {sorted(expected)}"
+            )
+        for name in ("snapshot", "estimate", "target", "residual"):
+            value = saved[name]
+            if value is not None and (
+                not isinstance(value, Tensor) or value.shape != self._slow.shape
+            ):
+                raise ValueError(
+                    f"the saved overlapped sync's {name} is not a tensor of shape "
+                    f"{tuple(self._slow.shape)}: not this model"
+                )
+        return _InFlight(work=None, decided=True, **saved)
+
     # ------------------------------------------------------------------ healing
     def _heal_state(self) -> dict[str, Any]:
         self._healing = True  # the inner optimizer's state without the outer one (sent apart)
         try:
-            inner = self.optimizer.state_dict()
+            # copied: torchft serves it until this group's next commit, and with overlap
+            # the optimizer steps on meanwhile
+            inner = copy.deepcopy(self.optimizer.state_dict())
         finally:
             self._healing = False
         state: dict[str, Any] = {
@@ -559,16 +597,151 @@ class FaultTolerantSync:
             self._buffers[name] = buffer
         return buffer
 
-    def _exchange_compressed(self, side: Tensor, size: int) -> tuple[Tensor | None, Tensor, int]:
-        """The mean pseudo-gradient ``(n,)`` fp32 and the mean of ``side`` over the groups taking
-        part, from their rows, and the bytes this group handed to the all-gather; ``None`` for
-        the mean when the exchange failed (the error is reported to the manager, so the sync is
-        discarded).
+    def _due(self, step: int) -> bool:
+        return step <= self.options.sync_every_warmup_steps or step % self.options.sync_every == 0
+
+    @torch.no_grad()
+    def _launch(self, overlapped: bool) -> None:
+        """Start a sync: the quorum (blocking: a group behind heals here), then the exchange
+        of the weights (or the encoded pseudo-gradients), left in flight. ``overlapped``: keep
+        what the merge needs to carry the steps trained meanwhile (with ``eager``, the outer
+        step with this group's own weights as the mean, applied now)."""
+        start = time.perf_counter()
+        self.manager.start_quorum()  # may heal: load a peer's state through _load_heal_state
+        # what travels beside the weights: [averaged buffers | config digests]
+        nb = self._buffer_numel
+        side = torch.empty(
+            nb + (0 if self._digests is None else self._digests.numel()),
+            dtype=self._slow.dtype,
+            device=self._slow.device,
+        )
+        if nb:
+            torch.cat([b.reshape(-1).to(side.dtype) for b in self._averaged], out=side[:nb])
+        if self._digests is not None:
+            side[nb:] = self._digests
+        size = self._world_size()
+        if self._codec is None:  # one all-reduce: [parameters | side]
+            n = self.numel
+            flat = self._buffer("flat", (n + side.numel(),), self._slow.dtype)
+            self._flatten(flat[:n])
+            flat[n:] = side
+            work = self.manager.allreduce(flat)
+            sent = ring_bytes(flat.numel(), flat.element_size(), size)
+        else:  # one all-gather: [header | side | this group's encoded pseudo-gradient]
+            work, sent = self._launch_compressed(side, size)
+        pending = _InFlight(
+            work=work,
+            launched_at=self.step,  # after the quorum: a heal sets the step
+            warm=self.step <= self.options.sync_every_warmup_steps,
+            side=side,
+            sent=sent,
+            participating=bool(self.manager.is_participating()),
+        )
+        if overlapped:
+            pending.snapshot = self._flatten()
+            if self.options.eager:
+                estimate = self._slow.clone()
+                momentum = None if self._momentum is None else self._momentum.clone()
+                compressed = self._codec is not None
+                own = pending.snapshot.sub(self._slow) if compressed else pending.snapshot.clone()
+                outer_step(
+                    estimate, own, self.options, momentum, is_delta=compressed, warm=pending.warm
+                )
+                pending.estimate = estimate
+                self._set_params(estimate)
+        self._pending = pending
+        self.stats["time_s"] += time.perf_counter() - start
+
+    @torch.no_grad()
+    def _decide(self) -> _InFlight:
+        """Wait for the sync in flight and ask the manager whether to commit it (once: a
+        checkpoint taken while it is in flight decides it early, and keeps the decision)."""
+        pending = self._pending
+        assert pending is not None
+        if pending.decided:
+            return pending
+        start = time.perf_counter()
+        nb = self._buffer_numel
+        target: Tensor | None
+        if self._codec is None:
+            assert pending.work is not None
+            pending.work.wait()
+            flat = self._buffers["flat"]
+            target, side_mean = flat[: self.numel], flat[self.numel :]
+        else:
+            target, side_mean = self._finish_compressed(pending)
+        pending.work = None
+        committed = bool(self.manager.should_commit()) and target is not None
+        if committed and self._digests is not None:
+            # only a completed exchange holds the mean digests: one a group died in holds
+            # partial sums, which must not read as another config
+            self._check_agreement(side_mean[nb:])
+        pending.decided, pending.committed = True, committed
+        if committed:
+            assert target is not None
+            pending.target, pending.side_mean = target, side_mean
+            if self._residual is not None and pending.participating:
+                # what this group's payload lost (sent + kept == its pseudo-gradient)
+                kept = self._buffers["kept"].view(-1)
+                pending.residual = self._buffers["delta"].view(-1).sub(kept)
+        self.stats["time_s"] += time.perf_counter() - start
+        return pending
+
+    @torch.no_grad()
+    def _merge(self) -> bool:
+        """Apply the sync in flight if committed; whether it was. Committed: the outer step, and
+        the parameters move with the slow weights, keeping the steps trained since the launch.
+        Discarded: the slow weights stay, and an eager estimate is taken back (the steps
+        trained since stay, as from the parameters at the launch)."""
+        pending = self._decide()
+        self._pending = None
+        moved = self.step != pending.launched_at
+        if pending.committed:
+            assert pending.target is not None and pending.side_mean is not None
+            outer_step(
+                self._slow,
+                pending.target,
+                self.options,
+                self._momentum,
+                is_delta=self._codec is not None,
+                warm=pending.warm,
+            )
+            if pending.residual is not None and self._residual is not None:
+                self._residual.copy_(pending.residual)
+            if not moved:  # nothing trained since the launch: exactly the slow weights
+                self._set_params(self._slow)
+            else:  # trained on from the estimate (eager) or the launch's weights
+                base = pending.estimate if pending.estimate is not None else pending.snapshot
+                assert base is not None
+                self._set_params(self._flatten().add_(self._slow.sub(base)))
+            offset = 0
+            for b in self._averaged:
+                b.copy_(pending.side_mean[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+            self.stats["syncs"] += 1
+            self.stats["bytes"] += pending.sent
+        else:
+            if pending.estimate is not None:  # take the eager step back
+                assert pending.snapshot is not None
+                if moved:
+                    self._set_params(self._flatten().add_(pending.snapshot.sub(pending.estimate)))
+                else:
+                    self._set_params(pending.snapshot)
+            self.stats["discarded"] += 1
+            log.warning(
+                "sync at step %d discarded (a replica group failed during it, or too few took "
+                "part); the slow weights are unchanged and the next sync includes these steps",
+                pending.launched_at,
+            )
+        return pending.committed
+
+    def _launch_compressed(self, side: Tensor, size: int) -> tuple[Any, int]:
+        """Encode this group's row and start its all-gather: the wrapped future (``None`` when
+        the manager had already failed, or the start did) and the bytes handed to it.
 
         Each of the ``size`` groups sends one row of bytes: ``HEADER`` (byte 0: 1 when it takes
         part, 0 when it is healing), ``side`` as fp32 (padded to 16 bytes), then its encoded
-        pseudo-gradient; every group decodes the rows marked 1 in rank order and sums them in
-        fp32, so all get the same means, bit for bit."""
+        pseudo-gradient (:meth:`_finish_compressed` decodes them)."""
         from torch.distributed.distributed_c10d import AllgatherOptions
 
         codec, n = self._codec, self.numel
@@ -586,20 +759,32 @@ class FaultTolerantSync:
         row[0] = 1 if self.manager.is_participating() else 0
         row[HEADER : HEADER + 4 * side.numel()] = side.float().view(torch.uint8)
         gathered = self._buffer("gathered", (size, row.numel()), torch.uint8)
-        codec_s = time.perf_counter() - t0
+        self.stats["codec_s"] += time.perf_counter() - t0
+        future = None
         if self.manager.errored() is None:
             try:
                 work = self.process_group.allgather(
                     [list(gathered.unbind(0))], [row], AllgatherOptions()
                 )
-                self.manager.wrap_future(work.get_future(), None).wait()
+                future = self.manager.wrap_future(work.get_future(), None)
             except Exception as e:  # a peer died: discard this sync everywhere
                 self.manager.report_error(e)
-        sent = (size - 1) * row.numel()
+        return future, (size - 1) * row.numel()
+
+    def _finish_compressed(self, pending: _InFlight) -> tuple[Tensor | None, Tensor]:
+        """The mean pseudo-gradient ``(n,)`` fp32 and the mean of ``side`` over the groups
+        taking part, from the gathered rows: every group decodes the rows marked 1 in rank
+        order and sums them in fp32, so all get the same means, bit for bit. ``None`` for the
+        mean when the exchange failed (the error is reported to the manager, so the sync is
+        discarded)."""
+        codec, side = self._codec, pending.side
+        assert codec is not None
+        if pending.work is not None:
+            pending.work.wait()  # wrapped: a failure is reported to the manager, not raised
         if self.manager.errored() is not None:
-            self.stats["codec_s"] += codec_s
-            return None, side, sent
+            return None, side
         t0 = time.perf_counter()
+        gathered = self._buffers["gathered"]
         taking = (gathered[:, 0] == 1).nonzero().view(-1)
         if taking.numel() != self.manager.num_participants():
             self.manager.report_error(
@@ -608,16 +793,17 @@ class FaultTolerantSync:
                     f"has {self.manager.num_participants()}"
                 )
             )
-            return None, side, sent
+            return None, side
         rows = gathered[taking]
         count = taking.numel()
         side_mean = side
         if side.numel():
             sides = rows[:, HEADER : HEADER + 4 * side.numel()].flatten().view(torch.float32)
             side_mean = sides.view(count, -1).sum(dim=0).div_(count).to(side.dtype)
-        mean = codec.decode(rows[:, at:], n).sum(dim=0).div_(count)
-        self.stats["codec_s"] += codec_s + time.perf_counter() - t0
-        return mean, side_mean, sent
+        at = HEADER + -(-4 * side.numel() // 16) * 16
+        mean = codec.decode(rows[:, at:], self.numel).sum(dim=0).div_(count)
+        self.stats["codec_s"] += time.perf_counter() - t0
+        return mean, side_mean
 
     def _views(self, flat: Tensor) -> Iterable[Tensor]:
         out, offset = [], 0

@@ -277,14 +277,12 @@ class DistributedConfig(SyncOptions):
                 "--distributed.lighthouse=HOST:PORT (or TORCHFT_LIGHTHOUSE); start one with "
                 "`rangerdl lighthouse`"
             )
-        defaults = SyncOptions()
-        for name in ("overlap", "shard_slow"):
-            if getattr(self, name) != getattr(defaults, name):
-                raise ValueError(
-                    f"[distributed] {name} = {getattr(self, name)!r} is not available with "
-                    f"backend = 'torchft' (its syncs are blocking); leave it at "
-                    f"{getattr(defaults, name)!r}"
-                )
+        if self.shard_slow:
+            raise ValueError(
+                "[distributed] shard_slow = true is not available with backend = 'torchft' (a "
+                "replica group is one process, which holds all the slow weights); leave it at "
+                "false"
+            )
 
 
 @dataclass
