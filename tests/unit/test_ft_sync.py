@@ -414,10 +414,14 @@ def test_a_checkpoint_with_a_sync_in_flight_resumes_bit_for_bit(eager: bool) -> 
     assert torch.equal(flat(resumed_net), flat(net))
     assert torch.equal(resumed._slow, sync._slow)
     assert resumed.stats["syncs"] == sync.stats["syncs"] == 3
-    # a saved sync in flight that is not this model's is refused, naming it
+    # a saved sync in flight that is not this model's is refused, naming it, before anything
+    # is loaded
     saved["outer"]["pending"]["snapshot"] = torch.zeros(3)
+    saved["outer"]["slow_weights"] = saved["outer"]["slow_weights"] + 1
+    slow = resumed._slow.clone()
     with pytest.raises(ValueError, match="overlapped sync's snapshot is not a tensor of shape"):
         resumed.optimizer.load_state_dict(saved)
+    assert torch.equal(resumed._slow, slow) and resumed.step == 7
     saved["outer"]["pending"].pop("snapshot")
     with pytest.raises(ValueError, match="saved overlapped sync has keys"):
         resumed.optimizer.load_state_dict(saved)

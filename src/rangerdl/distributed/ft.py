@@ -450,30 +450,39 @@ class FaultTolerantSync:
 
         Raises:
             ValueError: slow weights of another shape, no outer momentum where this sync
-                keeps one, or no (or another shape of) error-feedback residual where this sync
-                keeps one.
+                keeps one, no (or another shape of) error-feedback residual where this sync
+                keeps one, or an overlapped sync in flight that is not this model's or that
+                this sync (without ``overlap``) cannot merge. Checked before anything is
+                loaded.
         """
-        self._load_outer(state)
-        if self._residual is not None:
-            kept = state.get("error_feedback")
-            if not isinstance(kept, Tensor) or kept.shape != self._residual.shape:
-                raise ValueError(
-                    "the saved outer state has no error-feedback residual of shape "
-                    f"{tuple(self._residual.shape)}, but error_feedback = true with compression "
-                    f"= {self.options.compression!r}"
-                )
-            self._residual.copy_(kept)
-        self.stats = {**self.stats, **state.get("stats", {})}
-        if "manager" in state:
-            self.manager.load_state_dict(state["manager"])
-        self._pending = None
+        kept = state.get("error_feedback")
+        if self._residual is not None and (
+            not isinstance(kept, Tensor) or kept.shape != self._residual.shape
+        ):
+            raise ValueError(
+                "the saved outer state has no error-feedback residual of shape "
+                f"{tuple(self._residual.shape)}, but error_feedback = true with compression "
+                f"= {self.options.compression!r}"
+            )
+        saved = None
         if "pending" in state:
             if not self.options.overlap:
                 raise ValueError(
                     "the saved outer state has an overlapped sync in flight, but overlap = false: "
                     "resume with the options it was saved with"
                 )
-            self._pending = self._pending_from(state["pending"])
+            saved = self._pending_from(state["pending"])
+        self._load_outer(state)
+        if self._residual is not None:
+            assert isinstance(kept, Tensor)
+            self._residual.copy_(kept)
+        self.stats = {**self.stats, **state.get("stats", {})}
+        if "manager" in state:
+            self.manager.load_state_dict(state["manager"])
+        pending, self._pending = self._pending, saved
+        if pending is not None and pending.work is not None:
+            with contextlib.suppress(Exception):  # its buffers are reused by the next sync
+                pending.work.wait()
 
     def comm_stats(self) -> dict[str, float]:
         """``comm/syncs`` (committed), ``comm/discarded``, ``comm/healed``, ``comm/bytes``
