@@ -7,6 +7,7 @@ times and restarted by the same command, side by side with torchrun's restart-ev
     python benchmarks/faults.py --quick           # loopback, a tiny MLP, 2 kills (make test)
     sudo python benchmarks/faults.py --cpu-per-host 0.667 --no-torchrun   # hosts with a CPU quota each
     sudo python benchmarks/faults.py --cpu-per-host 0.667 --no-ft --merge  # torchrun's path beside
+    sudo python benchmarks/faults.py --cpu-per-host 0.667 --overlap --merge  # syncs overlapped
 
 Per link, two paths, each run three times on the same workload (``--config``, k =
 ``--sync-every``): clean, under kills, and clean again.
@@ -199,9 +200,11 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [r for r in rows if "time/train_s" in r and "train/loss" in r]
 
 
-def committed_steps(rows: list[dict[str, Any]], finished: bool) -> int:
+def committed_steps(rows: list[dict[str, Any]], finished: bool, lag: int = 0) -> int:
     """Steps of one process life that reached a committed sync and were not overwritten by a
-    heal (a finished life: all of them after its heal; its final sync commits the rest)."""
+    heal (a finished life: all of them after its heal; its final sync commits the rest).
+    ``lag``: steps between a sync's launch and the step it is counted at (overlap: merged
+    ``overlap_steps`` later, the steps trained meanwhile in the next sync)."""
     first = 0
     for i, r in enumerate(rows):
         if r.get("comm/healed", 0) >= 1:
@@ -215,6 +218,8 @@ def committed_steps(rows: list[dict[str, Any]], finished: bool) -> int:
         )
         if syncs and syncs[0] == 0 and last == 1:
             last = 0
+        elif last:
+            last -= lag
     return max(0, last - first)
 
 
@@ -250,6 +255,8 @@ class Job:
         cmd += [f"--train.steps={steps}", "--train.log_every=1", "--train.eval_every=0"]
         cmd += [f"--train.final_eval_batches={a.final_eval_batches}", "--train.threads=1"]
         cmd += ["--log.tensorboard=false", "--log.progress=false", f"--optim.k={a.sync_every}"]
+        if a.overlap:  # each sync in flight for a step (overlap_steps 1), eager
+            cmd += ["--distributed.overlap=true", "--distributed.eager=true"]
         return cmd
 
     def group_cmd(self, group: int, steps: int) -> list[str]:
@@ -402,7 +409,9 @@ class Job:
                     "last_step": life.rows[-1]["step"] if life.rows else None,
                     "killed": life.killed_at is not None,
                     "committed": committed_steps(
-                        life.rows, life.killed_at is None and life.proc.returncode == 0
+                        life.rows,
+                        life.killed_at is None and life.proc.returncode == 0,
+                        1 if self.args.overlap else 0,
                     ),
                 }
                 for life in lives
@@ -544,6 +553,7 @@ def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[s
         "cpu_per_host": args.cpu_per_host,
         "heartbeat_timeout_ms": args.heartbeat_timeout_ms,
         "join_timeout_ms": args.join_timeout_ms,
+        "overlap": args.overlap,
     }
     try:
         timeout = args.kills * args.kill_every_s * 2 + 600
@@ -566,11 +576,17 @@ def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[s
 
 
 def merge_cell(cells: list[dict[str, Any]], cell: dict[str, Any]) -> list[dict[str, Any]]:
-    """``cells`` with ``cell`` in: one cell per link, kill rate, CPU quota and heartbeat
-    timeout (2 s before it was an option). A path run on its own (``--no-ft``,
-    ``--no-torchrun``) joins the cell of the other path at the same settings, each path's
-    faulted run keeping its own date, commit and command."""
-    same = {"link": None, "kill_every_s": None, "cpu_per_host": 0.0, "heartbeat_timeout_ms": 2000}
+    """``cells`` with ``cell`` in: one cell per link, kill rate, CPU quota, heartbeat timeout
+    (2 s before it was an option) and sync mode (blocking, or ``--overlap``). A path run on its
+    own (``--no-ft``, ``--no-torchrun``) joins the cell of the other path at the same settings,
+    each path's faulted run keeping its own date, commit and command."""
+    same = {
+        "link": None,
+        "kill_every_s": None,
+        "cpu_per_host": 0.0,
+        "heartbeat_timeout_ms": 2000,
+        "overlap": False,
+    }
 
     def key(c: dict[str, Any]) -> list[Any]:
         return [c.get(k, d) for k, d in same.items()]
@@ -597,6 +613,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-every-s", type=float, default=60.0)
     p.add_argument("--warmup-s", type=float, default=20.0, help="no kill before (start-up)")
     p.add_argument("--sync-every", type=int, default=4)
+    p.add_argument(
+        "--overlap",
+        action="store_true",
+        help="both paths' syncs overlapped (in flight for a step) and eager",
+    )
     p.add_argument("--steps", type=int, default=0, help="0: enough for the kills")
     p.add_argument(
         "--tail-s", type=float, default=30.0, help="seconds of training after the last kill"

@@ -255,7 +255,9 @@ def faults_table(payload: dict[str, Any]) -> str:
         cpu = cell.get("cpu_per_host") or 0.0
         quota = f"{cpu:.2f} (quota)" if cpu else "shared"
         heartbeat = cell.get("heartbeat_timeout_ms", 2000) / 1000  # 2 s before it was an option
-        for key, name in (("ft_faults", "torchft groups"), ("torchrun_faults", "torchrun restart")):
+        paths = (("ft_faults", "torchft groups"), ("torchrun_faults", "torchrun restart"))
+        for key, path in paths:
+            name = f"{path}, overlap + eager" if cell.get("overlap") else path
             r = cell.get(key)
             if r is None:
                 continue

@@ -360,6 +360,10 @@ def test_faults_counts_only_steps_that_reached_a_committed_sync() -> None:
     assert faults.committed_steps(rows([0, 0, 0]), finished=False) == 0
     # restarted: 3 steps of its own, healed at its first sync (row 3), then 5 more and done
     assert faults.committed_steps(rows([0, 0, 0, 1, 1, 1, 1, 2, 2], healed_at=3), True) == 5
+    # overlapped: the sync launched at step 3 is merged (counted) at step 4, the 4th step in
+    # the next sync: 3 count
+    assert faults.committed_steps(rows([0, 0, 0, 1, 1, 1]), finished=False, lag=1) == 3
+    assert faults.committed_steps(rows([0, 0, 0]), finished=False, lag=1) == 0
     times = [{"time/train_s": t} for t in (0.0, 0.1, 0.2, 2.7, 2.8)]
     assert faults.max_gap(times) == pytest.approx(2.5)
     # goodput: 3 groups at 0.1 s a step for (110 - 10) s of wall train 3000 steps; the fixed
@@ -377,8 +381,10 @@ def test_faults_counts_only_steps_that_reached_a_committed_sync() -> None:
     other = {**ft, "heartbeat_timeout_ms": 2000, "date": "d0"}
     tr = {**ft, "date": "d2", "torchrun_faults": {"goodput": 0.7, "date": "d2"}}
     del tr["ft_faults"]
-    merged = faults.merge_cell([other, ft], tr)
-    assert merged[0] is other and len(merged) == 2
+    overlapped = {**ft, "overlap": True, "date": "d3"}
+    merged = faults.merge_cell([other, ft, overlapped], tr)
+    assert merged[:2] == [other, overlapped] and len(merged) == 3
+    merged = [merged[0], merged[2]]
     both = merged[1]
     assert both["ft_faults"]["goodput"] == 0.9 and both["torchrun_faults"]["goodput"] == 0.7
     assert both["ft_faults"]["date"] == "d1" and both["date"] == "d2"
