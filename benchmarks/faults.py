@@ -26,7 +26,7 @@ Per link, two paths, each run three times on the same workload (``--config``, k 
    every worker from the last checkpoint (every ``--checkpoint-every`` steps). ``--no-ft`` runs
    this path alone; with ``--merge`` it joins the torchft path's cell of the same settings.
    ``--quick`` (a smoke test, numbers meaningless) runs this path's faulted run for its own
-   steps with a 5 s tail and no clean run after it.
+   steps with a 10 s tail and no clean run after it.
 
 Measured (``metrics.jsonl`` with a row per step, each process life kept apart, and each process's
 output timestamped as it arrives):
@@ -564,7 +564,7 @@ def run_link(args: argparse.Namespace, rate: str | None, netsim: bool) -> dict[s
                 # no long tail; no second clean run), not a comparison
                 tail_s, after = args.tail_s, args.clean_after
                 if args.quick and kind == "torchrun":
-                    steps, tail_s, after = 0, 5.0, False
+                    steps, tail_s, after = 0, 10.0, False
                 steps = run_path(args, hosts, work, cell, kind, name, steps, timeout, tail_s, after)
     finally:
         hosts.close()
