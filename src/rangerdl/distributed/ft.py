@@ -23,8 +23,9 @@ With ``overlap`` steps 1-2 run at the sync's step and the exchange is left in fl
 group trains ``overlap_steps`` more steps; step 3 and the merge follow, as in
 :class:`~rangerdl.distributed.sync.OuterSync`: the parameters move by what the slow weights moved,
 keeping the steps trained meanwhile (``eager``: the outer step with this group's own weights is
-applied at the launch and corrected at the merge; a discarded sync takes it back). The quorum
-stays blocking: a group heals at a sync's launch, never while one is in flight.
+applied at the launch and corrected at the merge; a discarded sync takes it back). Averaged
+buffers (BatchNorm's statistics) take the mean of their values at the launch when it is merged.
+The quorum stays blocking: a group heals at a sync's launch, never while one is in flight.
 
 Healing sends the slow weights, the outer momentum, the step clock, the parameters, the inner
 optimizer's ``state_dict()`` and whatever ``user_state`` returns (the data position): the state as
