@@ -495,8 +495,7 @@ class FaultTolerantSync:
     def _pending_from(self, saved: Any) -> _InFlight:
         """The overlapped sync a checkpoint saved in flight; ``ValueError`` naming what is
         missing or of the wrong kind."""
-        fields = {f.name: f for f in dataclasses.fields(_InFlight)}
-        expected = set(fields) - {"work", "decided"}
+        expected = {f.name for f in dataclasses.fields(_InFlight)} - {"work", "decided"}
         if not isinstance(saved, dict) or set(saved) != expected:
             got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
             raise ValueError(
