@@ -6,9 +6,11 @@ checkpoints bit for bit; a group given another config is refused, naming the key
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +195,143 @@ def test_a_group_with_another_config_is_refused_naming_the_key(
     for proc, out in zip(procs, outs, strict=True):
         assert proc.returncode != 0, out[-2000:]
         assert "optim.lr differ" in out, out[-2000:]
+
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def start_torchrun(
+    cache: Path,  # noqa: F811
+    lighthouse: str,  # noqa: F811
+    runs: Path,
+    index: int,
+    *args: str,
+    groups: int = 2,
+    restarts: int = 0,
+) -> subprocess.Popen[str]:
+    """Replica group ``index`` as a torchrun job of 2 processes (its own rendezvous)."""
+    env = {
+        **os.environ,
+        "RANGERDL_CACHE": str(cache),
+        "OMP_NUM_THREADS": "1",
+        "RUST_LOG": "warn",
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    }
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node=2", f"--max-restarts={restarts}"]
+    cmd += ["-m", "rangerdl", "train"]
+    cmd += [*SMALL, f"--distributed.replica_groups={groups}", f"--run.dir={runs}"]
+    cmd += [f"--distributed.replica_group={index}", f"--distributed.lighthouse={lighthouse}"]
+    return subprocess.Popen(
+        [*cmd, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def run_groups(procs: list[subprocess.Popen[str]]) -> str:
+    return "\n".join(finish(p) for p in procs)
+
+
+@pytest.mark.long
+def test_replica_groups_of_several_processes(
+    cache: Path,  # noqa: F811
+    lighthouse: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Two groups of two processes (torchrun jobs): each process a worker on its own quarter of
+    the batch, rank r of each group exchanging chunk r of the group's mean. The same model as
+    four groups of one process (the mean summed in another order: equal to rounding);
+    ``shard_slow`` the same bit for bit, and it resumes bit for bit from per-process chunks;
+    int4 with overlap and eager ends on one model and resumes bit for bit with a sync in flight.
+    An MLP of 2485 parameters: chunks of 1243, the last one padded."""
+    runs = tmp_path / "runs"
+    base = ["--model.args.hidden=33", "--train.steps=18"]
+    # 4 processes at once on each side; the 2x2 pairs start together
+    said = run_groups(
+        [start_torchrun(cache, lighthouse, runs, i, *base, "--run.name=plain") for i in range(2)]
+    )
+    plain = model_at(runs / "plain-group0", 18)
+    assert same(plain, model_at(runs / "plain-group1", 18)), said
+    s = summary(runs / "plain-group1")
+    assert (s["replica_group"], s["replica_groups"], s["world_size"]) == (1, 2, 2), said
+    assert s["comm/syncs"] == 5 and s["comm/discarded"] == 0, said
+    flat = [
+        start(
+            cache, lighthouse, runs, i, *base, "--run.name=flat", "--distributed.replica_groups=4"
+        )
+        for i in range(4)
+    ]
+    said = run_groups(flat)
+    alone = model_at(runs / "flat-group3", 18)
+    for key, value in plain.items():
+        torch.testing.assert_close(value, alone[key], rtol=1e-5, atol=1e-6, msg=said)
+    # each process sends its chunk, about half the bytes of a group of one
+    assert s["comm/bytes"] < 0.6 * summary(runs / "flat-group0")["comm/bytes"], said
+
+    def parts(name: str, *extra: str) -> str:
+        for stop in (["--train.stop_at=8"], []):
+            args = [*base, f"--run.name={name}", *extra, *stop]
+            said = run_groups([start_torchrun(cache, lighthouse, runs, i, *args) for i in range(2)])
+            assert not stop or "stopped at step 8" in said, said
+        assert "resuming" in said, said
+        return said
+
+    said = parts("sharded", "--distributed.shard_slow=true")
+    for index in range(2):
+        assert same(model_at(runs / f"sharded-group{index}", 18), plain), said
+
+    packed = ["--distributed.compression=int4", *OVERLAP]
+    said = run_groups(
+        [
+            start_torchrun(cache, lighthouse, runs, i, *base, "--run.name=packed", *packed)
+            for i in range(2)
+        ]
+    )
+    whole = model_at(runs / "packed-group0", 18)
+    assert same(whole, model_at(runs / "packed-group1", 18)), said
+    said = parts("resumed", *packed)
+    saved = runs / "resumed-group1" / "checkpoints" / "step-8" / "state-rank1.pt"
+    assert "pending" in torch.load(saved, weights_only=True)["optimizer"]["outer"], said
+    for index in range(2):
+        assert same(model_at(runs / f"resumed-group{index}", 18), whole), said
+
+
+def worker_pid(agent: subprocess.Popen[str], local_rank: int) -> int:
+    """The pid of the torchrun agent's worker with ``LOCAL_RANK=local_rank``."""
+    for task in Path(f"/proc/{agent.pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                if f"LOCAL_RANK={local_rank}".encode() in environ:
+                    return int(pid)
+    raise AssertionError(f"no worker with LOCAL_RANK={local_rank} under torchrun {agent.pid}")
+
+
+@pytest.mark.long
+def test_a_worker_killed_in_a_group_of_several_restarts_its_group_which_heals(
+    cache: Path,  # noqa: F811
+    lighthouse: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Rank 1 of group 1 (a torchrun job with ``--max-restarts=1``) killed with SIGKILL: torchrun
+    stops and restarts the group, each of its processes heals from the same rank of group 0,
+    which trains on; both groups end on one model."""
+    runs = tmp_path / "runs"
+    args = ["--run.name=kill", "--train.steps=6000", "--train.log_every=10"]
+    a = start_torchrun(cache, lighthouse, runs, 0, *args)
+    b = start_torchrun(cache, lighthouse, runs, 1, *args, restarts=1)
+    assert b.stdout is not None
+    seen = []
+    for line in b.stdout:
+        seen.append(line)
+        found = re.search(r"step (\d+)/6000", line)
+        if found and int(found.group(1)) >= 40:
+            break
+    assert b.poll() is None, "".join(seen[-30:])
+    os.kill(worker_pid(b, 1), signal.SIGKILL)
+    out_b, out_a = finish(b), finish(a)
+    said = f"{out_a[-2000:]}\n{''.join(seen[-20:])}{out_b[-3000:]}"
+    sa, sb = summary(runs / "kill-group0"), summary(runs / "kill-group1")
+    assert sb["comm/healed"] == 1 and sa["comm/healed"] == 0, said
+    assert sa["step"] == sb["step"] == 6000, said
+    assert sa["comm/discarded"] <= 1, said
+    assert same(model_at(runs / "kill-group0", 6000), model_at(runs / "kill-group1", 6000)), said
+    assert sa["val/loss"] == sb["val/loss"], said

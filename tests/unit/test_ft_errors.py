@@ -48,13 +48,14 @@ def test_unreachable_lighthouse_is_an_error_naming_it_within_the_timeout() -> No
     assert time.monotonic() - start < 10
 
 
-def test_an_option_torchft_does_not_carry_is_refused_by_name() -> None:
+def test_options_that_cannot_combine_are_refused_by_name() -> None:
     pytest.importorskip("torchft")
     from rangerdl.distributed.ft import FaultTolerantSync
 
     opt = Ranger(nn.Linear(2, 1).parameters(), lookahead=False)
-    with pytest.raises(ValueError, match=r"^shard_slow = True is not available with torchft"):
-        FaultTolerantSync(opt, manager=None, options=SyncOptions(shard_slow=True))
+    with pytest.raises(ValueError, match=r"shard_slow and compression = 'int4' cannot combine"):
+        options = SyncOptions(shard_slow=True, compression="int4")
+        FaultTolerantSync(opt, manager=None, options=options)
 
 
 def test_an_optimizer_with_its_own_slow_weights_is_refused() -> None:
@@ -93,8 +94,12 @@ FT = ["--distributed.backend=torchft", "--distributed.lighthouse=127.0.0.1:1"]
         ),
         (["--distributed.replica_groups=3"], r"batch_size = 64 .* replica_groups = 3"),
         (
-            ["--distributed.replica_groups=2", "--distributed.shard_slow=true"],
-            r"\[distributed\] shard_slow = true is not available with backend = 'torchft'",
+            [
+                "--distributed.replica_groups=2",
+                "--distributed.shard_slow=true",
+                "--distributed.overlap=true",
+            ],
+            r"\[distributed\] overlap and shard_slow cannot combine",
         ),
         (
             ["--distributed.replica_groups=2", "--distributed.strategy=ddp"],
@@ -127,15 +132,3 @@ def test_train_config_for_torchft_needs_the_lighthouse_and_the_group(
     monkeypatch.setenv("REPLICA_GROUP_ID", "7")
     with pytest.raises(ValueError, match=r"REPLICA_GROUP_ID='7'"):
         cfg.distributed.group_index()
-
-
-def test_torchft_under_torchrun_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    from rangerdl.train.runtime import init_runtime
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    threads = torch.get_num_threads()
-    try:
-        with pytest.raises(ValueError, match=r"one process per replica group.*not torchrun"):
-            init_runtime("cpu", "torchft", 1, 60.0, (0, 2))
-    finally:
-        torch.set_num_threads(threads)

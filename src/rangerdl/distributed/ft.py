@@ -37,8 +37,18 @@ run the Lighthouse and the groups on a private network.
 
 A group that starts fresh trains from its own initial weights until its first sync, then takes
 the others' state: start every group from the same seed (identical weights) and the only cost is
-up to ``sync_every`` steps of its own. One process per replica group here; a group's state is its
-one process's.
+up to ``sync_every`` steps of its own.
+
+A replica group may be several processes (a ``torchrun`` job, ``local_group``: its process
+group), each an independent worker with its own data, as under ``torchrun`` alone. A sync then
+reduce-scatters the group's weights inside it (each of its ``L`` ranks gets the group's mean of
+one ``1/L`` chunk), rank ``r`` of every group exchanges chunk ``r`` with rank ``r`` of the other
+groups (torchft's process group of that rank: ``1/L`` of the bytes across the slow link per
+process), and the group all-gathers the mean chunks inside it; with ``shard_slow`` rank ``r``
+keeps only chunk ``r`` of the slow weights and outer momentum, and all-gathers the new slow
+weights instead. torchft asks every rank of a group to commit, and commits only when all of them
+can, so a group applies a sync on all its ranks or on none; a healing group's rank ``r`` heals
+from rank ``r`` of a live group.
 
 References: torchft (github.com/pytorch/torchft, ``torchft.local_sgd.DiLoCo`` and ``Manager``);
 DiLoCo, Douillard et al. 2023 (arXiv 2311.08105); Lookahead, Zhang et al. 2019.
@@ -58,12 +68,14 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
 from rangerdl.distributed.compression import Codec
 from rangerdl.distributed.cost import ring_bytes
 from rangerdl.distributed.options import SyncOptions
+from rangerdl.distributed.release import all_gather_single, blocking, reduce_scatter_single
 from rangerdl.distributed.sync import inner_options, outer_step, split_outer_state
 
 __all__ = ["FaultTolerantSync", "connect", "require_torchft"]
@@ -74,7 +86,6 @@ INSTALL = (
     'torchft is not installed: pip install "rangerdl[ft]" (with your torch already installed; '
     "pip keeps it: torchft asks for torch >= 2.7)"
 )
-UNSUPPORTED = ("shard_slow",)
 HEADER = 16
 """Bytes at the start of a group's row in a compressed sync's all-gather: byte 0 says whether the
 group takes part; the averaged buffers and config digests follow (fp32, padded to 16 bytes), then
@@ -100,8 +111,10 @@ def connect(
     quorum_timeout_s: float = 600.0,
     connect_timeout_s: float = 10.0,
     device: torch.device | str = "cpu",
+    local_group: Any = None,
 ) -> Any:
-    """A torchft ``Manager`` for this process as a replica group of one process.
+    """A torchft ``Manager`` for this process, in a replica group of one process, or (with
+    ``local_group``) one rank of a replica group of several.
 
     Args:
         lighthouse: the Lighthouse's address, ``HOST:PORT`` or ``http://HOST:PORT`` (``rangerdl
@@ -115,6 +128,9 @@ def connect(
             ``sync_every`` steps must fit in it).
         connect_timeout_s: how long to try to reach the Lighthouse before giving up.
         device: ``cpu`` (gloo) or a CUDA device (NCCL).
+        local_group: the ``torch.distributed`` process group of this replica group's processes
+            (its ``torchrun`` job; ``None``: one process). Its rank 0 serves the group's manager
+            and store (at ``hostname``); every rank calls this.
 
     Raises:
         ImportError: torchft missing (with the install line).
@@ -157,7 +173,14 @@ def connect(
 
     dev = torch.device(device)
     pg = ProcessGroupNCCL(timeout=timeout) if dev.type == "cuda" else ProcessGroupGloo(timeout)
-    store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
+    rank, size = _local_rank_and_size(local_group)
+    store = TCPStore(host, 0, is_master=True, wait_for_workers=False) if rank == 0 else None
+    where = (host, store.port) if store is not None else None
+    if size > 1:  # the group's store, which its manager server is found through
+        from rangerdl.distributed.release import broadcast_object
+
+        where = broadcast_object(where, src=dist.get_global_rank(local_group, 0), group=local_group)
+    assert where is not None
     manager = Manager(
         pg=pg,
         load_state_dict=None,
@@ -167,10 +190,10 @@ def connect(
         timeout=timeout,
         quorum_timeout=timedelta(seconds=quorum_timeout_s),
         connect_timeout=timedelta(seconds=connect_timeout_s),
-        rank=0,
-        world_size=1,
-        store_addr=host,
-        store_port=store.port,
+        rank=rank,
+        world_size=size,
+        store_addr=where[0],
+        store_port=where[1],
         lighthouse_addr=address,
         replica_id=str(replica_group),
         hostname=host,
@@ -180,6 +203,13 @@ def connect(
     manager.rangerdl_store = store  # the store must outlive the manager's clients
     manager.rangerdl_process_group = pg  # the compressed syncs' all-gather runs on it
     return manager
+
+
+def _local_rank_and_size(local_group: Any) -> tuple[int, int]:
+    """This process's rank in its replica group and the group's size (``0, 1`` without one)."""
+    if local_group is None:
+        return 0, 1
+    return dist.get_rank(local_group), dist.get_world_size(local_group)
 
 
 class _NoFlightRecorder(logging.Filter):
@@ -230,18 +260,19 @@ class _InFlight:
     launched_at: int
     warm: bool
     side: Tensor
-    """What this group sent beside the weights (buffers, config digests)."""
+    """What this group sent beside the weights (buffers, config digests; a group of several
+    processes: their mean)."""
     sent: int
     """Bytes handed to the collective."""
     participating: bool
     snapshot: Tensor | None = None
-    """Overlapped: the flat parameters at the launch."""
+    """Overlapped: the flat parameters at the launch (zero-padded as the slow weights)."""
     estimate: Tensor | None = None
     """Eager: the slow weights the parameters were moved to at the launch."""
     decided: bool = False
     committed: bool = False
     target: Tensor | None = None
-    """Committed: the mean weights (or pseudo-gradient)."""
+    """Committed: the mean weights (or pseudo-gradient), shaped as the slow weights."""
     side_mean: Tensor | None = None
     residual: Tensor | None = None
     """Committed, with error feedback: what this group's payload lost."""
@@ -267,7 +298,9 @@ class FaultTolerantSync:
             payload lost only when the sync is committed. With ``overlap`` the exchange runs
             while the group trains ``overlap_steps`` more steps, then the sync is committed
             (or discarded) and merged as :class:`OuterSync` merges it (``eager`` too).
-            ``shard_slow`` is not available on torchft here: an error names it.
+            ``shard_slow``: with a ``local_group`` of ``L`` processes, each keeps ``1/L`` of the
+            slow weights and outer momentum (blocking, uncompressed syncs, as in
+            :class:`OuterSync`).
         user_state: ``(state_dict, load_state_dict)`` callables for what else a healed group
             needs, e.g. the data position; their value must be tensors and plain types.
         agreement: ``{key: value}`` every group must share (a training config): a digest of
@@ -281,6 +314,9 @@ class FaultTolerantSync:
             travels with a heal. ``"broadcast"`` needs a fixed rank 0 and is refused here.
         process_group: the process group given to the manager, which a compressed sync's
             all-gather runs on (default: the one :func:`connect` made).
+        local_group: the ``torch.distributed`` process group of this replica group's processes
+            when it has several (its ``torchrun`` job; the module docstring says how a sync
+            runs then); the same one given to :func:`connect`. ``None``: one process.
 
     Raises:
         ImportError: torchft missing.
@@ -298,16 +334,10 @@ class FaultTolerantSync:
         agreement: Mapping[str, Any] | None = None,
         buffers: Iterable[Tensor] | None = None,
         process_group: Any = None,
+        local_group: Any = None,
     ) -> None:
         require_torchft()
-        given, defaults = options or SyncOptions(), SyncOptions()
-        for name in UNSUPPORTED:
-            if getattr(given, name) != getattr(defaults, name):
-                raise ValueError(
-                    f"{name} = {getattr(given, name)!r} is not available with torchft (a "
-                    "replica group is one process, which holds all the slow weights); leave "
-                    f"it at {getattr(defaults, name)!r}"
-                )
+        given = options or SyncOptions()
         self.options = inner_options(optimizer, given, "FaultTolerantSync", "replica groups")
         groups = optimizer.param_groups
         self.optimizer = optimizer
@@ -318,6 +348,12 @@ class FaultTolerantSync:
         if len({(p.dtype, p.device) for p in self.params}) > 1:
             raise ValueError("FaultTolerantSync needs all parameters in one dtype on one device")
         self.numel = sum(p.numel() for p in self.params)
+        self.local_group = local_group
+        self.local_rank, self.local_size = _local_rank_and_size(local_group)
+        self.span = -(-self.numel // self.local_size)
+        """Values each process exchanges with the other groups: its chunk of the weights."""
+        self.padded = self.span * self.local_size
+        self._chunk = slice(self.local_rank * self.span, (self.local_rank + 1) * self.span)
         self.buffers = list(buffers or [])
         if self.options.buffer_policy == "broadcast" and self.buffers:
             raise ValueError(
@@ -337,7 +373,9 @@ class FaultTolerantSync:
             if self.params[0].dtype == torch.float32
             else None
         )
-        self._slow = self._flatten()
+        # (padded,), or this process's chunk (span,) with shard_slow; the padding stays 0
+        slow = self._flatten()
+        self._slow = slow[self._chunk].clone() if self.options.shard_slow else slow
         self._momentum = torch.zeros_like(self._slow) if self.options.outer_momentum > 0 else None
         self.process_group = process_group or getattr(manager, "rangerdl_process_group", None)
         payload = self.options.compression
@@ -353,7 +391,7 @@ class FaultTolerantSync:
             )
         # error feedback: what this group's payloads lost, (n,) fp32
         feedback = self._codec is not None and self.options.error_feedback
-        self._residual = torch.zeros(self.numel, device=self._slow.device) if feedback else None
+        self._residual = torch.zeros(self.span, device=self._slow.device) if feedback else None
         self._buffers: dict[str, Tensor] = {}  # the compressed sync's work buffers, kept
         self.user_state = user_state
         """``(state_dict, load_state_dict)`` of what else a healed group needs (may be set after
@@ -407,8 +445,9 @@ class FaultTolerantSync:
         return self.sync()
 
     def slow_weights(self) -> list[tuple[Tensor, Tensor]]:
-        """``(parameter, slow weights)`` for every parameter: the model worth evaluating."""
-        return list(zip(self.params, self._views(self._slow), strict=True))
+        """``(parameter, slow weights)`` for every parameter: the model worth evaluating (with
+        ``shard_slow`` in a group of several processes, a collective: every rank calls it)."""
+        return list(zip(self.params, self._views(self._full_slow()), strict=True))
 
     def close(self) -> None:
         """Detach from the optimizer (the manager is the caller's to shut down). An overlapped
@@ -422,7 +461,8 @@ class FaultTolerantSync:
                 pending.work.wait()
 
     def state_dict(self) -> dict[str, Any]:
-        """The outer state for a checkpoint: slow weights ``(n,)``, outer momentum, the step
+        """The outer state for a checkpoint: slow weights ``(n,)`` (zero-padded to a multiple of
+        the group's processes, or this process's chunk with ``shard_slow``), outer momentum, the step
         clock, the counters and the manager's step (so that a group restored from an older
         checkpoint than its peers' heals from them), and an overlapped sync in flight: waited
         for and decided (committed or not) now, so that its merge resumes identically. Also
@@ -501,14 +541,18 @@ class FaultTolerantSync:
             raise ValueError(
                 f"the saved overlapped sync has keys {got}, expected {sorted(expected)}"
             )
-        for name in ("snapshot", "estimate", "target", "residual"):
+        shapes = {
+            "snapshot": (self.padded,),
+            "estimate": (self.padded,),
+            "target": tuple(self._slow.shape),
+            "residual": (self.span,),
+        }
+        for name, shape in shapes.items():
             value = saved[name]
-            if value is not None and (
-                not isinstance(value, Tensor) or value.shape != self._slow.shape
-            ):
+            if value is not None and (not isinstance(value, Tensor) or value.shape != shape):
                 raise ValueError(
-                    f"the saved overlapped sync's {name} is not a tensor of shape "
-                    f"{tuple(self._slow.shape)}: not this model"
+                    f"the saved overlapped sync's {name} is not a tensor of shape {shape}: not "
+                    "this model"
                 )
         return _InFlight(work=None, decided=True, **saved)
 
@@ -629,15 +673,15 @@ class FaultTolerantSync:
         if self._digests is not None:
             side[nb:] = self._digests
         size = self._world_size()
-        if self._codec is None:  # one all-reduce: [parameters | side]
-            n = self.numel
+        if self._codec is None:  # one all-reduce: [parameters (this process's chunk) | side]
+            n = self.span
             flat = self._buffer("flat", (n + side.numel(),), self._slow.dtype)
-            self._flatten(flat[:n])
+            side = self._own_weights(flat[:n], side)
             flat[n:] = side
             work = self.manager.allreduce(flat)
             sent = ring_bytes(flat.numel(), flat.element_size(), size)
         else:  # one all-gather: [header | side | this group's encoded pseudo-gradient]
-            work, sent = self._launch_compressed(side, size)
+            work, sent, side = self._launch_compressed(side, size)
         pending = _InFlight(
             work=work,
             launched_at=self.step,  # after the quorum: a heal sets the step
@@ -647,7 +691,7 @@ class FaultTolerantSync:
             participating=bool(self.manager.is_participating()),
         )
         if overlapped:
-            pending.snapshot = self._flatten()
+            pending.snapshot = self._flatten()  # (shard_slow, which needs the whole, is blocking)
             if self.options.eager:
                 estimate = self._slow.clone()
                 momentum = None if self._momentum is None else self._momentum.clone()
@@ -676,11 +720,15 @@ class FaultTolerantSync:
             assert pending.work is not None
             pending.work.wait()
             flat = self._buffers["flat"]
-            target, side_mean = flat[: self.numel], flat[self.numel :]
+            target, side_mean = flat[: self.span], flat[self.span :]
         else:
             target, side_mean = self._finish_compressed(pending)
         pending.work = None
+        # every process of this group votes; all commit or none do
         committed = bool(self.manager.should_commit()) and target is not None
+        if committed and self.local_size > 1 and not self.options.shard_slow:
+            assert target is not None  # the whole mean: each process holds one chunk of it
+            target = self._gather_chunks(target)
         if committed and self._digests is not None:
             # only a completed exchange holds the mean digests: one a group died in holds
             # partial sums, which must not read as another config
@@ -717,12 +765,13 @@ class FaultTolerantSync:
             )
             if pending.residual is not None and self._residual is not None:
                 self._residual.copy_(pending.residual)
+            slow = self._full_slow()
             if not moved:  # nothing trained since the launch: exactly the slow weights
-                self._set_params(self._slow)
+                self._set_params(slow)
             else:  # trained on from the estimate (eager) or the launch's weights
                 base = pending.estimate if pending.estimate is not None else pending.snapshot
                 assert base is not None
-                self._set_params(self._flatten().add_(self._slow.sub(base)))
+                self._set_params(self._flatten().add_(slow.sub(base)))
             offset = 0
             for b in self._averaged:
                 b.copy_(pending.side_mean[offset : offset + b.numel()].view_as(b))
@@ -744,21 +793,22 @@ class FaultTolerantSync:
             )
         return pending.committed
 
-    def _launch_compressed(self, side: Tensor, size: int) -> tuple[Any, int]:
+    def _launch_compressed(self, side: Tensor, size: int) -> tuple[Any, int, Tensor]:
         """Encode this group's row and start its all-gather: the wrapped future (``None`` when
-        the manager had already failed, or the start did) and the bytes handed to it.
+        the manager had already failed, or the start did), the bytes handed to it and ``side``
+        as sent (a group of several processes sends their mean).
 
         Each of the ``size`` groups sends one row of bytes: ``HEADER`` (byte 0: 1 when it takes
         part, 0 when it is healing), ``side`` as fp32 (padded to 16 bytes), then its encoded
         pseudo-gradient (:meth:`_finish_compressed` decodes them)."""
         from torch.distributed.distributed_c10d import AllgatherOptions
 
-        codec, n = self._codec, self.numel
+        codec, n = self._codec, self.span
         assert codec is not None and self.process_group is not None
-        t0 = time.perf_counter()
         delta = self._buffer("delta", (1, n), torch.float32)
-        self._flatten(delta.view(-1))
-        delta.view(-1).sub_(self._slow)
+        side = self._own_weights(delta.view(-1), side)
+        t0 = time.perf_counter()
+        delta.view(-1).sub_(self._slow[self._chunk])
         if self._residual is not None:
             delta.view(-1).add_(self._residual)
         at = HEADER + -(-4 * side.numel() // 16) * 16  # where the payload starts
@@ -778,7 +828,7 @@ class FaultTolerantSync:
                 future = self.manager.wrap_future(work.get_future(), None)
             except Exception as e:  # a peer died: discard this sync everywhere
                 self.manager.report_error(e)
-        return future, (size - 1) * row.numel()
+        return future, (size - 1) * row.numel(), side
 
     def _finish_compressed(self, pending: _InFlight) -> tuple[Tensor | None, Tensor]:
         """The mean pseudo-gradient ``(n,)`` fp32 and the mean of ``side`` over the groups
@@ -810,7 +860,7 @@ class FaultTolerantSync:
             sides = rows[:, HEADER : HEADER + 4 * side.numel()].flatten().view(torch.float32)
             side_mean = sides.view(count, -1).sum(dim=0).div_(count).to(side.dtype)
         at = HEADER + -(-4 * side.numel() // 16) * 16
-        mean = codec.decode(rows[:, at:], self.numel).sum(dim=0).div_(count)
+        mean = codec.decode(rows[:, at:], self.span).sum(dim=0).div_(count)
         self.stats["codec_s"] += time.perf_counter() - t0
         return mean, side_mean
 
@@ -822,10 +872,41 @@ class FaultTolerantSync:
         return out
 
     def _flatten(self, out: Tensor | None = None) -> Tensor:
+        """The parameters, flat: into ``out`` (at least ``numel`` long), or a new ``(padded,)``
+        tensor, zero after ``numel``."""
         if out is None:
-            out = torch.empty(self.numel, dtype=self.params[0].dtype, device=self.params[0].device)
+            out = torch.zeros(self.padded, dtype=self.params[0].dtype, device=self.params[0].device)
         torch._foreach_copy_(list(self._views(out)), [p.detach() for p in self.params])
         return out
+
+    def _own_weights(self, out: Tensor, side: Tensor) -> Tensor:
+        """Write what this process sends to the other groups into ``out`` (``(span,)``): its
+        parameters, or in a group of several processes the group's mean of its chunk of them
+        (a reduce-scatter inside the group); returns ``side`` as sent: the group's mean."""
+        if self.local_size == 1:
+            self._flatten(out)
+            return side
+        flat = self._flatten().to(out.dtype)
+        blocking(reduce_scatter_single, [out, flat], out, flat, group=self.local_group)
+        out.div_(self.local_size)
+        if side.numel():
+            side = side.clone()
+            blocking(dist.all_reduce, [side], side, group=self.local_group)
+            side.div_(self.local_size)
+        return side
+
+    def _gather_chunks(self, chunk: Tensor) -> Tensor:
+        """Every process's ``(span,)`` chunk of this group, in rank order: ``(padded,)``."""
+        full = torch.empty(self.padded, dtype=chunk.dtype, device=chunk.device)
+        blocking(all_gather_single, [full, chunk], full, chunk, group=self.local_group)
+        return full
+
+    def _full_slow(self) -> Tensor:
+        """The slow weights ``(padded,)`` (with ``shard_slow``, gathered from the group's
+        processes: a collective)."""
+        if self.options.shard_slow and self.local_size > 1:
+            return self._gather_chunks(self._slow)
+        return self._slow
 
     def _set_params(self, flat: Tensor) -> None:
         torch._foreach_copy_([p.detach() for p in self.params], list(self._views(flat)))

@@ -39,6 +39,7 @@ __all__ = [
     "blocking",
     "broadcast_object",
     "hold",
+    "reduce_scatter_single",
     "settle",
     "use_counts",
 ]
@@ -53,6 +54,10 @@ _kept: list[Any] = []  # holds on tensors a worker thread did not let go of in t
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 """``torch.distributed.all_gather_single`` (newer torch, where ``all_gather_into_tensor``
 warns that it is deprecated), else ``all_gather_into_tensor``: the same collective."""
+
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+"""``torch.distributed.reduce_scatter_single`` (newer torch, where ``reduce_scatter_tensor``
+warns that it is deprecated), else ``reduce_scatter_tensor``: the same collective."""
 
 
 def hold(tensors: Sequence[Tensor]) -> Any:

@@ -695,7 +695,7 @@ class OuterSync:
         self._flatten_params(flat[: self.numel])
         flat = self._to_comm(flat)
         mean = self._to_comm(torch.empty(self.shard, dtype=self.dtype, device=self.device))
-        self._timed(dist.reduce_scatter_tensor, mean, flat)
+        self._timed(release.reduce_scatter_single, mean, flat)
         mean = mean.to(self.device).div_(self.world_size)
         self._outer_update(self._slow, mean, warm=self._warm(self.step))
         self._set_params(self._gather_slow())

@@ -202,9 +202,10 @@ class DistributedConfig(SyncOptions):
     ``post_local_sgd``: torch PostLocalSGDOptimizer (periodic model averaging)."""
     backend: str = "auto"
     """``auto`` (NCCL on CUDA, gloo on CPU), ``gloo`` or ``nccl`` (``torchrun``); ``torchft``:
-    one process per replica group, each started on its own with ``rangerdl train``; the outer
-    sync goes through a torchft Lighthouse, and groups that die and come back heal from a live
-    peer while the others train on (``rangerdl.distributed.ft``; ``pip install "rangerdl[ft]"``)."""
+    replica groups, each started on its own with ``rangerdl train`` (one process) or ``torchrun
+    ... -m rangerdl train`` (several, each a worker of its own); the outer sync goes through a
+    torchft Lighthouse, and groups that die and come back heal from a live peer while the others
+    train on (``rangerdl.distributed.ft``; ``pip install "rangerdl[ft]"``)."""
     timeout_s: float = 300.0
     """Collective timeout: a rank that stops answering fails the job instead of hanging it."""
     lighthouse: str = ""
@@ -215,8 +216,9 @@ class DistributedConfig(SyncOptions):
     global batch and its run folder (``NAME-group{i}``); a restarted group reuses it. ``-1``:
     ``$REPLICA_GROUP_ID``."""
     replica_groups: int = 0
-    """``backend = "torchft"``: how many replica groups share the data; group ``i`` reads the
-    ``i``-th ``batch_size / replica_groups`` samples of each global batch."""
+    """``backend = "torchft"``: how many replica groups share the data. With ``L`` processes
+    per group, rank ``r`` of group ``i`` reads the ``(i L + r)``-th ``batch_size /
+    (replica_groups L)`` samples of each global batch (one process: group ``i`` the ``i``-th)."""
     min_replicas: int = 1
     """``backend = "torchft"``: the fewest groups a sync may commit with."""
     quorum_timeout_s: float = 600.0
@@ -276,12 +278,6 @@ class DistributedConfig(SyncOptions):
                 "[distributed] backend = 'torchft' needs the Lighthouse's address: "
                 "--distributed.lighthouse=HOST:PORT (or TORCHFT_LIGHTHOUSE); start one with "
                 "`rangerdl lighthouse`"
-            )
-        if self.shard_slow:
-            raise ValueError(
-                "[distributed] shard_slow = true is not available with backend = 'torchft' (a "
-                "replica group is one process, which holds all the slow weights); leave it at "
-                "false"
             )
 
 

@@ -245,7 +245,7 @@ def _train(
         "samples_per_s": step * cfg.data.batch_size / max(total_time, 1e-9),
         "world_size": rt.world_size,
         **(
-            {"replica_group": shard, "replica_groups": shards}
+            {"replica_group": rt.replica_group, "replica_groups": rt.replica_groups}
             if rt.replica_group is not None
             else {}
         ),

@@ -179,6 +179,11 @@ def _fault_tolerant(cfg: Config, model: nn.Module, rt: Runtime) -> TrainOptimize
 
     d = cfg.distributed
     os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust logs: warnings only
+    local_group = None  # a replica group of several processes: its torchrun job's group
+    if rt.distributed:
+        import torch.distributed as dist
+
+        local_group = dist.group.WORLD
     manager = connect(
         d.lighthouse or os.environ["TORCHFT_LIGHTHOUSE"],
         f"group{rt.replica_group}",
@@ -187,12 +192,18 @@ def _fault_tolerant(cfg: Config, model: nn.Module, rt: Runtime) -> TrainOptimize
         timeout_s=d.timeout_s,
         quorum_timeout_s=d.quorum_timeout_s,
         device=rt.device,
+        local_group=local_group,
     )
     try:
         inner = make_optimizer(cfg.optim, model.parameters(), lookahead=False)
         options = d.resolved(k=cfg.optim.k, alpha=cfg.optim.alpha)
         sync = FaultTolerantSync(
-            inner, manager, options, agreement=cfg.rank_agreed(), buffers=model.buffers()
+            inner,
+            manager,
+            options,
+            agreement=cfg.rank_agreed(),
+            buffers=model.buffers(),
+            local_group=local_group,
         )
     except BaseException:
         manager.shutdown(wait=False)

@@ -40,8 +40,9 @@ class Runtime:
     device: torch.device
     backend: str | None
     replica_group: int | None = None
-    """``[distributed] backend = "torchft"``: this process's replica group (it is rank 0 of a
-    world of one here: its run folder, checkpoints and evaluation are its own)."""
+    """``[distributed] backend = "torchft"``: this process's replica group. ``rank`` and
+    ``world_size`` are then within the group (its ``torchrun`` job, or one process): the group's
+    run folder, checkpoints and evaluation are its own."""
     replica_groups: int = 1
 
     @property
@@ -51,9 +52,13 @@ class Runtime:
     @property
     def shard(self) -> tuple[int, int]:
         """``(index, count)`` of this process's share of each global batch: its rank among the
-        ranks, or (torchft) its replica group among the groups."""
+        ranks, or (torchft) rank ``r`` of replica group ``i`` of ``n`` groups of ``world_size``
+        processes each: ``(i * world_size + r, n * world_size)``."""
         if self.replica_group is not None:
-            return self.replica_group, self.replica_groups
+            return (
+                self.replica_group * self.world_size + self.rank,
+                self.replica_groups * self.world_size,
+            )
         return self.rank, self.world_size
 
     @property
@@ -155,11 +160,12 @@ def init_runtime(
     replica_group: tuple[int, int] | None = None,
 ) -> Runtime:
     """Single process, or one rank of a ``torchrun`` job (``RANK``/``WORLD_SIZE`` set), or
-    (``backend = "torchft"``) replica group ``replica_group = (i, n)`` of one process.
-    ``threads = 0``: :func:`default_threads`.
+    (``backend = "torchft"``) replica group ``replica_group = (i, n)``: one process, or a
+    ``torchrun`` job (its process group then joins the group's processes: gloo on CPU, NCCL on
+    CUDA). ``threads = 0``: :func:`default_threads`.
 
     Raises:
-        ValueError: CUDA asked for but missing; NCCL on CPU; torchft under torchrun.
+        ValueError: CUDA asked for but missing; NCCL on CPU.
     """
     if threads <= 0:
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -178,13 +184,13 @@ def init_runtime(
             dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
     if backend == "torchft":
-        if world_size > 1:
-            raise ValueError(
-                "[distributed] backend = 'torchft' runs one process per replica group: start "
-                "each group with `rangerdl train ... --distributed.replica_group=I`, not torchrun"
-            )
         assert replica_group is not None, "torchft needs the replica group"
-        return Runtime(0, 1, 0, dev, None, *replica_group)
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            return Runtime(0, 1, 0, dev, None, *replica_group)
+        local = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(local, timeout=datetime.timedelta(seconds=timeout_s))
+        rank, size = dist.get_rank(), dist.get_world_size()
+        return Runtime(rank, size, local_rank, dev, local, *replica_group)
     if world_size == 1 and "MASTER_ADDR" not in os.environ:
         return Runtime(0, 1, 0, dev, None)
     if backend == "auto":
