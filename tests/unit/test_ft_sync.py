@@ -441,3 +441,30 @@ def _step(net: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
         p.grad = (GRAD[offset : offset + p.numel()].view_as(p) * (1 + step % 3)).clone()
         offset += p.numel()
     opt.step()
+
+
+def test_a_peer_with_another_config_or_another_group_size_is_refused_before_anything_loads() -> (
+    None
+):
+    """A joining group compares the live peer's config values, and its number of processes,
+    before it takes anything: a group of another size would exchange chunks of other sizes."""
+    from rangerdl.distributed.ft import PROCESSES
+
+    _, peer = make(FakeManager())
+    net, joining = make(FakeManager())
+    with torch.no_grad():
+        for p in peer.params:
+            p.add_(1.0)
+    before = [p.detach().clone() for p in net.parameters()]
+    for change, named in (
+        ({PROCESSES: 2}, r"processes per replica group \(torchrun --nproc-per-node\) differ"),
+        ({"optim.lr": 0.5}, r"optim\.lr differ"),
+    ):
+        state = peer._heal_state()
+        state["agreement"] = {**state["agreement"], **change}
+        with pytest.raises(ValueError, match=named):
+            joining._load_heal_state(state)
+        assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before, strict=True))
+        assert joining.stats["healed"] == 0
+    joining._load_heal_state(peer._heal_state())  # the same config and size: taken
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), peer.params, strict=True))

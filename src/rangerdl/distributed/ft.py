@@ -86,6 +86,8 @@ INSTALL = (
     'torchft is not installed: pip install "rangerdl[ft]" (with your torch already installed; '
     "pip keeps it: torchft asks for torch >= 2.7)"
 )
+PROCESSES = "processes per replica group (torchrun --nproc-per-node)"
+"""The agreement key a group of several processes adds: their number."""
 HEADER = 16
 """Bytes at the start of a group's row in a compressed sync's all-gather: byte 0 says whether the
 group takes part; the averaged buffers and config digests follow (fp32, padded to 16 bytes), then
@@ -303,7 +305,8 @@ class FaultTolerantSync:
             :class:`OuterSync`).
         user_state: ``(state_dict, load_state_dict)`` callables for what else a healed group
             needs, e.g. the data position; their value must be tensors and plain types.
-        agreement: ``{key: value}`` every group must share (a training config): a digest of
+        agreement: ``{key: value}`` every group must share (a training config; a group of
+            several processes adds their number): a digest of
             each value (20 bits, fp32 parameters only) travels with every sync's all-reduce, and
             a sync whose mean digest differs from this group's raises ``ValueError`` naming the
             keys; a group that heals compares the values themselves (tensors and plain types
@@ -368,6 +371,8 @@ class FaultTolerantSync:
         self._buffer_numel = sum(b.numel() for b in self._averaged)
         self.step = 0
         self._agreement = dict(agreement or {})
+        if self.local_size > 1:  # every group must cut the weights into as many chunks
+            self._agreement[PROCESSES] = self.local_size
         self._digests = (
             _digests(self._agreement, self.params[0].device)
             if self.params[0].dtype == torch.float32
