@@ -5,6 +5,7 @@ the peer trains on; both end with the same slow weights, bit for bit."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import os
@@ -36,10 +37,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def lighthouse() -> Iterator[str]:
+@contextlib.contextmanager
+def serve_lighthouse(min_replicas: int = 1) -> Iterator[str]:
+    """A Lighthouse on a free port; its address. ``min_replicas``: a quorum waits for that many
+    groups (so that groups that start apart cannot form quorums of their own)."""
     address = f"127.0.0.1:{free_port()}"
-    cmd = [str(RANGERDL), "lighthouse", f"--bind={address}", "--min-replicas=1"]
+    cmd = [str(RANGERDL), "lighthouse", f"--bind={address}", f"--min-replicas={min_replicas}"]
     cmd += ["--join-timeout-ms=1000", "--heartbeat-timeout-ms=2000"]
     proc = subprocess.Popen(
         cmd, env=QUIET, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -50,6 +53,12 @@ def lighthouse() -> Iterator[str]:
     yield address
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0
+
+
+@pytest.fixture
+def lighthouse() -> Iterator[str]:
+    with serve_lighthouse() as address:
+        yield address
 
 
 def group(

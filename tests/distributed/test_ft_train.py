@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_distributed_train import cache  # noqa: F401 - the fixture
-from test_ft import lighthouse  # noqa: F401 - the fixture
+from test_ft import lighthouse, serve_lighthouse  # noqa: F401 - the fixture
 
 pytest.importorskip("torchft")
 
@@ -233,7 +233,6 @@ def run_groups(procs: list[subprocess.Popen[str]]) -> str:
 @pytest.mark.long
 def test_replica_groups_of_several_processes(
     cache: Path,  # noqa: F811
-    lighthouse: str,  # noqa: F811
     tmp_path: Path,
 ) -> None:
     """Two groups of two processes (torchrun jobs): each process a worker on its own quarter of
@@ -241,53 +240,45 @@ def test_replica_groups_of_several_processes(
     four groups of one process (the mean summed in another order: equal to rounding);
     ``shard_slow`` the same bit for bit, and it resumes bit for bit from per-process chunks;
     int4 with overlap and eager ends on one model and resumes bit for bit with a sync in flight.
-    An MLP of 2485 parameters: chunks of 1243, the last one padded."""
+    An MLP of 2485 parameters: chunks of 1243, the last one padded. Each Lighthouse waits for
+    every group, so that no group that starts late syncs alone."""
     runs = tmp_path / "runs"
     base = ["--model.args.hidden=33", "--train.steps=18"]
-    # 4 processes at once on each side; the 2x2 pairs start together
-    said = run_groups(
-        [start_torchrun(cache, lighthouse, runs, i, *base, "--run.name=plain") for i in range(2)]
-    )
-    plain = model_at(runs / "plain-group0", 18)
-    assert same(plain, model_at(runs / "plain-group1", 18)), said
-    s = summary(runs / "plain-group1")
-    assert (s["replica_group"], s["replica_groups"], s["world_size"]) == (1, 2, 2), said
-    assert s["comm/syncs"] == 5 and s["comm/discarded"] == 0, said
-    flat = [
-        start(
-            cache, lighthouse, runs, i, *base, "--run.name=flat", "--distributed.replica_groups=4"
-        )
-        for i in range(4)
-    ]
-    said = run_groups(flat)
-    alone = model_at(runs / "flat-group3", 18)
-    for key, value in plain.items():
-        torch.testing.assert_close(value, alone[key], rtol=1e-5, atol=1e-6, msg=said)
-    # each process sends its chunk, about half the bytes of a group of one
-    assert s["comm/bytes"] < 0.6 * summary(runs / "flat-group0")["comm/bytes"], said
 
-    def parts(name: str, *extra: str) -> str:
+    def pair(address: str, *args: str) -> str:
+        return run_groups([start_torchrun(cache, address, runs, i, *args) for i in range(2)])
+
+    def parts(address: str, name: str, *extra: str) -> str:
         for stop in (["--train.stop_at=8"], []):
-            args = [*base, f"--run.name={name}", *extra, *stop]
-            said = run_groups([start_torchrun(cache, lighthouse, runs, i, *args) for i in range(2)])
+            said = pair(address, *base, f"--run.name={name}", *extra, *stop)
             assert not stop or "stopped at step 8" in said, said
         assert "resuming" in said, said
         return said
 
-    said = parts("sharded", "--distributed.shard_slow=true")
-    for index in range(2):
-        assert same(model_at(runs / f"sharded-group{index}", 18), plain), said
+    with serve_lighthouse(min_replicas=2) as two, serve_lighthouse(4) as four:
+        said = pair(two, *base, "--run.name=plain")
+        plain = model_at(runs / "plain-group0", 18)
+        assert same(plain, model_at(runs / "plain-group1", 18)), said
+        s = summary(runs / "plain-group1")
+        assert (s["replica_group"], s["replica_groups"], s["world_size"]) == (1, 2, 2), said
+        assert s["comm/syncs"] == 5 and s["comm/discarded"] == 0, said
+        flat = ["--run.name=flat", "--distributed.replica_groups=4"]
+        said = run_groups([start(cache, four, runs, i, *base, *flat) for i in range(4)])
+        alone = model_at(runs / "flat-group3", 18)
+        for key, value in plain.items():
+            torch.testing.assert_close(value, alone[key], rtol=1e-5, atol=1e-6, msg=said)
+        # each process sends its chunk, about half the bytes of a group of one
+        assert s["comm/bytes"] < 0.6 * summary(runs / "flat-group0")["comm/bytes"], said
 
-    packed = ["--distributed.compression=int4", *OVERLAP]
-    said = run_groups(
-        [
-            start_torchrun(cache, lighthouse, runs, i, *base, "--run.name=packed", *packed)
-            for i in range(2)
-        ]
-    )
-    whole = model_at(runs / "packed-group0", 18)
-    assert same(whole, model_at(runs / "packed-group1", 18)), said
-    said = parts("resumed", *packed)
+        said = parts(two, "sharded", "--distributed.shard_slow=true")
+        for index in range(2):
+            assert same(model_at(runs / f"sharded-group{index}", 18), plain), said
+
+        packed = ["--distributed.compression=int4", *OVERLAP]
+        said = pair(two, *base, "--run.name=packed", *packed)
+        whole = model_at(runs / "packed-group0", 18)
+        assert same(whole, model_at(runs / "packed-group1", 18)), said
+        said = parts(two, "resumed", *packed)
     saved = runs / "resumed-group1" / "checkpoints" / "step-8" / "state-rank1.pt"
     assert "pending" in torch.load(saved, weights_only=True)["optimizer"]["outer"], said
     for index in range(2):
