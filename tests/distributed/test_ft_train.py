@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -285,6 +286,15 @@ def test_replica_groups_of_several_processes(
         assert same(model_at(runs / f"resumed-group{index}", 18), whole), said
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
 def worker_pid(agent: subprocess.Popen[str], local_rank: int) -> int:
     """The pid of the torchrun agent's worker with ``LOCAL_RANK=local_rank``."""
     for task in Path(f"/proc/{agent.pid}/task").iterdir():
@@ -302,9 +312,11 @@ def test_a_worker_killed_in_a_group_of_several_restarts_its_group_which_heals(
     lighthouse: str,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    """Rank 1 of group 1 (a torchrun job with ``--max-restarts=1``) killed with SIGKILL: torchrun
-    stops and restarts the group, each of its processes heals from the same rank of group 0,
-    which trains on; both groups end on one model."""
+    """Rank 1 of group 1 (a torchrun job with ``--max-restarts=1``) killed with SIGKILL: its
+    rank 0 ends at once (torchrun would give it 30 s after a SIGTERM, all the while keeping the
+    group in the quorum), torchrun restarts the group, each of its processes heals from the same
+    rank of group 0, which trains on, pausing no longer than the heartbeat timeout and a restart
+    of the quorum; both groups end on one model."""
     runs = tmp_path / "runs"
     args = ["--run.name=kill", "--train.steps=6000", "--train.log_every=10"]
     a = start_torchrun(cache, lighthouse, runs, 0, *args)
@@ -317,7 +329,12 @@ def test_a_worker_killed_in_a_group_of_several_restarts_its_group_which_heals(
         if found and int(found.group(1)) >= 40:
             break
     assert b.poll() is None, "".join(seen[-30:])
+    survivor = worker_pid(b, 0)
     os.kill(worker_pid(b, 1), signal.SIGKILL)
+    killed = time.monotonic()
+    while running(survivor) and time.monotonic() - killed < 40:
+        time.sleep(0.05)
+    ended_after = time.monotonic() - killed
     out_b, out_a = finish(b), finish(a)
     said = f"{out_a[-2000:]}\n{''.join(seen[-20:])}{out_b[-3000:]}"
     sa, sb = summary(runs / "kill-group0"), summary(runs / "kill-group1")
@@ -326,3 +343,6 @@ def test_a_worker_killed_in_a_group_of_several_restarts_its_group_which_heals(
     assert sa["comm/discarded"] <= 1, said
     assert same(model_at(runs / "kill-group0", 6000), model_at(runs / "kill-group1", 6000)), said
     assert sa["val/loss"] == sb["val/loss"], said
+    # rank 0 of group 1 (blocked in a quorum that waits for its dead rank 1, where no signal
+    # handler runs) ended long before torchrun's 30 s
+    assert ended_after < 10, f"group 1's rank 0 lived {ended_after:.1f} s\n{said}"

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +133,68 @@ def test_train_config_for_torchft_needs_the_lighthouse_and_the_group(
     monkeypatch.setenv("REPLICA_GROUP_ID", "7")
     with pytest.raises(ValueError, match=r"REPLICA_GROUP_ID='7'"):
         cfg.distributed.group_index()
+
+
+def test_a_process_whose_group_peer_died_ends_at_once(tmp_path: Path) -> None:
+    """A process of a replica group of several (a torchrun job) whose peer on the host died
+    ends at once, with the reason, instead of waiting where no signal handler runs (a quorum
+    that waits for the dead peer) for torchrun's SIGKILL 30 s later, the group held in the
+    quorum all the while. Here the main thread sleeps in C, as it would in torchft's quorum."""
+    pytest.importorskip("torchft")
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    script = tmp_path / "watched.py"
+    script.write_text(
+        "import logging, sys, time\n"
+        "from unittest import mock\n"
+        "from rangerdl.distributed import ft\n"
+        "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')\n"
+        "gathered = [('host', int(sys.argv[1])), ('host', 0)]\n"
+        "with mock.patch('socket.gethostname', return_value='host'), \\\n"
+        "        mock.patch('os.getpid', return_value=0), \\\n"
+        "        mock.patch('rangerdl.distributed.release.all_gather_object', "
+        "return_value=gathered):\n"
+        "    watch = ft._PeerWatch(local_group=None)\n"
+        "print('watching', watch.pids, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(peer.pid)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == f"watching [{peer.pid}]\n"
+        peer.kill()
+        killed = time.monotonic()
+        out, _ = proc.communicate(timeout=20)
+        assert time.monotonic() - killed < 5, out
+        assert proc.returncode == 1, out
+        assert f"process {peer.pid} of this replica group has died" in out, out
+    finally:
+        for p in (peer, proc):
+            p.kill()
+            p.wait()
+
+
+def test_a_closed_watch_lets_the_peers_end() -> None:
+    pytest.importorskip("torchft")
+    from unittest import mock
+
+    from rangerdl.distributed import ft
+
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gathered = [("host", peer.pid), ("host", 0)]
+    with (
+        mock.patch("socket.gethostname", return_value="host"),
+        mock.patch("os.getpid", return_value=0),
+        mock.patch("rangerdl.distributed.release.all_gather_object", return_value=gathered),
+    ):
+        watch = ft._PeerWatch(local_group=None)
+    assert watch.pids == [peer.pid]
+    watch.close()  # what FaultTolerantSync.close() does before the processes end normally
+    peer.kill()
+    peer.wait()
+    time.sleep(0.5)  # this process is still here
+    assert not ft._alive(peer.pid)

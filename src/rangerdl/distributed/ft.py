@@ -48,7 +48,10 @@ process), and the group all-gathers the mean chunks inside it; with ``shard_slow
 keeps only chunk ``r`` of the slow weights and outer momentum, and all-gathers the new slow
 weights instead. torchft asks every rank of a group to commit, and commits only when all of them
 can, so a group applies a sync on all its ranks or on none; a healing group's rank ``r`` heals
-from rank ``r`` of a live group.
+from rank ``r`` of a live group. When one process of a group dies, torchrun ends and restarts the
+whole group; its other processes on the host end at once rather than wait for that (torchrun
+gives a process 30 s after its SIGTERM, and while one of them is alive the group stays in the
+quorum, so the live groups would wait for it).
 
 References: torchft (github.com/pytorch/torchft, ``torchft.local_sgd.DiLoCo`` and ``Manager``);
 DiLoCo, Douillard et al. 2023 (arXiv 2311.08105); Lookahead, Zhang et al. 2019.
@@ -61,10 +64,13 @@ import copy
 import dataclasses
 import hashlib
 import logging
+import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -205,6 +211,59 @@ def connect(
     manager.rangerdl_store = store  # the store must outlive the manager's clients
     manager.rangerdl_process_group = pg  # the compressed syncs' all-gather runs on it
     return manager
+
+
+class _PeerWatch:
+    """Ends this process at once when another process of its replica group on this host has
+    died (the group is lost: torchrun will end and restart it). A daemon thread looks every
+    ``interval_s``; :meth:`close` stops it (before the processes may end normally).
+
+    Made by every process of the group together (an all-gather of host names and pids)."""
+
+    def __init__(self, local_group: Any, interval_s: float = 0.1) -> None:
+        from rangerdl.distributed.release import all_gather_object
+
+        me = (socket.gethostname(), os.getpid())
+        everyone = all_gather_object(me, group=local_group)
+        self.pids = [pid for host, pid in everyone if host == me[0] and pid != me[1]]
+        self._interval_s = interval_s
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="rangerdl-peer-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._closed.wait(self._interval_s):
+            gone = [pid for pid in self.pids if not _alive(pid)]
+            if gone and not self._closed.is_set():
+                log.error(
+                    "process %d of this replica group has died: the group is lost (torchrun "
+                    "restarts it, and it heals from a live group); ending this process now",
+                    gone[0],
+                )
+                for handler in logging.getLogger().handlers:
+                    with contextlib.suppress(Exception):
+                        handler.flush()
+                os._exit(1)
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        # /proc/PID/stat: "PID (COMM) STATE ...", COMM may hold spaces and parentheses
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] not in "ZX"
+    return True
 
 
 def _local_rank_and_size(local_group: Any) -> tuple[int, int]:
@@ -407,6 +466,7 @@ class FaultTolerantSync:
         self._healing = False
         self._pending: _InFlight | None = None  # an overlapped sync between launch and merge
         manager.register_state_dict_fn("rangerdl", self._load_heal_state, self._heal_state)
+        self._peers = _PeerWatch(local_group) if self.local_size > 1 else None
         self._hooks = [
             optimizer.register_step_post_hook(lambda *_: self.after_step()),
             optimizer.register_state_dict_post_hook(self._state_dict_hook),
@@ -460,6 +520,8 @@ class FaultTolerantSync:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self._peers is not None:  # the group's processes may end normally from here on
+            self._peers.close()
         pending, self._pending = self._pending, None
         if pending is not None and pending.work is not None:
             with contextlib.suppress(Exception):  # a peer died mid-sync: nothing to merge
