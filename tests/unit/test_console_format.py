@@ -73,3 +73,24 @@ def test_summary_formats_and_compares_with_ddp() -> None:
     ddp = ring_bytes(1_000_000, 4, 2) * 600
     assert f"DDP would have sent {format_bytes(ddp)} per rank, {ddp / 400e6:.1f}x as many" in text
     assert ".0000" not in text
+
+
+def test_a_torchft_summary_compares_with_ddp_over_every_groups_workers() -> None:
+    """A replica group's ``world_size`` is its own processes: DDP would all-reduce across the
+    workers of every group (here 3 groups of one process, where the group alone is one)."""
+    summary = {
+        "run_dir": "runs/x-group1",
+        "checkpoint": "runs/x-group1/checkpoints/step-600",
+        "step": 600,
+        "train_time_s": 11.2,
+        "samples_per_s": 3456.7,
+        "world_size": 1,
+        "replica_group": 1,
+        "replica_groups": 3,
+        "model/params": 1_000_000,
+        "comm/bytes": 100e6,
+    }
+    text = format_summary(summary)
+    assert "replica_groups  3" in text, text
+    ddp = ring_bytes(1_000_000, 4, 3) * 600
+    assert f"DDP would have sent {format_bytes(ddp)} per rank, {ddp / 100e6:.1f}x as many" in text

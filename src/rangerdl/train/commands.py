@@ -118,15 +118,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         "train_time_s",
         "samples_per_s",
         "world_size",
+        *(["replica_groups"] if "replica_groups" in summary else []),
     ]
     from rangerdl.train.metrics import ddp_bytes_per_step, format_bytes, format_value
 
     width = max(len(k) for k in keys)
     lines = ["", "summary", "-" * (width + 16)]
     lines += [f"{k:<{width}}  {format_value(k, summary[k])}" for k in keys]
-    params, world_size = summary.get("model/params"), summary["world_size"]
-    if params and world_size > 1 and "comm/bytes" in summary:
-        ddp = ddp_bytes_per_step(int(params), world_size) * summary["step"]
+    params = summary.get("model/params")
+    workers = summary["world_size"] * summary.get("replica_groups", 1)  # torchft: every group's
+    if params and workers > 1 and "comm/bytes" in summary:
+        ddp = ddp_bytes_per_step(int(params), workers) * summary["step"]
         lines.append(
             f"{'':<{width}}  (DDP would have sent {format_bytes(ddp)} per rank, "
             f"{ddp / max(summary['comm/bytes'], 1):.1f}x as many bytes)"

@@ -129,7 +129,7 @@ def _train(
         start_step=step,
         config=cfg.to_dict(),
     )
-    metrics.describe_model(model, rt.world_size)
+    metrics.describe_model(model, shards)  # every worker, of every replica group
     loader = torch.utils.data.DataLoader(
         train_ds,
         batch_sampler=sampler,
