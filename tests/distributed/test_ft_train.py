@@ -76,6 +76,32 @@ def summary(run: Path) -> dict[str, float]:
     return json.loads((run / "summary.json").read_text())
 
 
+def read_until_step(proc: subprocess.Popen[str], step: int, steps: int) -> list[str]:
+    """``proc``'s output up to its first line that logs step ``step`` (of ``steps``) or later;
+    asserts that it still runs then."""
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        found = re.search(rf"step (\d+)/{steps}", line)
+        if found and int(found.group(1)) >= step:
+            break
+    assert proc.poll() is None, "".join(seen[-30:])
+    return seen
+
+
+def healed_onto_one_model(runs: Path, said: str) -> None:
+    """Group 1 (killed, started again) healed once from group 0, which never healed; both ended
+    at step 6000 with at most the sync it died in discarded, on the same slow weights (a
+    BatchNorm-free MLP: the same model) and the same final loss."""
+    sa, sb = summary(runs / "kill-group0"), summary(runs / "kill-group1")
+    assert sb["comm/healed"] == 1 and sa["comm/healed"] == 0, said
+    assert sa["step"] == sb["step"] == 6000, said
+    assert sa["comm/discarded"] <= 1, said
+    assert same(model_at(runs / "kill-group0", 6000), model_at(runs / "kill-group1", 6000)), said
+    assert sa["val/loss"] == sb["val/loss"], said
+
+
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -156,26 +182,13 @@ def test_killed_group_restarted_by_the_same_command_heals_from_its_peer(
     ]
     a = start(cache, lighthouse, runs, 0, *args)
     b = start(cache, lighthouse, runs, 1, *args)
-    assert b.stdout is not None
-    seen = []
-    for line in b.stdout:
-        seen.append(line)
-        found = re.search(r"step (\d+)/6000", line)
-        if found and int(found.group(1)) >= 40:
-            break
-    assert b.poll() is None, "".join(seen[-30:])
+    read_until_step(b, 40, 6000)
     b.kill()
     b.wait()
     out_b = finish(start(cache, lighthouse, runs, 1, *args))
     out_a = finish(a)
     said = f"{out_a[-2000:]}\n{out_b[-2000:]}"
-    sa, sb = summary(runs / "kill-group0"), summary(runs / "kill-group1")
-    assert sb["comm/healed"] == 1 and sa["comm/healed"] == 0, said
-    assert sa["step"] == sb["step"] == 6000, said
-    assert sa["comm/discarded"] <= 1, said
-    # the same slow weights (and BatchNorm-free MLP: the same model) after the final sync
-    assert same(model_at(runs / "kill-group0", 6000), model_at(runs / "kill-group1", 6000)), said
-    assert sa["val/loss"] == sb["val/loss"], said
+    healed_onto_one_model(runs, said)
     # the healed group's data position and schedule are its peer's: it logged the peer's steps
     logged = [int(s) for s in re.findall(r"step (\d+)/6000", out_b)]
     assert logged and logged[-1] == 6000, said
@@ -321,14 +334,7 @@ def test_a_worker_killed_in_a_group_of_several_restarts_its_group_which_heals(
     args = ["--run.name=kill", "--train.steps=6000", "--train.log_every=10"]
     a = start_torchrun(cache, lighthouse, runs, 0, *args)
     b = start_torchrun(cache, lighthouse, runs, 1, *args, restarts=1)
-    assert b.stdout is not None
-    seen = []
-    for line in b.stdout:
-        seen.append(line)
-        found = re.search(r"step (\d+)/6000", line)
-        if found and int(found.group(1)) >= 40:
-            break
-    assert b.poll() is None, "".join(seen[-30:])
+    seen = read_until_step(b, 40, 6000)
     survivor = worker_pid(b, 0)
     os.kill(worker_pid(b, 1), signal.SIGKILL)
     killed = time.monotonic()
@@ -337,12 +343,7 @@ def test_a_worker_killed_in_a_group_of_several_restarts_its_group_which_heals(
     ended_after = time.monotonic() - killed
     out_b, out_a = finish(b), finish(a)
     said = f"{out_a[-2000:]}\n{''.join(seen[-20:])}{out_b[-3000:]}"
-    sa, sb = summary(runs / "kill-group0"), summary(runs / "kill-group1")
-    assert sb["comm/healed"] == 1 and sa["comm/healed"] == 0, said
-    assert sa["step"] == sb["step"] == 6000, said
-    assert sa["comm/discarded"] <= 1, said
-    assert same(model_at(runs / "kill-group0", 6000), model_at(runs / "kill-group1", 6000)), said
-    assert sa["val/loss"] == sb["val/loss"], said
+    healed_onto_one_model(runs, said)
     # rank 0 of group 1 (blocked in a quorum that waits for its dead rank 1, where no signal
     # handler runs) ended long before torchrun's 30 s
     assert ended_after < 10, f"group 1's rank 0 lived {ended_after:.1f} s\n{said}"

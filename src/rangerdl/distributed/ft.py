@@ -78,6 +78,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from rangerdl._lock import pid_alive
 from rangerdl.distributed.compression import Codec
 from rangerdl.distributed.cost import ring_bytes
 from rangerdl.distributed.options import SyncOptions
@@ -253,12 +254,8 @@ class _PeerWatch:
 
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     with contextlib.suppress(OSError, IndexError):
         # /proc/PID/stat: "PID (COMM) STATE ...", COMM may hold spaces and parentheses
         stat = Path(f"/proc/{pid}/stat").read_text()
