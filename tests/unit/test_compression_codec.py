@@ -155,6 +155,18 @@ def test_encode_gives_back_the_decoded_payload_bit_for_bit(
     codec.encode(x, out=out, dequantized=dequantized, residual=residual)
     assert torch.equal(_bits(residual), _bits(x - decoded))
     assert torch.equal(_bits(dequantized), _bits(decoded))
+    # topk: in place (x becomes the residual), with a scratch buffer to spare; others refuse it
+    in_place, scratch = x.clone(), torch.full_like(x, float("nan"))
+    if name != "topk":
+        with pytest.raises(ValueError, match="residual may be x itself with topk"):
+            codec.encode(in_place, out=out, residual=in_place)
+        return
+    assert codec.encode(in_place, out=out, residual=in_place, scratch=scratch) is out
+    assert torch.equal(out, payload)
+    assert torch.equal(_bits(in_place), _bits(x - decoded))
+    in_place = x.clone()  # no scratch given: one of its own
+    codec.encode(in_place, out=out, residual=in_place)
+    assert torch.equal(out, payload) and torch.equal(_bits(in_place), _bits(x - decoded))
 
 
 @pytest.mark.parametrize("name", PAYLOADS)

@@ -104,6 +104,7 @@ class Codec:
         out: Tensor | None = None,
         dequantized: Tensor | None = None,
         residual: Tensor | None = None,
+        scratch: Tensor | None = None,
     ) -> Tensor:
         """Encode each row of ``x``.
 
@@ -118,7 +119,11 @@ class Codec:
             residual: ``(rows, numel)`` float32 on ``x``'s device, not overlapping ``x`` or
                 ``dequantized``: receives ``x`` minus what :meth:`decode` of the payload
                 returns, bit for bit (the error-feedback residual). ``topk`` writes it without
-                the dense decoded values: ``x`` itself but at the values sent.
+                the dense decoded values: ``x`` itself but at the values sent; there it may be
+                ``x`` itself (the same tensor), which then becomes the residual in place.
+            scratch: ``(rows, numel)`` float32 on ``x``'s device, overlapping none of the
+                others, that the encoding may overwrite (default: ``dequantized``'s or
+                ``residual``'s buffer, or a new tensor).
 
         Returns:
             The payload: ``out``, or a new ``(rows, nbytes(numel))`` uint8 tensor.
@@ -131,15 +136,22 @@ class Codec:
             out = torch.empty(shape, dtype=torch.uint8, device=x.device)
         elif out.shape != shape or out.dtype != torch.uint8:
             raise ValueError(f"out must be {shape} uint8, got {out.dtype} {tuple(out.shape)}")
-        for name, given in (("dequantized", dequantized), ("residual", residual)):
+        if residual is x and (self.compression != "topk" or not x.is_contiguous()):
+            raise ValueError(
+                f"residual may be x itself with topk and a contiguous x only, not "
+                f"{self.compression!r}"
+            )
+        given_buffers = (("dequantized", dequantized), ("residual", residual), ("scratch", scratch))
+        for name, given in given_buffers:
             if given is not None and (given.shape != x.shape or given.dtype != torch.float32):
                 raise ValueError(
                     f"{name} must be {tuple(x.shape)} float32, got "
                     f"{given.dtype} {tuple(given.shape)}"
                 )
-        x = x.contiguous()
+        if residual is not x:
+            x = x.contiguous()
         if self.compression == "topk":
-            self._encode_topk(x, out, dequantized, residual)
+            self._encode_topk(x, out, dequantized, residual, scratch)
             return out
         # the decoded values, in the residual's buffer when they are not asked for
         decoded = dequantized if dequantized is not None else residual
@@ -251,12 +263,20 @@ class Codec:
 
     # ------------------------------------------------------------------ top-k
     def _encode_topk(
-        self, x: Tensor, out: Tensor, dequantized: Tensor | None, residual: Tensor | None
+        self,
+        x: Tensor,
+        out: Tensor,
+        dequantized: Tensor | None,
+        residual: Tensor | None,
+        scratch: Tensor | None,
     ) -> None:
         rows = x.shape[0]
         blocks = self._blocks(x)
         kept = topk_per_chunk(self.block_size, self.topk_density)
-        spare = dequantized if dequantized is not None else residual  # written after
+        in_place = residual is x
+        spare = scratch  # else a buffer written after
+        if spare is None:
+            spare = dequantized if dequantized is not None or in_place else residual
         magnitude = torch.abs(blocks, out=self._scratch(blocks, spare))
         positions = _largest(magnitude.view(torch.int32), kept)  # (rows, blocks, kept)
         taken = blocks.gather(2, positions)
@@ -268,7 +288,8 @@ class Codec:
         if dequantized is not None:
             self._scatter_topk(sent.float(), positions, dequantized)
         if residual is not None:  # x - 0 is x bit for bit: only the sent values change
-            self._scatter_topk(taken.sub_(sent.float()), positions, residual, base=x)
+            base = residual if in_place else x
+            self._scatter_topk(taken.sub_(sent.float()), positions, residual, base=base)
 
     def _decode_topk(self, payload: Tensor, out: Tensor, add: bool = False) -> Tensor:
         rows, numel = out.shape

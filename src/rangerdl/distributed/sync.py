@@ -720,16 +720,28 @@ class OuterSync:
             delta[: self.numel].copy_(flat)
         delta[: self.numel].sub_(self._slow)
         delta[self.numel :].zero_()  # the padding, plus the residual's below
-        if self._residual is not None:
-            delta.add_(self._residual)
-        chunks = delta.view(self.world_size, self.shard)
-        shape = (self.world_size, self._codec.nbytes(self.shard))
-        payload = self._buffer("payload", shape, torch.uint8)
-        residual = None if self._residual is None else self._residual.view(chunks.shape)
+        shape = (self.world_size, self.shard)
+        scratch: Tensor | None = None
+        residual: Tensor | None = None
+        if self._residual is not None and self._codec.sparse:
+            # top-k: the pseudo-gradient in the residual's buffer (r + d is d + r, bit for
+            # bit), encoded in place: it becomes the residual without a dense copy
+            chunks = residual = self._residual.add_(delta).view(shape)
+            scratch = delta.view(shape)
+        else:
+            if self._residual is not None:
+                delta.add_(self._residual)
+            chunks = delta.view(shape)
+            if self._residual is not None:
+                residual = self._residual.view(shape)
+        payload_shape = (self.world_size, self._codec.nbytes(self.shard))
+        payload = self._buffer("payload", payload_shape, torch.uint8)
         sent = None  # the exchange takes this rank's decoded payload as is (a sparse one: added)
         if self._mode == "all_gather" and not self._codec.sparse:
-            sent = self._buffer("sent", (self.world_size, self.shard), torch.float32)
-        self._codec.encode(chunks, out=payload, dequantized=sent, residual=residual)
+            sent = self._buffer("sent", shape, torch.float32)
+        self._codec.encode(
+            chunks, out=payload, dequantized=sent, residual=residual, scratch=scratch
+        )
         self.stats["codec_s"] += time.perf_counter() - t0
         return self._to_comm(payload)
 
