@@ -38,12 +38,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_lighthouse(min_replicas: int = 1) -> Iterator[str]:
+def serve_lighthouse(min_replicas: int = 1, join_timeout_ms: int = 1000) -> Iterator[str]:
     """A Lighthouse on a free port; its address. ``min_replicas``: a quorum waits for that many
-    groups (so that groups that start apart cannot form quorums of their own)."""
+    groups (so that groups that start apart cannot form quorums of their own);
+    ``join_timeout_ms``: how long a quorum waits for groups that have not asked yet."""
     address = f"127.0.0.1:{free_port()}"
     cmd = [str(RANGERDL), "lighthouse", f"--bind={address}", f"--min-replicas={min_replicas}"]
-    cmd += ["--join-timeout-ms=1000", "--heartbeat-timeout-ms=2000"]
+    cmd += [f"--join-timeout-ms={join_timeout_ms}", "--heartbeat-timeout-ms=2000"]
     proc = subprocess.Popen(
         cmd, env=QUIET, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

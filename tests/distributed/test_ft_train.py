@@ -290,7 +290,6 @@ def worker_pid(agent: subprocess.Popen[str], local_rank: int) -> int:
 @pytest.mark.long
 def test_a_worker_killed_in_a_group_of_several_restarts_its_group_which_heals(
     cache: Path,  # noqa: F811
-    lighthouse: str,  # noqa: F811
     tmp_path: Path,
 ) -> None:
     """Rank 1 of group 1 (a torchrun job with ``--max-restarts=1``) killed with SIGKILL: its
@@ -300,12 +299,20 @@ def test_a_worker_killed_in_a_group_of_several_restarts_its_group_which_heals(
     one model. The syncs send 4-bit pseudo-gradients with error feedback, each in flight for a
     step, eager (the blocking uncompressed heal: test_ft.py; a group of one process restarted by
     the same command: the fault benchmark's quick test). Enough steps that group 0 trains on
-    while group 1 restarts (imports take up to ~10 s on a busy machine)."""
+    while group 1 restarts (imports take up to ~10 s on a busy machine). The Lighthouse waits up
+    to 10 s for a group that has not asked for a quorum yet, so that two torchrun jobs started
+    apart on a busy machine do not begin with quorums of their own (and one healing from the
+    other)."""
+    with serve_lighthouse(join_timeout_ms=10_000) as address:
+        _kill_one_process(cache, address, tmp_path)
+
+
+def _kill_one_process(cache: Path, address: str, tmp_path: Path) -> None:  # noqa: F811
     runs = tmp_path / "runs"
     args = ["--run.name=kill", "--train.steps=4000", "--train.log_every=10"]
     args += ["--distributed.compression=int4", *OVERLAP]
-    a = start_torchrun(cache, lighthouse, runs, 0, *args)
-    b = start_torchrun(cache, lighthouse, runs, 1, *args, restarts=1)
+    a = start_torchrun(cache, address, runs, 0, *args)
+    b = start_torchrun(cache, address, runs, 1, *args, restarts=1)
     seen = read_until_step(b, 40, 4000)
     survivor = worker_pid(b, 0)
     os.kill(worker_pid(b, 1), signal.SIGKILL)
