@@ -82,7 +82,12 @@ from rangerdl._lock import pid_alive
 from rangerdl.distributed.compression import Codec
 from rangerdl.distributed.cost import ring_bytes
 from rangerdl.distributed.options import SyncOptions
-from rangerdl.distributed.release import all_gather_single, blocking, reduce_scatter_single
+from rangerdl.distributed.release import (
+    all_gather_single,
+    blocking,
+    broadcast_object,
+    reduce_scatter_single,
+)
 from rangerdl.distributed.sync import inner_options, outer_step, split_outer_state
 
 __all__ = ["FaultTolerantSync", "connect", "require_torchft"]
@@ -186,8 +191,6 @@ def connect(
     store = TCPStore(host, 0, is_master=True, wait_for_workers=False) if rank == 0 else None
     where = (host, store.port) if store is not None else None
     if size > 1:  # the group's store, which its manager server is found through
-        from rangerdl.distributed.release import broadcast_object
-
         where = broadcast_object(where, src=dist.get_global_rank(local_group, 0), group=local_group)
     assert where is not None
     manager = Manager(
@@ -950,7 +953,8 @@ class FaultTolerantSync:
         if self.local_size == 1:
             self._flatten(out)
             return side
-        flat = self._flatten().to(out.dtype)
+        # zero-padded; kept: the padding stays 0
+        flat = self._flatten(self._buffer("own", (self.padded,), self._slow.dtype)).to(out.dtype)
         blocking(reduce_scatter_single, [out, flat], out, flat, group=self.local_group)
         out.div_(self.local_size)
         if side.numel():
