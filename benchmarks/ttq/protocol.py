@@ -65,6 +65,7 @@ runs in the JSON.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import statistics
 from dataclasses import dataclass
@@ -74,23 +75,28 @@ from typing import Any
 BENCH = Path(__file__).resolve().parents[1]
 CONFIGS = BENCH / "configs"
 
-B = {"gpt": 1024, "digits": 160}
+B = {"gpt": 1024, "cpp": 1024, "digits": 160}
 """DDP AdamW's step budget per workload (the target is its final loss); every rung of the
 ladder is a multiple of every k used (8, 16, 32), so no run ends on a partial sync."""
 TUNE_SEED = 100
 TUNE_FACTORS: tuple[float, ...] = (0.5, 0.7071, 1.0, 1.4142, 2.0)
 TUNE_EXTEND = 2
 """Trials added past an edge of the grid that wins (``next_lr``), at most."""
-LR_CENTRE = {"gpt": {"adamw": 2e-3, "ranger": 1.6e-2}, "digits": {"adamw": 1e-2, "ranger": 3e-2}}
+LR_CENTRE = {
+    "gpt": {"adamw": 2e-3, "ranger": 1.6e-2},
+    "cpp": {"adamw": 2e-3, "ranger": 1.6e-2},
+    "digits": {"adamw": 1e-2, "ranger": 3e-2},
+}
 """The single-process sweep's best lr per optimizer and workload (final validation loss after the
 full step budget, flat_anneal schedule; the sweep is in ``ttq_protocol.json``'s ``fixed_budget``
-section, ``lr_sweep``)."""
+section, ``lr_sweep``). ``cpp`` (the same model on other text) takes the GPT's centres: its tuning
+grid extends past an edge that wins (``next_lr``)."""
 SEEDS: tuple[int, ...] = (0, 1, 2)
 """Every contender's seeds in every cell: its time to target is their median."""
 TARGET_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
 """DDP AdamW's seeds that set the target (the median of their final losses)."""
 RUNGS: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0)
-EVAL_EVERY = {"gpt": 32, "digits": 16}
+EVAL_EVERY = {"gpt": 32, "cpp": 32, "digits": 16}
 QUICK = False
 """``--quick``: tiny models and budgets (a smoke test of the whole pipeline; numbers meaningless)."""
 
@@ -100,11 +106,11 @@ def use_quick() -> None:
     global QUICK, TUNE_FACTORS, SEEDS, TARGET_SEEDS, RUNGS
     QUICK = True
     RUNGS = (1.0, 1.5)
-    B.update(gpt=64, digits=16)
+    B.update(gpt=64, cpp=64, digits=16)
     TUNE_FACTORS = (1.0,)
     SEEDS = (0,)
     TARGET_SEEDS = (0, 1)
-    EVAL_EVERY.update(gpt=32, digits=8)  # a multiple of every k, as in the full protocol
+    EVAL_EVERY.update(gpt=32, cpp=32, digits=8)  # a multiple of every k, as in the full protocol
 
 
 # ---------------------------------------------------------------------------------- contenders
@@ -158,8 +164,27 @@ class Workload:
     what: str
     quick: tuple[str, ...] = ()
     """Overrides of ``--quick``: tiny sizes."""
+    args: tuple[str, ...] = ()
+    """Overrides every run of the workload takes (e.g. its data), before the contender's."""
 
 
+def torch_headers() -> str:
+    """The glob of the C/C++ headers installed with torch (``torch/include/**/*.h``, ~37 MB for
+    torch 2.13.0): text on every machine that runs the protocol, and not Python."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("torch is not installed: the cpp workload reads its headers")
+    return str(Path(spec.submodule_search_locations[0]) / "include" / "**" / "*.h")
+
+
+_GPT_QUICK = (
+    "--model.args.n_layer=1",
+    "--model.args.n_embd=32",
+    "--data.seq_len=32",
+    "--train.steps=16",
+    "--train.eval_every=8",
+    "--train.eval_batches=1",
+)
 WORKLOADS = {
     "gpt": Workload(
         "gpt",
@@ -167,14 +192,16 @@ WORKLOADS = {
         LR_CENTRE["gpt"],
         "byte-level GPT, 2 layers x 128, context 64, ~0.45M parameters, global batch 32, "
         "Python stdlib sources",
-        (
-            "--model.args.n_layer=1",
-            "--model.args.n_embd=32",
-            "--data.seq_len=32",
-            "--train.steps=16",
-            "--train.eval_every=8",
-            "--train.eval_batches=1",
-        ),
+        _GPT_QUICK,
+    ),
+    "cpp": Workload(
+        "cpp",
+        CONFIGS / "ttq_gpt.toml",
+        LR_CENTRE["cpp"],
+        "the same GPT on other text: the C/C++ headers installed with torch "
+        "(torch/include/**/*.h, ~37 MB)",
+        _GPT_QUICK,
+        (f"--data.text_sources=['{torch_headers()}']",),
     ),
     "digits": Workload(
         "digits",
@@ -423,6 +450,19 @@ CELLS = (
     CellSpec(
         "gpt",
         4,
+        "100mbit",
+        (
+            "ddp_adamw",
+            "post_local_sgd_k8",
+            "ranger_k4_int8_overlap1_eager",
+            "diloco_k32",
+            "streaming_diloco_k32_f4",
+        ),
+    ),
+    # the headline's link and contenders on a second text workload (C++, not Python)
+    CellSpec(
+        "cpp",
+        2,
         "100mbit",
         (
             "ddp_adamw",

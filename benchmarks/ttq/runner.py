@@ -186,7 +186,7 @@ def prepare_data(workdir: Path, quick: bool, workloads: set[str]) -> None:
 
     for name in sorted(workloads):
         w = p.WORKLOADS[name]
-        cfg = load_config(w.config, list(w.quick) if quick else None)
+        cfg = load_config(w.config, [*w.args, *(w.quick if quick else ())])
         open_data(cfg.data, Runtime(0, 1, 0, torch.device("cpu"), None))
 
 
@@ -195,7 +195,8 @@ def periodic_batches(workload: str) -> int:
     final one included, on these validation batches (0: the whole split)."""
     from rangerdl.train.config import load_config
 
-    return load_config(p.WORKLOADS[workload].config).train.eval_batches
+    w = p.WORKLOADS[workload]
+    return load_config(w.config, list(w.args)).train.eval_batches
 
 
 # ---------------------------------------------------------------------------------- one run
@@ -234,7 +235,7 @@ class Runner:
         """Train ``c`` at ``lr`` once; its row (command, outcome, curve, counts)."""
         w = p.WORKLOADS[self.workload]
         name = f"{tag}-{c.name}"
-        args = [*c.overrides(lr), "--train.threads=1", f"--run.name={name}"]
+        args = [*w.args, *c.overrides(lr), "--train.threads=1", f"--run.name={name}"]
         run_dir = self.workdir / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)
         command = reproduce_command(w.config, args, self.hosts, self.rate, self.netsim)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "benchmarks"
@@ -413,3 +414,21 @@ def test_faults_quick_mode_kills_heals_and_writes_the_promised_fields(tmp_path: 
     # the clean run again after the faulted one: goodput against their mean, and each
     assert cell["ft_clean_after"]["finished"] and cell["heartbeat_timeout_ms"] == 1000, said
     assert ft["goodput_vs_before"] > 0 and ft["goodput_vs_after"] > 0, said
+
+
+def test_cpp_workload_reads_torchs_headers_not_the_stdlib(tmp_path: Path) -> None:
+    runner = importlib.import_module("ttq.runner")
+    from rangerdl.data import open_splits
+
+    runner.prepare_data(tmp_path, True, {"cpp"})
+    (folder,) = (tmp_path / "cache").iterdir()
+    splits = open_splits(folder)
+    assert list(splits) == ["train", "val", "test"]
+    assert "torch/include/**/*.h" in splits["train"].metadata["source"]
+    assert sum(ds.nbytes for ds in splits.values()) > 10 << 20
+    row = splits["val"].__getitems__(list(range(256)))
+    text = b"".join(bytes(item["x"].to(torch.uint8).tolist()) for item in row)
+    assert b"#include" in text or b"namespace" in text
+    spec = next(s for s in proto.CELLS if s.workload == "cpp")
+    assert "cpp" in proto.tuning_entries([spec.key])
+    assert runner.periodic_batches("cpp") == runner.periodic_batches("gpt")

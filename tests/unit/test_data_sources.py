@@ -402,3 +402,33 @@ def test_prepare_checks_kind_options_and_out_dir(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="refusing to write into it"):
         prepare("digits", foreign, overwrite=True)
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_train_config_text_sources_prepare_once_per_list(
+    tmp_path: Path, text_files: list[Path]
+) -> None:
+    from rangerdl.train.config import Config
+    from rangerdl.train.data import open_data
+    from rangerdl.train.runtime import Runtime
+
+    def config(**data: object) -> Config:
+        cfg = Config.from_dict({"data": {"cache_dir": str(tmp_path / "cache"), **data}})
+        cfg.validate()
+        return cfg
+
+    rt = Runtime(0, 1, 0, torch.device("cpu"), None)
+    glob = str(tmp_path / "corpus" / "**" / "*.txt")
+    cfg = config(source="text", seq_len=8, text_sources=[glob])
+    splits = open_data(cfg.data, rt)
+    assert glob in splits["train"].metadata["source"]
+    stream = b"".join(token_stream(ds) for ds in splits.values())
+    assert all(f"<<{k:02d}>>".encode() in stream for k in range(20))
+    dir0 = str(tmp_path / "corpus" / "dir0")
+    other = open_data(config(source="text", seq_len=8, text_sources=[dir0]).data, rt)
+    folders = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(folders) == 2 and all(f.startswith("text-L8-") for f in folders), folders
+    assert other["train"].checksum != splits["train"].checksum
+    with pytest.raises(ValueError, match=r"\[data\] text_sources is read by the built-in text"):
+        config(source="digits", text_sources=[glob])
+    with pytest.raises(ValueError, match=r"\[data\] text_sources must be a list of paths"):
+        config(source="text", text_sources=[""])

@@ -67,6 +67,12 @@ class DataConfig:
     """Where built-in sources are prepared. Default: ``$RANGERDL_CACHE`` or ``~/.cache/rangerdl``."""
     seq_len: int = 128
     """Window length for the built-in ``text`` source."""
+    text_sources: list[str] = field(default_factory=list)
+    """Files, directories (recursive) or glob patterns (``**`` recursive) the built-in ``text``
+    source reads instead of the Python standard library, e.g. ``["~/notes/**/*.md"]``. Prepared
+    once per list and ``seq_len`` into the cache folder; a changed file is not noticed (remove
+    the cache's ``text-L*-*`` folder, or prepare the data with ``rangerdl data prepare text``
+    and set ``path``)."""
     batch_size: int = 64
     """Global batch size: samples per optimizer step summed over all workers."""
     eval_batch_size: int = 256
@@ -350,6 +356,15 @@ class Config:
             value = getattr(getattr(self, table), key)
             for item in value if isinstance(value, list) else [value]:
                 bounds.check(item, f"[{table}] {key}")
+        if self.data.text_sources and (self.data.path or self.data.source != "text"):
+            raise ValueError(
+                "[data] text_sources is read by the built-in text source only: set "
+                'source = "text" and no path'
+            )
+        if not all(isinstance(s, str) and s for s in self.data.text_sources):
+            raise ValueError(
+                f"[data] text_sources must be a list of paths or globs, got {self.data.text_sources!r}"
+            )
         if len(self.optim.betas) != 2:
             raise ValueError(f"[optim] betas must be two numbers, got {self.optim.betas}")
         self.distributed.validate(where="[distributed] ")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -54,17 +56,25 @@ def open_data(cfg: DataConfig, rt: Runtime) -> dict[str, Any]:
 
 
 def _cache_folder(cfg: DataConfig) -> Path:
-    """Where built-in source ``cfg.source`` is prepared (``text`` per sequence length)."""
+    """Where built-in source ``cfg.source`` is prepared (``text`` per sequence length and, with
+    ``text_sources``, per list of sources: a digest of the list as given)."""
     cache = Path(
         cfg.cache_dir or os.environ.get("RANGERDL_CACHE") or Path.home() / ".cache" / "rangerdl"
     )
-    return cache / (f"text-L{cfg.seq_len}" if cfg.source == "text" else cfg.source)
+    if cfg.source != "text":
+        return cache / cfg.source
+    if not cfg.text_sources:
+        return cache / f"text-L{cfg.seq_len}"
+    digest = hashlib.sha256(json.dumps(cfg.text_sources).encode()).hexdigest()[:12]
+    return cache / f"text-L{cfg.seq_len}-{digest}"
 
 
 def _prepare_once(cfg: DataConfig, folder: Path, rt: Runtime) -> None:
     from rangerdl.data import prepare
 
     options: dict[str, Any] = {"seq_len": cfg.seq_len} if cfg.source == "text" else {}
+    if cfg.text_sources:
+        options["sources"] = [os.path.expanduser(s) for s in cfg.text_sources]
     try:
         if rt.local_rank == 0 and not (folder / "train").is_dir():
             log.info("preparing the built-in %r dataset in %s (first use)", cfg.source, folder)
