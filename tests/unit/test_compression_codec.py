@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from rangerdl.distributed import SyncOptions
-from rangerdl.distributed.compression import Codec, _largest, pack_bits, unpack_bits
+from rangerdl.distributed.compression import (
+    Codec,
+    _largest,
+    _topk_kernel,
+    pack_bits,
+    unpack_bits,
+)
 from rangerdl.distributed.cost import (
     Link,
     compressed_sync_bytes,
@@ -216,12 +222,27 @@ def test_out_buffers_hold_what_new_tensors_would(name: str) -> None:
         codec.encode(x, dequantized=x[:, 1:])
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def selection(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Top-k's CPU selection by ``_topk_cpu.c`` or by torch operations."""
+    if request.param == "torch":
+        monkeypatch.setenv("RANGERDL_CPU_KERNEL", "0")
+    elif _topk_kernel() is None:
+        pytest.skip("no C compiler")
+    return str(request.param)
+
+
 @pytest.mark.parametrize(
-    ("n", "k"), [(256, 8), (64, 2), (100, 3), (257, 8), (12, 12), (7, 1), (256, 16), (256, 17)]
-)
-def test_topk_selection_takes_the_k_largest_with_ties_nan_and_zeros(n: int, k: int) -> None:
+    ("n", "k"),
+    [(256, 8), (64, 2), (100, 3), (257, 8), (12, 12), (7, 1), (33, 5), (1000, 16), (256, 16),
+     (256, 17)],
+)  # fmt: skip
+def test_topk_selection_takes_the_k_largest_with_ties_nan_and_zeros(
+    n: int, k: int, selection: str
+) -> None:
     """The positions top-k keeps hold the ``k`` largest magnitudes of each chunk, as
-    ``torch.topk`` finds them, with ties (small integers), NaN (above inf) and zeros."""
+    ``torch.topk`` finds them, with ties (small integers), NaN (above inf) and zeros, by the C
+    kernel and by torch operations alike."""
     gen = torch.Generator().manual_seed(n * k)
     x = torch.randn(40, n, generator=gen)
     x[10:20] = torch.randint(-3, 4, (10, n), generator=gen).float()
@@ -331,3 +352,19 @@ def test_plan_rows_count_each_payloads_bytes() -> None:
     labels = {r["label"] for r in plan.to_dict()["rows"]}
     assert {f"distributed Ranger k=8, {c}" for c in ("int8", "int4", "int2", "topk")} <= labels
     assert set(plan.smallest_k) >= {"int8", "int4", "int2", "topk"}
+
+
+def test_topk_kernel_selection_does_not_depend_on_threads() -> None:
+    if _topk_kernel() is None:
+        pytest.skip("no C compiler")
+    keys = torch.randn(4000, 256, generator=torch.Generator().manual_seed(3)).abs()
+    keys[::7] = 0.0  # rows of ties: the quickselect
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _largest(keys.view(torch.int32), 8)
+        torch.set_num_threads(2)
+        two = _largest(keys.view(torch.int32), 8)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)

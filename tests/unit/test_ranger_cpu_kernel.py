@@ -10,7 +10,7 @@ import pytest
 import torch
 from optim_problems import trajectory
 
-from rangerdl import Ranger
+from rangerdl import Ranger, _native
 from rangerdl.optim import _cpu_kernel
 
 ATOL = 5e-7
@@ -128,7 +128,7 @@ def test_kernel_turned_off_uses_torch_fused_adamw_and_agrees(
 def test_missing_compiler_warns_once_and_falls_back(
     monkeypatch: pytest.MonkeyPatch, kernel_calls: list[int]
 ) -> None:
-    monkeypatch.setattr(_cpu_kernel, "_loaded", {})
+    monkeypatch.setattr(_native, "_loaded", {})
     monkeypatch.setenv("CC", "no-such-compiler-rangerdl")
     with pytest.warns(RuntimeWarning, match="no C compiler"):
         ours = trajectory(lambda p: Ranger(p, lr=1e-2), conv=True)

@@ -1,26 +1,15 @@
-"""Build, cache and call ``_ranger_cpu.c``: Ranger's step in one pass for float32 CPU tensors.
+"""Call ``_ranger_cpu.c``: Ranger's step in one pass for float32 CPU tensors.
 
-The C file is compiled once per machine with the system C compiler (``$CC``, else ``cc``; about
-half a second) into ``$RANGERDL_CACHE`` (default ``~/.cache/rangerdl``) and loaded through
-ctypes, as torch.compile builds its CPU kernels. The first fused CPU step builds it and logs so
-at INFO; later processes load the cached library. Without a working compiler :func:`load`
-returns ``None`` after one warning, and Ranger uses torch's fused AdamW kernel instead (same
-result, a second pass over the gradient for centralisation); so does ``RANGERDL_CPU_KERNEL=0``.
+The C file is built once per machine by :mod:`rangerdl._native` (the system C compiler, cached
+in ``$RANGERDL_CACHE``). The first fused CPU step builds it and logs so at INFO; later processes
+load the cached library. Without a working compiler :func:`load` returns ``None`` after one
+warning, and Ranger uses torch's fused AdamW kernel instead (same result, a second pass over
+the gradient for centralisation); so does ``RANGERDL_CPU_KERNEL=0``.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,20 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rangerdl._native import load_library
+
 __all__ = ["applies", "load", "step"]
 
-logger = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).with_name("_ranger_cpu.c")
-FLAGS = [
-    "-O3",
-    "-march=native",
-    "-fno-math-errno",
-    "-ffp-contract=off",
-    "-fopenmp",
-    "-shared",
-    "-fPIC",
-]
 
 
 class _Scalars(ctypes.Structure):
@@ -57,34 +37,21 @@ _layouts: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
 # Values per unit of work for tensors that are not centred (a multiple of any vector width).
 UNCENTRED_CHUNK = 4096
 
-_lock = threading.Lock()
-_loaded: dict[str, ctypes.CDLL | None] = {}
 
-
-def _cpu_id() -> str:
-    """What ``-march=native`` depends on: a library built on one CPU may not run on another."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _build(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120
-        )
-        os.replace(tmp, target)  # atomic: a concurrent process sees no half-written library
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.ranger_step.argtypes = [
+        *[ctypes.POINTER(ctypes.c_void_p)] * 5,  # p, g, m, v, slow
+        ctypes.POINTER(ctypes.c_int64),  # numel
+        ctypes.POINTER(ctypes.c_int64),  # values per row
+        ctypes.POINTER(ctypes.c_uint8),  # centre
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.POINTER(_Scalars),
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
+    lib.ranger_step.restype = None
 
 
 def load() -> ctypes.CDLL | None:
@@ -93,71 +60,13 @@ def load() -> ctypes.CDLL | None:
     Warns (once per process) when the compiler is missing or fails. ``RANGERDL_CPU_KERNEL=0``
     in the environment turns the kernel off (``None``, no warning).
     """
-    if os.environ.get("RANGERDL_CPU_KERNEL") == "0":
-        return None
-    compiler = os.environ.get("CC", "cc")
-    with _lock:
-        if compiler in _loaded:
-            return _loaded[compiler]
-        lib = None
-        path = shutil.which(compiler)
-        if path is None:
-            warnings.warn(
-                f"Ranger: no C compiler ({compiler!r}) found; the fused CPU step falls back to "
-                "torch's fused AdamW kernel plus a separate pass for gradient centralisation",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        else:
-            key = hashlib.sha256(
-                b"\0".join(
-                    s.encode()
-                    for s in (
-                        SOURCE.read_text(),
-                        " ".join(FLAGS),
-                        path,
-                        _cpu_id(),
-                        torch.__version__,
-                    )
-                )
-            ).hexdigest()[:16]
-            cache = Path(os.environ.get("RANGERDL_CACHE", Path.home() / ".cache" / "rangerdl"))
-            target = cache / f"ranger_cpu_{key}.so"
-            try:
-                if not target.exists():
-                    start = time.perf_counter()
-                    _build(path, target)
-                    logger.info(
-                        "Ranger: built the fused CPU kernel in %.1f s (once per machine): %s",
-                        time.perf_counter() - start,
-                        target,
-                    )
-                lib = ctypes.CDLL(str(target))
-                lib.ranger_step.argtypes = [
-                    *[ctypes.POINTER(ctypes.c_void_p)] * 5,  # p, g, m, v, slow
-                    ctypes.POINTER(ctypes.c_int64),  # numel
-                    ctypes.POINTER(ctypes.c_int64),  # values per row
-                    ctypes.POINTER(ctypes.c_uint8),  # centre
-                    ctypes.c_int64,
-                    ctypes.c_int,
-                    ctypes.POINTER(_Scalars),
-                    ctypes.c_int,
-                    ctypes.c_int,
-                    ctypes.c_int,
-                ]
-                lib.ranger_step.restype = None
-            except (OSError, subprocess.SubprocessError) as e:
-                detail = getattr(e, "stderr", b"") or b""
-                warnings.warn(
-                    f"Ranger: building the fused CPU kernel with {path} failed ({e}; "
-                    f"{detail.decode(errors='replace')[:500]}); falling back to torch's fused "
-                    "AdamW kernel plus a separate pass for gradient centralisation",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                lib = None
-        _loaded[compiler] = lib
-        return lib
+    return load_library(
+        SOURCE,
+        _declare,
+        what="Ranger",
+        fallback="the fused CPU step falls back to torch's fused AdamW kernel plus a separate "
+        "pass for gradient centralisation",
+    )
 
 
 def applies(device: torch.device, dtype: torch.dtype, tensors: list[Tensor]) -> bool:
