@@ -146,14 +146,14 @@ def test_a_process_whose_group_peer_died_ends_at_once(tmp_path: Path) -> None:
     script.write_text(
         "import logging, sys, time\n"
         "from unittest import mock\n"
-        "from rangerdl.distributed import ft\n"
+        "from rangerdl.distributed import ft_group\n"
         "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')\n"
         "gathered = [('host', int(sys.argv[1])), ('host', 0)]\n"
         "with mock.patch('socket.gethostname', return_value='host'), \\\n"
         "        mock.patch('os.getpid', return_value=0), \\\n"
         "        mock.patch('rangerdl.distributed.release.all_gather_object', "
         "return_value=gathered):\n"
-        "    watch = ft._PeerWatch(local_group=None)\n"
+        "    watch = ft_group.PeerWatch(local_group=None)\n"
         "print('watching', watch.pids, flush=True)\n"
         "time.sleep(60)\n"
     )
@@ -182,7 +182,7 @@ def test_a_closed_watch_lets_the_peers_end() -> None:
     pytest.importorskip("torchft")
     from unittest import mock
 
-    from rangerdl.distributed import ft
+    from rangerdl.distributed import ft_group
 
     peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     gathered = [("host", peer.pid), ("host", 0)]
@@ -191,10 +191,10 @@ def test_a_closed_watch_lets_the_peers_end() -> None:
         mock.patch("os.getpid", return_value=0),
         mock.patch("rangerdl.distributed.release.all_gather_object", return_value=gathered),
     ):
-        watch = ft._PeerWatch(local_group=None)
+        watch = ft_group.PeerWatch(local_group=None)
     assert watch.pids == [peer.pid]
     watch.close()  # what FaultTolerantSync.close() does before the processes end normally
     peer.kill()
     peer.wait()
     time.sleep(0.5)  # this process is still here
-    assert not ft._alive(peer.pid)
+    assert not ft_group._alive(peer.pid)

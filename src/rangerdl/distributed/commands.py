@@ -30,7 +30,7 @@ def register(sub: Any) -> None:
 
 
 def _lighthouse(args: argparse.Namespace, extra: list[str]) -> int:
-    from rangerdl.distributed.ft import require_torchft
+    from rangerdl.distributed.ft_group import require_torchft
 
     for name in ("min_replicas", "join_timeout_ms", "heartbeat_timeout_ms", "quorum_tick_ms"):
         if getattr(args, name) < 1:
