@@ -416,6 +416,14 @@ class CellSpec:
 
 
 HEADLINE = "gpt-2h-100mbit"
+_HEADLINE_RACE = (
+    "ddp_adamw",
+    "post_local_sgd_k8",
+    "ranger_k4_int8_overlap1_eager",
+    "diloco_k32",
+    "streaming_diloco_k32_f4",
+)
+"""The headline's winner and every peer: the race of the cells beside it."""
 CELLS = (
     CellSpec(
         "gpt",
@@ -447,31 +455,9 @@ CELLS = (
         ),
     ),
     # 4 hosts (8 samples per worker): the headline's contenders with the 2-host lrs
-    CellSpec(
-        "gpt",
-        4,
-        "100mbit",
-        (
-            "ddp_adamw",
-            "post_local_sgd_k8",
-            "ranger_k4_int8_overlap1_eager",
-            "diloco_k32",
-            "streaming_diloco_k32_f4",
-        ),
-    ),
+    CellSpec("gpt", 4, "100mbit", _HEADLINE_RACE),
     # the headline's link and contenders on a second text workload (C++, not Python)
-    CellSpec(
-        "cpp",
-        2,
-        "100mbit",
-        (
-            "ddp_adamw",
-            "post_local_sgd_k8",
-            "ranger_k4_int8_overlap1_eager",
-            "diloco_k32",
-            "streaming_diloco_k32_f4",
-        ),
-    ),
+    CellSpec("cpp", 2, "100mbit", _HEADLINE_RACE),
     CellSpec(
         "digits", 2, "100mbit", ("ddp_adamw", "post_local_sgd_k8", "ranger_k8_overlap4_eager")
     ),
