@@ -624,8 +624,9 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 
 def budgets(payload: dict[str, Any]) -> dict[str, int]:
-    """B per workload as the JSON's runs were made (a ``--quick`` JSON has its own), else ``B``."""
-    return dict(payload.get("constants", {}).get("B", B))
+    """B per workload as the JSON's runs were made (a ``--quick`` JSON has its own); ``B`` for
+    a workload the JSON has no B of."""
+    return {**B, **payload.get("constants", {}).get("B", {})}
 
 
 def target_runs(payload: dict[str, Any], workload: str) -> list[dict[str, Any]]:

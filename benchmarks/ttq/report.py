@@ -109,7 +109,7 @@ def tuning_table(payload: dict[str, Any]) -> str:
     """Per tuning cell: each entry's final loss at each lr it tried, by factor of its grid's
     centre (the grid, then any trials past a winning edge); * = chosen."""
     runs = [r for r in payload["runs"] if r["stage"] == "tune" and r.get("ok")]
-    centres = payload.get("constants", {}).get("lr_centre", p.LR_CENTRE)
+    centres = {**p.LR_CENTRE, **payload.get("constants", {}).get("lr_centre", {})}
     lines = []
     for cell in sorted({r["cell"] for r in runs}):
         workload = cell.split("-")[0]
