@@ -341,8 +341,10 @@ def _largest(keys: Tensor, k: int) -> Tensor:
     ``>= 0``: the bits of magnitudes, which order as the magnitudes do, NaN above inf), as
     ``(..., k)`` int64 in no particular order; which of equal values are taken is unspecified.
 
-    On CPU ``torch.topk`` costs a few microseconds per row whatever ``k``; for a small ``k``
-    two rounds of ``k`` maxima cost a fraction of that. Cut each row into ``g`` groups (group
+    On CPU ``torch.topk`` costs a few microseconds per row whatever ``k``. For ``k <= 16``
+    ``_topk_cpu.c`` (built on first use; its comment has the method) takes about a third of
+    the time of the torch operations below, which are the path without a C compiler or with
+    ``RANGERDL_CPU_KERNEL=0``: two rounds of ``k`` maxima. Cut each row into ``g`` groups (group
     ``j``: positions ``j, j + g, ...``; ``g`` divides ``n``, ``g >= k``). A value outside the
     ``k`` groups with the largest maxima is at most the ``k``-th largest maximum, so no larger
     than any of those ``k`` maxima: the ``k`` largest are among the ``k n / g`` values of
@@ -350,7 +352,8 @@ def _largest(keys: Tensor, k: int) -> Tensor:
     """
     n = keys.shape[-1]
     rows = keys.reshape(-1, n)
-    lib = _topk_kernel() if keys.device.type == "cpu" and k <= min(n, _ROUNDS_UP_TO) else None
+    small = keys.device.type == "cpu" and keys.dtype == torch.int32 and k <= min(n, _ROUNDS_UP_TO)
+    lib = _topk_kernel() if small else None
     if lib is not None:  # the same positions up to ties, in one pass per row
         rows = rows.contiguous()
         top = torch.empty(rows.shape[0], k, dtype=torch.int64)
